@@ -1,0 +1,55 @@
+"""Values describing the host side of one UART: the reader state and the bytes in flight.
+
+Shared by the port link (which produces them), the checkpoint (which stores them) and the
+daemon (which reports them). No behaviour here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal
+
+from .uart import LineSettings
+
+DisconnectPolicy = Literal["buffer", "hold", "discard"]
+
+
+class ReaderState(StrEnum):
+    """Who is at the far end of the wire (DESIGN.md, reader states)."""
+
+    CONNECTED = "connected"
+    STALLED = "stalled"
+    DISCONNECTED = "disconnected"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortCounters:
+    """Counters of the host side; every byte lost by policy is counted here."""
+
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_discarded: int = 0
+    settings_refused: int = 0
+    disconnects: int = 0
+    reconnects: int = 0
+    breaks_received: int = 0
+    parity_errors: int = 0
+    framing_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortState:
+    """The host path of one UART, as a checkpoint sees it.
+
+    ``rx_backlog``: bytes read from the port that the RX FIFO has not taken yet.
+    ``tx_backlog``: bytes the device sent while the reader was disconnected
+    (``on_disconnect = "buffer"``), to be replayed in order on reconnect.
+    ``line_settings``: what was last applied to the port (None: nothing applied yet).
+    """
+
+    rx_backlog: bytes = b""
+    tx_backlog: bytes = b""
+    reader_state: ReaderState = ReaderState.CONNECTED
+    line_settings: LineSettings | None = None
+    counters: PortCounters = field(default_factory=PortCounters)

@@ -1,0 +1,916 @@
+"""The 16550A register model: pure, embeddable, checkpointable.
+
+Theory of operation
+-------------------
+``Uart16550`` is a state machine with no I/O of its own (h11 style). What goes in: register
+reads and writes from the guest, bytes and breaks from the wire (``receive``,
+``receive_break``), what the OS did with bytes offered to the wire (``tx_sent``,
+``tx_blocked``), modem input levels, and clock readings (an injected callable returning
+integer nanoseconds). What comes out: register values, the IRQ level, the bytes waiting for
+the wire (``tx_pending``), line settings, modem outputs, and a queue of events
+(``take_events``) so the I/O layer never polls registers.
+
+Behaviour follows QEMU's ``hw/char/serial.c`` (reference/uart16550.md §1–§8): one handler per
+register access, and one ``_update_irq`` that recomputes IIR from scratch after every change.
+
+The transmitter, the part where this model differs in *structure* from QEMU: QEMU writes the
+TSR byte to its back end synchronously inside the THR write. Here the wire belongs to the
+caller, so a byte moves THR/TX FIFO → TSR at once (THRE/THRI rise then, as in QEMU §6) and
+waits in the TSR, ``tsr_busy`` and TEMT=0, until the owner of the wire reports ``tx_sent``
+(TEMT rises when nothing else is queued) or ``tx_blocked`` (``tsr_retry`` counts up, like
+QEMU's refused write). An I/O layer that writes eagerly in the same step makes the guest see
+exactly QEMU's LSR values. Deliberate deviation: the TSR byte is never dropped after a number
+of retries unless ``tx_retry_limit`` asks for QEMU's ``MAX_XMIT_RETRY`` behaviour.
+
+Invariants (checked by ``UartState.validate``, reference §14.2): TSR busy ⇔ TEMT=0;
+``tsr_retry`` > 0 ⇒ TSR busy; THRE=0 ⇒ TSR busy; FIFO mode: TX FIFO non-empty ⇔ THRE=0,
+DR ⇔ RX FIFO non-empty.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Literal
+
+from .errors import InvalidStateError
+from .registers import (
+    FCR_STORED_MASK,
+    FIFO_SIZE,
+    IIR_FIFO_BITS,
+    IIR_ID_MASK,
+    LSR_INT_ANY,
+    MCR_MASK,
+    MSR_DELTA_MASK,
+    TRIGGER_LEVELS,
+    Fcr,
+    Ier,
+    Iir,
+    Lcr,
+    Lsr,
+    Mcr,
+    Msr,
+)
+
+Clock = Callable[[], int]
+Parity = Literal["N", "O", "E", "M", "S"]
+
+NS_PER_S = 1_000_000_000
+# QEMU's serial_reset sets the character time directly to (1e9 // 9600) * 10 ns, not derived
+# from LCR (which reads 0, i.e. 5N1), until the next LCR/DLL/DLM write (reference §2, V38).
+RESET_CHAR_TIME_NS = (NS_PER_S // 9600) * 10
+# Modern QEMU's answer to a zero divisor (reference §5): about 3500 baud.
+ZERO_DIVISOR_BAUD = 3500
+# How many character times of silence raise the character-timeout interrupt (§4.3).
+TIMEOUT_CHARS = 4
+# QEMU's MAX_XMIT_RETRY, for users who ask for QEMU's drop-after-retries behaviour.
+QEMU_MAX_XMIT_RETRY = 4
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LineSettings:
+    """What the guest asked of the line: from the divisor and LCR."""
+
+    baud: int
+    data_bits: int
+    parity: Parity
+    stop_bits: float
+    break_on: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModemOutputs:
+    """The MCR outputs: DTR and RTS go to the port; OUT1, OUT2 and LOOP stay in the device."""
+
+    dtr: bool
+    rts: bool
+    out1: bool
+    out2: bool
+    loop: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UartStatistics:
+    """Counters: every byte that enters, leaves or is lost is counted somewhere."""
+
+    bytes_received: int = 0
+    bytes_transmitted: int = 0
+    bytes_looped_back: int = 0
+    refused_writes: int = 0
+    tx_overwrites: int = 0
+    tx_dropped: int = 0
+    tx_flushed: int = 0
+    rx_flushed: int = 0
+    overruns: int = 0
+    breaks: int = 0
+    line_errors: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UartEvents:
+    """What changed since the last ``take_events()``.
+
+    ``irq_changes`` lists IRQ levels in the order they were taken (at most the last two, so an
+    edge hidden inside one access — low then high — still shows). The other fields are the
+    new value, or None when unchanged. ``tx_ready`` means new bytes wait for the wire;
+    ``rx_space`` means the guest read RBR, so ``can_receive()`` may have grown.
+    """
+
+    irq_changes: tuple[bool, ...] = ()
+    line_settings: LineSettings | None = None
+    modem_outputs: ModemOutputs | None = None
+    msi_enabled: bool | None = None
+    tx_ready: bool = False
+    rx_space: bool = False
+
+
+NO_EVENTS = UartEvents()
+
+
+def _fail(field_name: str, rule: str) -> InvalidStateError:
+    return InvalidStateError(f"inconsistent state: {field_name}: {rule}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UartState:
+    """Everything the device is, as a value: save it, and ``Uart16550.from_state`` goes on.
+
+    Registers as the chip holds them; ``msr`` bits 4–7 are the modem input levels. Hidden
+    state as in QEMU: ``thr``, ``tsr`` (meaningful while ``tsr_busy``), ``tsr_retry``, the THRE
+    interrupt latch and the character-timeout flag. The receive-timeout deadline is kept as
+    the time *remaining* (ns) so a state can be resumed on another clock. IIR's interrupt ID,
+    the IRQ level, the trigger level and the character time are derived, never stored;
+    ``reset_timing`` says the character time is still the power-on value (reference §2).
+    """
+
+    baudbase: int = 115200
+    tx_retry_limit: int | None = None
+    divisor: int = 0x0C
+    rbr: int = 0
+    ier: int = 0
+    iir: int = Iir.NO_INT
+    lcr: int = 0
+    mcr: int = Mcr.OUT2
+    lsr: int = Lsr.THRE | Lsr.TEMT
+    msr: int = Msr.DCD | Msr.DSR | Msr.CTS
+    scr: int = 0
+    fcr: int = 0
+    thr: int = 0
+    tsr: int = 0
+    tsr_busy: bool = False
+    tsr_retry: int = 0
+    thr_ipending: bool = False
+    timeout_ipending: bool = False
+    rx_fifo: bytes = b""
+    tx_fifo: bytes = b""
+    timeout_remaining_ns: int | None = None
+    reset_timing: bool = True
+    statistics: UartStatistics = field(default_factory=UartStatistics)
+
+    @property
+    def fifo_enabled(self) -> bool:
+        """FCR.FE: the FIFOs are on."""
+        return bool(self.fcr & Fcr.FE)
+
+    def tx_waiting(self) -> bytes:
+        """The bytes waiting for the wire, oldest first: TSR, then the TX FIFO or THR."""
+        head = bytes((self.tsr,)) if self.tsr_busy else b""
+        if self.fifo_enabled:
+            return head + self.tx_fifo
+        if not self.lsr & Lsr.THRE:
+            return head + bytes((self.thr,))
+        return head
+
+    def validate(self) -> None:
+        """Raise ``InvalidStateError`` naming the field and the rule for an impossible state."""
+        self._validate_ranges()
+        self._validate_transmitter()
+        self._validate_receiver()
+
+    def _validate_ranges(self) -> None:
+        for name in ("rbr", "iir", "lcr", "lsr", "msr", "scr", "thr", "tsr"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= 0xFF:
+                raise _fail(name, f"must be an integer 0..255, got {value!r}")
+        for name in ("tsr_busy", "thr_ipending", "timeout_ipending", "reset_timing"):
+            if type(getattr(self, name)) is not bool:
+                raise _fail(name, "must be a boolean")
+        if type(self.baudbase) is not int or self.baudbase <= 0:
+            raise _fail("baudbase", f"must be a positive integer, got {self.baudbase!r}")
+        if type(self.divisor) is not int or not 0 <= self.divisor <= 0xFFFF:
+            raise _fail("divisor", f"must be an integer 0..65535, got {self.divisor!r}")
+        if type(self.ier) is not int or not 0 <= self.ier <= 0x0F:
+            raise _fail("ier", f"only bits 0-3 exist (ier <= 0x0F), got {self.ier!r}")
+        if type(self.mcr) is not int or not 0 <= self.mcr <= MCR_MASK:
+            raise _fail("mcr", f"only bits 0-4 exist (mcr <= 0x1F), got {self.mcr!r}")
+        if type(self.fcr) is not int or not 0 <= self.fcr <= 0xFF or self.fcr & ~FCR_STORED_MASK:
+            raise _fail("fcr", f"only bits 0xC9 are stored, got {self.fcr!r}")
+        if self.iir & 0x30 or self.iir & IIR_FIFO_BITS not in (0, IIR_FIFO_BITS):
+            raise _fail("iir", f"bits 4-5 are 0 and bits 6-7 both or neither, got {self.iir:#04x}")
+        if self.iir & IIR_FIFO_BITS and not self.fifo_enabled:
+            raise _fail("iir", "FIFO bits set while FCR.FE=0")
+        if self.lsr & Lsr.FIFOE:
+            raise _fail("lsr", "bit 7 (FIFOE) is never set by this device")
+        for name in ("rx_fifo", "tx_fifo"):
+            value = getattr(self, name)
+            if type(value) is not bytes or len(value) > FIFO_SIZE:
+                raise _fail(name, f"must be at most {FIFO_SIZE} bytes")
+        if type(self.tsr_retry) is not int or self.tsr_retry < 0:
+            raise _fail("tsr_retry", f"must be a non-negative integer, got {self.tsr_retry!r}")
+        limit = self.tx_retry_limit
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise _fail("tx_retry_limit", f"must be None or a non-negative integer, got {limit!r}")
+        if limit is not None and self.tsr_retry > limit:
+            raise _fail("tsr_retry", f"tsr_retry={self.tsr_retry} exceeds tx_retry_limit={limit}")
+        remaining = self.timeout_remaining_ns
+        if remaining is not None and (type(remaining) is not int or remaining < 0):
+            raise _fail("timeout_remaining_ns", f"must be None or >= 0, got {remaining!r}")
+        for counter in fields(self.statistics):
+            value = getattr(self.statistics, counter.name)
+            if type(value) is not int or value < 0:
+                raise _fail(f"statistics.{counter.name}", "must be a non-negative integer")
+
+    def _validate_transmitter(self) -> None:
+        temt = bool(self.lsr & Lsr.TEMT)
+        thre = bool(self.lsr & Lsr.THRE)
+        if self.tsr_busy and temt:
+            raise _fail("lsr", f"tsr not empty but TEMT=1 (tsr_retry={self.tsr_retry})")
+        if not self.tsr_busy and not temt:
+            raise _fail("lsr", "tsr empty but TEMT=0")
+        if self.tsr_retry > 0 and not self.tsr_busy:
+            raise _fail("tsr_retry", f"tsr empty but tsr_retry={self.tsr_retry}")
+        if not thre and not self.tsr_busy:
+            raise _fail("lsr", "THRE=0 (data waiting) while the tsr is empty")
+        if self.thr_ipending and not thre:
+            raise _fail("thr_ipending", "THRE interrupt pending while THRE=0")
+        if self.fifo_enabled:
+            if self.tx_fifo and thre:
+                raise _fail("tx_fifo", f"{len(self.tx_fifo)} bytes queued but THRE=1")
+            if not self.tx_fifo and not thre:
+                raise _fail("tx_fifo", "empty but THRE=0 (FIFO mode)")
+        elif self.tx_fifo:
+            raise _fail("tx_fifo", "holds data while FIFOs are disabled")
+
+    def _validate_receiver(self) -> None:
+        dr = bool(self.lsr & Lsr.DR)
+        if self.fifo_enabled:
+            if dr and not self.rx_fifo:
+                raise _fail("rx_fifo", "empty but LSR.DR=1 (FIFO mode)")
+            if self.rx_fifo and not dr:
+                raise _fail("rx_fifo", f"holds {len(self.rx_fifo)} bytes but LSR.DR=0")
+        elif self.rx_fifo.strip(b"\x00"):
+            # Without FIFOs only breaks push into the hidden RX FIFO, always NUL (§7.3).
+            raise _fail("rx_fifo", "holds non-NUL data while FIFOs are disabled")
+        if self.timeout_ipending and not (self.fifo_enabled and self.rx_fifo):
+            raise _fail("timeout_ipending", "set without data in an enabled RX FIFO")
+        if self.timeout_remaining_ns is not None and not self.fifo_enabled:
+            raise _fail("timeout_remaining_ns", "receive timeout armed while FIFOs are disabled")
+
+
+def frame_bits(lcr: int) -> int:
+    """Bits per character on the wire: start + data + parity + stop (QEMU: 2 stop for 5-bit)."""
+    bits = 1 + (lcr & Lcr.WLS_MASK) + 5
+    if lcr & Lcr.PEN:
+        bits += 1
+    return bits + (2 if lcr & Lcr.STOP else 1)
+
+
+def char_time_ns(baudbase: int, divisor: int, lcr: int) -> int:
+    """Time of one character in ns, exact integer arithmetic (modern QEMU's figures, §5/V38)."""
+    if divisor == 0:
+        return NS_PER_S * frame_bits(lcr) // ZERO_DIVISOR_BAUD
+    return NS_PER_S * divisor * frame_bits(lcr) // baudbase
+
+
+def line_settings_of(baudbase: int, divisor: int, lcr: int) -> LineSettings:
+    """The line settings a divisor and LCR describe."""
+    parity: Parity = "N"
+    if lcr & Lcr.PEN:
+        if lcr & Lcr.SPAR:
+            parity = "S" if lcr & Lcr.EPS else "M"
+        else:
+            parity = "E" if lcr & Lcr.EPS else "O"
+    data_bits = (lcr & Lcr.WLS_MASK) + 5
+    stop_bits = 1.0 if not lcr & Lcr.STOP else (1.5 if data_bits == 5 else 2.0)
+    baud = ZERO_DIVISOR_BAUD if divisor == 0 else max(1, round(baudbase / divisor))
+    return LineSettings(
+        baud=baud,
+        data_bits=data_bits,
+        parity=parity,
+        stop_bits=stop_bits,
+        break_on=bool(lcr & Lcr.SBC),
+    )
+
+
+def modem_outputs_of(mcr: int) -> ModemOutputs:
+    """The modem outputs an MCR value describes."""
+    return ModemOutputs(
+        dtr=bool(mcr & Mcr.DTR),
+        rts=bool(mcr & Mcr.RTS),
+        out1=bool(mcr & Mcr.OUT1),
+        out2=bool(mcr & Mcr.OUT2),
+        loop=bool(mcr & Mcr.LOOP),
+    )
+
+
+class Uart16550:
+    """A 16550A UART as QEMU models it, with the wire left to its owner.
+
+    Offsets are 0–7 with DLAB as on the chip. Time comes only from ``clock`` (integer ns).
+    """
+
+    def __init__(
+        self,
+        *,
+        baudbase: int = 115200,
+        clock: Clock = time.monotonic_ns,
+        tx_retry_limit: int | None = None,
+    ) -> None:
+        """Create a device in its power-on state (reference §2)."""
+        if type(baudbase) is not int or baudbase <= 0:
+            raise ValueError(f"baudbase must be a positive integer, got {baudbase!r}")
+        if tx_retry_limit is not None and (type(tx_retry_limit) is not int or tx_retry_limit < 0):
+            raise ValueError(f"tx_retry_limit must be None or >= 0, got {tx_retry_limit!r}")
+        self._clock = clock
+        self._load(UartState(baudbase=baudbase, tx_retry_limit=tx_retry_limit), now_ns=None)
+        self._read_handlers: tuple[Callable[[], int], ...] = (
+            self._read_rbr,
+            self._read_ier,
+            self._read_iir,
+            lambda: self._lcr,
+            lambda: self._mcr,
+            self._read_lsr,
+            self._read_msr,
+            lambda: self._scr,
+        )
+        self._write_handlers: tuple[Callable[[int], None], ...] = (
+            self._write_thr,
+            self._write_ier,
+            self._write_fcr,
+            self._write_lcr,
+            self._write_mcr,
+            _ignore_write,
+            _ignore_write,
+            self._write_scr,
+        )
+
+    # -- construction and state ---------------------------------------------------------
+
+    @classmethod
+    def from_state(cls, state: UartState, *, clock: Clock = time.monotonic_ns) -> Uart16550:
+        """A device that continues exactly where ``state`` was (validated first).
+
+        Derived values (IIR's interrupt ID, IRQ level, trigger level, character time) are
+        recomputed. Events are queued for the line settings, the modem outputs and any
+        pending transmission, so the I/O layer re-applies them to its (maybe new) port.
+        """
+        state.validate()
+        uart = cls(baudbase=state.baudbase, clock=clock, tx_retry_limit=state.tx_retry_limit)
+        uart._load(state, now_ns=clock())
+        uart._line_changed = True
+        uart._modem_outputs_changed = True
+        uart._tx_ready = bool(uart.tx_pending())
+        return uart
+
+    def _load(self, state: UartState, *, now_ns: int | None) -> None:
+        self._baudbase = state.baudbase
+        self._tx_retry_limit = state.tx_retry_limit
+        self._divisor = state.divisor
+        self._rbr = state.rbr
+        self._ier = state.ier
+        self._iir = state.iir & IIR_FIFO_BITS
+        self._lcr = state.lcr
+        self._mcr = state.mcr
+        self._lsr = state.lsr
+        self._msr = state.msr
+        self._scr = state.scr
+        self._fcr = state.fcr
+        self._trigger = TRIGGER_LEVELS[state.fcr >> 6]
+        self._thr = state.thr
+        self._tsr = state.tsr
+        self._tsr_busy = state.tsr_busy
+        self._tsr_retry = state.tsr_retry
+        self._thr_ipending = state.thr_ipending
+        self._timeout_ipending = state.timeout_ipending
+        self._rx = bytearray(state.rx_fifo)
+        self._tx = bytearray(state.tx_fifo)
+        remaining = state.timeout_remaining_ns
+        self._deadline_ns = None if remaining is None or now_ns is None else now_ns + remaining
+        self._reset_timing = state.reset_timing
+        self._char_time_ns = (
+            RESET_CHAR_TIME_NS
+            if state.reset_timing
+            else char_time_ns(state.baudbase, state.divisor, state.lcr)
+        )
+        self._stats = {f.name: getattr(state.statistics, f.name) for f in fields(UartStatistics)}
+        self._irq = False
+        self._irq_changes: list[bool] = []
+        self._line_changed = False
+        self._modem_outputs_changed = False
+        self._msi_changed = False
+        self._tx_ready = False
+        self._rx_space = False
+        self._update_irq()
+        self._irq_changes.clear()
+
+    def state(self) -> UartState:
+        """A snapshot of the whole device; ``Uart16550.from_state`` resumes it exactly."""
+        remaining = None
+        if self._deadline_ns is not None:
+            remaining = max(0, self._deadline_ns - self._clock())
+        return UartState(
+            baudbase=self._baudbase,
+            tx_retry_limit=self._tx_retry_limit,
+            divisor=self._divisor,
+            rbr=self._rbr,
+            ier=self._ier,
+            iir=self._iir,
+            lcr=self._lcr,
+            mcr=self._mcr,
+            lsr=self._lsr,
+            msr=self._msr,
+            scr=self._scr,
+            fcr=self._fcr,
+            thr=self._thr,
+            tsr=self._tsr,
+            tsr_busy=self._tsr_busy,
+            tsr_retry=self._tsr_retry,
+            thr_ipending=self._thr_ipending,
+            timeout_ipending=self._timeout_ipending,
+            rx_fifo=bytes(self._rx),
+            tx_fifo=bytes(self._tx),
+            timeout_remaining_ns=remaining,
+            reset_timing=self._reset_timing,
+            statistics=self.statistics(),
+        )
+
+    def reset(self) -> None:
+        """System reset as QEMU does it (§2): FCR and THR survive, pending TX/RX is flushed."""
+        stats = self._stats
+        stats["tx_flushed"] += len(self.tx_pending())
+        stats["rx_flushed"] += len(self._rx) + (
+            1 if self._lsr & Lsr.DR and not self._fcr & Fcr.FE else 0
+        )
+        old_mcr = self._mcr
+        self._msi_changed = bool(self._ier & Ier.MSI)
+        had_break = bool(self._lcr & Lcr.SBC)
+        self._rbr = self._ier = self._lcr = self._scr = 0
+        self._iir = Iir.NO_INT
+        self._lsr = Lsr.THRE | Lsr.TEMT
+        self._msr &= ~MSR_DELTA_MASK & 0xFF
+        self._divisor = 0x0C
+        self._mcr = Mcr.OUT2
+        self._tsr_busy = False
+        self._tsr_retry = 0
+        self._reset_timing = True
+        self._char_time_ns = RESET_CHAR_TIME_NS
+        self._timeout_ipending = False
+        self._deadline_ns = None
+        self._rx.clear()
+        self._tx.clear()
+        self._thr_ipending = False
+        self._set_irq(False)
+        if had_break:
+            self._line_changed = True
+        if old_mcr != self._mcr:
+            self._modem_outputs_changed = True
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def irq(self) -> bool:
+        """The level of the interrupt output (high while IIR shows an interrupt)."""
+        return self._irq
+
+    @property
+    def line_settings(self) -> LineSettings:
+        """Baud, data bits, parity, stop bits and break, as the divisor and LCR say."""
+        return line_settings_of(self._baudbase, self._divisor, self._lcr)
+
+    @property
+    def modem_outputs(self) -> ModemOutputs:
+        """DTR, RTS, OUT1, OUT2 and LOOP, as MCR says."""
+        return modem_outputs_of(self._mcr)
+
+    @property
+    def char_time_ns(self) -> int:
+        """The time of one character on the line in ns (QEMU's ``char_transmit_time``)."""
+        return self._char_time_ns
+
+    @property
+    def msi_enabled(self) -> bool:
+        """IER.MSI: the guest wants modem-status interrupts (so modem lines are worth polling)."""
+        return bool(self._ier & Ier.MSI)
+
+    def statistics(self) -> UartStatistics:
+        """The device's counters (bytes in and out, refusals, overwrites, overruns, breaks)."""
+        return UartStatistics(**self._stats)
+
+    # -- register access ----------------------------------------------------------------
+
+    def read(self, offset: int) -> int:
+        """Read the register at ``offset`` (0–7), with the chip's side effects."""
+        if not 0 <= offset <= 7:
+            raise ValueError(f"register offset must be 0..7, got {offset!r}")
+        if self._deadline_ns is not None:
+            self.poll()
+        return self._read_handlers[offset]()
+
+    def write(self, offset: int, value: int) -> None:
+        """Write ``value`` (0–255) to the register at ``offset`` (0–7)."""
+        if not 0 <= offset <= 7:
+            raise ValueError(f"register offset must be 0..7, got {offset!r}")
+        if not 0 <= value <= 0xFF:
+            raise ValueError(f"register value must be 0..255, got {value!r}")
+        if self._deadline_ns is not None:
+            self.poll()
+        self._write_handlers[offset](value)
+
+    def _read_rbr(self) -> int:
+        if self._lcr & Lcr.DLAB:
+            return self._divisor & 0xFF
+        if self._fcr & Fcr.FE:
+            rx = self._rx
+            value = rx.pop(0) if rx else 0
+            if rx:
+                self._deadline_ns = self._clock() + TIMEOUT_CHARS * self._char_time_ns
+            else:
+                self._lsr &= ~(Lsr.DR | Lsr.BI)
+            self._timeout_ipending = False
+        else:
+            value = self._rbr
+            self._lsr &= ~(Lsr.DR | Lsr.BI)
+        self._update_irq()
+        if not self._mcr & Mcr.LOOP:
+            self._rx_space = True
+        return value
+
+    def _read_ier(self) -> int:
+        if self._lcr & Lcr.DLAB:
+            return self._divisor >> 8
+        return self._ier
+
+    def _read_iir(self) -> int:
+        value = self._iir
+        if value & IIR_ID_MASK == Iir.THRI:
+            self._thr_ipending = False
+            self._update_irq()
+        return value
+
+    def _read_lsr(self) -> int:
+        value = self._lsr
+        # QEMU clears BI and OE on read; PE/FE (which QEMU never sets) clear too, as on the chip.
+        if value & LSR_INT_ANY:
+            self._lsr &= ~LSR_INT_ANY
+            self._update_irq()
+        return value
+
+    def _read_msr(self) -> int:
+        mcr = self._mcr
+        if mcr & Mcr.LOOP:
+            # OUT2→DCD, OUT1→RI, DTR→DSR, RTS→CTS; no delta bits (§3.10).
+            return ((mcr & 0x0C) << 4) | ((mcr & Mcr.RTS) << 3) | ((mcr & Mcr.DTR) << 5)
+        value = self._msr
+        if value & MSR_DELTA_MASK:
+            self._msr &= ~MSR_DELTA_MASK & 0xFF
+            self._update_irq()
+        return value
+
+    def _write_thr(self, value: int) -> None:
+        if self._lcr & Lcr.DLAB:
+            self._divisor = (self._divisor & 0xFF00) | value
+            self._update_parameters()
+            return
+        self._thr = value
+        if self._fcr & Fcr.FE:
+            if len(self._tx) >= FIFO_SIZE:
+                # "xmit overruns overwrite data": the oldest queued byte is lost (§3.2).
+                del self._tx[0]
+                self._stats["tx_overwrites"] += 1
+            self._tx.append(value)
+        elif not self._lsr & Lsr.THRE:
+            self._stats["tx_overwrites"] += 1
+        self._thr_ipending = False
+        self._lsr &= ~(Lsr.THRE | Lsr.TEMT)
+        self._update_irq()
+        if not self._tsr_busy:
+            self._xmit()
+        self._tx_ready = True
+
+    def _write_ier(self, value: int) -> None:
+        if self._lcr & Lcr.DLAB:
+            self._divisor = (self._divisor & 0x00FF) | (value << 8)
+            self._update_parameters()
+            return
+        changed = (self._ier ^ value) & 0x0F
+        self._ier = value & 0x0F
+        if changed & Ier.MSI:
+            self._msi_changed = True
+        if changed & Ier.THRI:
+            # Rising-edge resample of THRE (§3.4): "not in the datasheet, but Windows relies
+            # on it", and Linux's THRE re-assert test too (§11.2).
+            self._thr_ipending = bool(self._ier & Ier.THRI and self._lsr & Lsr.THRE)
+        if changed:
+            self._update_irq()
+
+    def _write_fcr(self, value: int) -> None:
+        if (value ^ self._fcr) & Fcr.FE:
+            value |= Fcr.RFR | Fcr.XFR
+        if value & Fcr.RFR:
+            self._stats["rx_flushed"] += len(self._rx) if self._fcr & Fcr.FE else (
+                1 if self._lsr & Lsr.DR else 0
+            )
+            self._lsr &= ~(Lsr.DR | Lsr.BI)
+            self._deadline_ns = None
+            self._timeout_ipending = False
+            self._rx.clear()
+        if value & Fcr.XFR:
+            # The TSR byte survives (TEMT untouched); queued bytes are the guest's to discard.
+            flushed = len(self._tx) if self._fcr & Fcr.FE else (0 if self._lsr & Lsr.THRE else 1)
+            self._stats["tx_flushed"] += flushed
+            self._lsr |= Lsr.THRE
+            self._thr_ipending = True
+            self._tx.clear()
+        self._fcr = value & FCR_STORED_MASK
+        if self._fcr & Fcr.FE:
+            self._iir |= IIR_FIFO_BITS
+            self._trigger = TRIGGER_LEVELS[self._fcr >> 6]
+        else:
+            self._iir &= ~IIR_FIFO_BITS
+        self._update_irq()
+
+    def _write_lcr(self, value: int) -> None:
+        old = self._lcr
+        self._lcr = value
+        self._update_parameters()
+        if (old ^ value) & Lcr.SBC:
+            self._line_changed = True
+
+    def _write_mcr(self, value: int) -> None:
+        old = self._mcr
+        self._mcr = value & MCR_MASK
+        # QEMU leaves the host lines alone in loopback (§3.8).
+        if not value & Mcr.LOOP and old != self._mcr:
+            self._modem_outputs_changed = True
+
+    def _write_scr(self, value: int) -> None:
+        self._scr = value
+
+    def _update_parameters(self) -> None:
+        self._reset_timing = False
+        self._char_time_ns = char_time_ns(self._baudbase, self._divisor, self._lcr)
+        self._line_changed = True
+
+    # -- interrupts -----------------------------------------------------------------------
+
+    def _update_irq(self) -> None:
+        """Recompute IIR from scratch (QEMU ``serial_update_irq``, §4.1)."""
+        ier = self._ier
+        lsr = self._lsr
+        if ier & Ier.RLSI and lsr & LSR_INT_ANY:
+            ident = Iir.RLSI
+        elif ier & Ier.RDI and self._timeout_ipending:
+            # QEMU masks CTI with IER.RDI: "observed on existing hardware".
+            ident = Iir.CTI
+        elif (
+            ier & Ier.RDI
+            and lsr & Lsr.DR
+            and (not self._fcr & Fcr.FE or len(self._rx) >= self._trigger)
+        ):
+            ident = Iir.RDI
+        elif ier & Ier.THRI and self._thr_ipending:
+            ident = Iir.THRI
+        elif ier & Ier.MSI and self._msr & MSR_DELTA_MASK:
+            ident = Iir.MSI
+        else:
+            ident = Iir.NO_INT
+        self._iir = ident | (self._iir & 0xF0)
+        self._set_irq(ident != Iir.NO_INT)
+
+    def _set_irq(self, level: bool) -> None:
+        if level != self._irq:
+            self._irq = level
+            changes = self._irq_changes
+            changes.append(level)
+            if len(changes) > 2:
+                del changes[0]
+
+    # -- time -----------------------------------------------------------------------------
+
+    def next_deadline_ns(self) -> int | None:
+        """When (on ``clock``) the receive timeout falls due, or None if no timer is armed."""
+        return self._deadline_ns
+
+    def poll(self) -> None:
+        """Run the timers that are due at ``clock()`` (the character timeout, §4.3)."""
+        deadline = self._deadline_ns
+        if deadline is not None and self._clock() >= deadline:
+            self._deadline_ns = None
+            if self._rx:
+                self._timeout_ipending = True
+                self._update_irq()
+
+    # -- receive --------------------------------------------------------------------------
+
+    def can_receive(self) -> int:
+        """How many bytes ``receive`` takes now: capped at the trigger level (§7.1)."""
+        if self._fcr & Fcr.FE:
+            count = len(self._rx)
+            if count >= FIFO_SIZE:
+                return 0
+            return self._trigger - count if count <= self._trigger else 1
+        return 0 if self._lsr & Lsr.DR else 1
+
+    def receive(self, data: bytes) -> int:
+        """Take bytes from the wire; returns how many were accepted (≤ ``can_receive()``)."""
+        if self._deadline_ns is not None:
+            self.poll()
+        n = min(len(data), self.can_receive())
+        if n:
+            self._receive(data[:n])
+            self._stats["bytes_received"] += n
+        return n
+
+    def _receive(self, data: bytes) -> None:
+        """QEMU ``serial_receive1``: no ``can_receive`` check (loopback bypasses it)."""
+        if self._fcr & Fcr.FE:
+            room = FIFO_SIZE - len(self._rx)
+            if len(data) > room:
+                # "Receive overruns do not overwrite FIFO contents" (§7.2).
+                self._stats["overruns"] += len(data) - room
+                self._lsr |= Lsr.OE
+                data = data[:room]
+            self._rx += data
+            self._lsr |= Lsr.DR
+            self._deadline_ns = self._clock() + TIMEOUT_CHARS * self._char_time_ns
+        else:
+            if self._lsr & Lsr.DR:
+                self._stats["overruns"] += 1
+                self._lsr |= Lsr.OE
+            self._rbr = data[0]
+            self._lsr |= Lsr.DR
+        self._update_irq()
+
+    def receive_break(self) -> None:
+        """A break came in from the wire: a NUL with LSR.BI, RLSI if enabled (§7.3)."""
+        if self._deadline_ns is not None:
+            self.poll()
+        self._stats["breaks"] += 1
+        self._rbr = 0
+        # QEMU pushes the NUL into the RX FIFO even without FIFOs (§7.3 quirk, kept).
+        if len(self._rx) < FIFO_SIZE:
+            self._rx.append(0)
+        else:
+            self._stats["overruns"] += 1
+            self._lsr |= Lsr.OE
+        self._lsr |= Lsr.BI | Lsr.DR
+        self._update_irq()
+
+    def receive_line_error(self, *, parity: bool = False, framing: bool = False) -> None:
+        """A parity or framing error came in from the wire: LSR.PE/FE, RLSI if enabled.
+
+        QEMU never sets PE/FE (its chardevs carry no such information); a real port does.
+        """
+        bits = (Lsr.PE if parity else 0) | (Lsr.FE if framing else 0)
+        if bits:
+            self._stats["line_errors"] += 1
+            self._lsr |= bits
+            self._update_irq()
+
+    # -- transmit -------------------------------------------------------------------------
+
+    def tx_pending(self) -> bytes:
+        """The bytes waiting for the wire, oldest first: the TSR byte, then the FIFO or THR."""
+        head = bytes((self._tsr,)) if self._tsr_busy else b""
+        if self._fcr & Fcr.FE:
+            return head + self._tx
+        if not self._lsr & Lsr.THRE:
+            return head + bytes((self._thr,))
+        return head
+
+    def tx_sent(self, n: int) -> None:
+        """The OS took the first ``n`` bytes of ``tx_pending()``."""
+        if n < 0 or n > len(self.tx_pending()):
+            raise ValueError(f"tx_sent({n}) but only {len(self.tx_pending())} bytes are pending")
+        for _ in range(n):
+            if not self._tsr_busy:
+                self._load_tsr()
+            self._tsr_busy = False
+            self._tsr_retry = 0
+        self._stats["bytes_transmitted"] += n
+        self._xmit()
+
+    def tx_blocked(self) -> None:
+        """A write of the head byte was refused: it sits in the TSR and ``tsr_retry`` counts up.
+
+        With ``tx_retry_limit`` set, a byte refused that many times more is dropped and
+        counted (QEMU's MAX_XMIT_RETRY); by default it waits for the wire forever.
+        """
+        if not self._tsr_busy:
+            if not self.tx_pending():
+                raise ValueError("tx_blocked() but no byte is pending")
+            self._load_tsr()
+        self._stats["refused_writes"] += 1
+        limit = self._tx_retry_limit
+        if limit is not None and self._tsr_retry >= limit:
+            self._stats["tx_dropped"] += 1
+            self._tsr_busy = False
+            self._tsr_retry = 0
+            self._xmit()
+        else:
+            self._tsr_retry += 1
+
+    def _load_tsr(self) -> None:
+        """Move the next queued byte into the TSR; THRE (and THRI) rise if nothing is left."""
+        if self._fcr & Fcr.FE:
+            self._tsr = self._tx.pop(0)
+            if not self._tx:
+                self._lsr |= Lsr.THRE
+        else:
+            self._tsr = self._thr
+            self._lsr |= Lsr.THRE
+        self._tsr_busy = True
+        if self._lsr & Lsr.THRE and not self._thr_ipending:
+            self._thr_ipending = True
+            self._update_irq()
+
+    def _xmit(self) -> None:
+        """Load the TSR if it is free; in loopback, deliver straight to the receiver (§6)."""
+        while True:
+            if not self._tsr_busy:
+                if self._lsr & Lsr.THRE:
+                    break
+                self._load_tsr()
+            if not self._mcr & Mcr.LOOP:
+                return
+            self._receive(bytes((self._tsr,)))
+            self._stats["bytes_looped_back"] += 1
+            self._tsr_busy = False
+            self._tsr_retry = 0
+        self._lsr |= Lsr.TEMT
+
+    # -- modem inputs and events -----------------------------------------------------------
+
+    def set_modem_inputs(self, *, cts: bool, dsr: bool, ri: bool, dcd: bool) -> None:
+        """New levels of the port's CTS, DSR, RI and DCD; delta bits and MSI follow (§8)."""
+        old = self._msr
+        levels = (
+            (Msr.CTS if cts else 0)
+            | (Msr.DSR if dsr else 0)
+            | (Msr.RI if ri else 0)
+            | (Msr.DCD if dcd else 0)
+        )
+        new = (old & MSR_DELTA_MASK) | levels
+        if new != old:
+            new |= ((new >> 4) ^ (old >> 4)) & MSR_DELTA_MASK
+            # TERI only on RI 1→0; QEMU's clean-up also drops an unread TERI (§8 quirk).
+            if new & Msr.TERI and not old & Msr.RI:
+                new &= ~Msr.TERI
+            self._msr = new
+            self._update_irq()
+
+    def take_events(self) -> UartEvents:
+        """What changed since the last call (IRQ edges, line, modem outputs, TX, RX space)."""
+        if not (
+            self._irq_changes
+            or self._line_changed
+            or self._modem_outputs_changed
+            or self._msi_changed
+            or self._tx_ready
+            or self._rx_space
+        ):
+            return NO_EVENTS
+        events = UartEvents(
+            irq_changes=tuple(self._irq_changes),
+            line_settings=self.line_settings if self._line_changed else None,
+            modem_outputs=self.modem_outputs if self._modem_outputs_changed else None,
+            msi_enabled=self.msi_enabled if self._msi_changed else None,
+            tx_ready=self._tx_ready and bool(self.tx_pending()),
+            rx_space=self._rx_space,
+        )
+        self._irq_changes.clear()
+        self._line_changed = self._modem_outputs_changed = self._msi_changed = False
+        self._tx_ready = self._rx_space = False
+        return events
+
+
+def _ignore_write(value: int) -> None:
+    """LSR and MSR writes are ignored (QEMU, §1)."""
+
+
+__all__ = [
+    "NO_EVENTS",
+    "QEMU_MAX_XMIT_RETRY",
+    "Clock",
+    "LineSettings",
+    "ModemOutputs",
+    "Uart16550",
+    "UartEvents",
+    "UartState",
+    "UartStatistics",
+    "char_time_ns",
+    "frame_bits",
+    "line_settings_of",
+    "modem_outputs_of",
+]
