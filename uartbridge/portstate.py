@@ -53,3 +53,23 @@ class PortState:
     reader_state: ReaderState = ReaderState.CONNECTED
     line_settings: LineSettings | None = None
     counters: PortCounters = field(default_factory=PortCounters)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PortSettings:
+    """How to open and run one host port (built from a ``[[uart]]`` config table).
+
+    ``url``: a tty path (``/dev/ttyUSB0``, a ``/dev/serial/by-id/…`` link, a socat pty link),
+    ``pty:`` (the daemon creates a pty and publishes its slave at ``link_path``),
+    ``rfc2217://host:port`` or ``socket://host:port`` (pyserial URL handlers).
+    """
+
+    url: str
+    link_path: str | None = None
+    on_disconnect: DisconnectPolicy = "buffer"
+    backlog_bytes: int = 1 << 20
+    rx_backlog_bytes: int = 4096
+    rtscts: bool = False
+    xonxoff: bool = False
+    reconnect_min_s: float = 0.1
+    reconnect_max_s: float = 5.0
