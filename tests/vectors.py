@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 from uartbridge import Uart16550
 
-_OP = re.compile(r"([WR])\((\d),\s*(0x[0-9A-Fa-f]+|'.')?\)\s*(?:→\s*([0-9A-Fa-f]{2}))?")
+# The value group is optional as a whole (comma included), so ``R(5)→60`` parses too.
+_OP = re.compile(r"([WR])\((\d)(?:,\s*(0x[0-9A-Fa-f]+|'.'))?\)\s*(?:→\s*([0-9A-Fa-f]{2}))?")
 
 SLOW = "W(3,0x80) W(0,0xFF) W(1,0xFF) W(3,0x03)"
 
@@ -47,4 +48,6 @@ def run(
         else:
             got = uart.read(int(offset))
             if expected:
-                assert got == int(expected, 16), f"{script!r}: R({offset}) = {got:02X}, expected {expected}"
+                assert got == int(expected, 16), (
+                    f"{script!r}: R({offset}) = {got:02X}, expected {expected}"
+                )

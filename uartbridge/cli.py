@@ -25,10 +25,40 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    p = sub.add_parser("run", help="run the daemon (no config: one UART on a new pty)")
+    p.add_argument("--config", metavar="FILE", help="TOML config (default: the embedded one)")
+
+    p = sub.add_parser("resume", help="run the daemon, resuming a UART from a checkpoint")
+    p.add_argument("file", help="checkpoint file")
+    p.add_argument("--config", metavar="FILE", help="TOML config (default: the embedded one)")
+    p.add_argument("--port", metavar="URL", help="resume on this port instead of the saved one")
+
+    p = sub.add_parser("status", help="show the running daemon's UARTs")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _control_options(p)
+
+    p = sub.add_parser("checkpoint", help="checkpoint the running daemon's UARTs")
+    p.add_argument("--uart", metavar="NAME", help="only this UART")
+    p.add_argument("--output", metavar="FILE", help="write here instead of the state directory")
+    p.add_argument("--stop", action="store_true", help="quiesce, checkpoint every UART, stop")
+    _control_options(p)
+
     p = sub.add_parser("inspect", help="decode and validate a checkpoint file")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("check-config", help="validate a config file")
+    p.add_argument("file")
+
+    p = sub.add_parser("console", help="an interactive terminal on a UART, over its bus")
+    p.add_argument("--uart", metavar="NAME", default="uart0")
+    p.add_argument("--socket", metavar="PATH", help="bus socket (default: the UART's)")
     return parser
+
+
+def _control_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="find the daemon through this config")
+    p.add_argument("--control", metavar="PATH", help="the daemon's control socket")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,8 +79,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace) -> int:
     """Call the subcommand's implementation (imported lazily, so ``--help`` stays fast)."""
-    if args.command == "inspect":
+    command: str = args.command
+    if command in ("run", "resume"):
+        from . import daemon
+
+        return daemon.run_command(args) if command == "run" else daemon.resume_command(args)
+    if command in ("status", "checkpoint"):
+        from . import control
+
+        if command == "status":
+            return control.status_command(args)
+        return control.checkpoint_command(args)
+    if command == "inspect":
         from .inspect import inspect_command
 
         return inspect_command(args)
+    if command == "check-config":
+        from .config import check_config_command
+
+        return check_config_command(args)
+    if command == "console":
+        from .console import console_command
+
+        return console_command(args)
     raise AssertionError(f"unhandled command {args.command}")

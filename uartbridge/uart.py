@@ -44,14 +44,94 @@ from .registers import (
     MCR_MASK,
     MSR_DELTA_MASK,
     TRIGGER_LEVELS,
-    Fcr,
-    Ier,
-    Iir,
-    Lcr,
-    Lsr,
-    Mcr,
-    Msr,
 )
+from .registers import Fcr as _Fcr
+from .registers import Ier as _Ier
+from .registers import Iir as _Iir
+from .registers import Lcr as _Lcr
+from .registers import Lsr as _Lsr
+from .registers import Mcr as _Mcr
+from .registers import Msr as _Msr
+
+
+class Fcr:
+    """FCR bits as plain ints: the model (and every state it emits) holds only plain ints.
+
+    IntFlag arithmetic is many times slower than int arithmetic and leaks IntFlag values into
+    ``UartState`` fields, which ``validate`` refuses; so the hot paths use these copies.
+    """
+
+    FE = int(_Fcr.FE)
+    RFR = int(_Fcr.RFR)
+    XFR = int(_Fcr.XFR)
+
+
+class Ier:
+    """IER bits as plain ints (see ``Fcr``)."""
+
+    RDI = int(_Ier.RDI)
+    THRI = int(_Ier.THRI)
+    RLSI = int(_Ier.RLSI)
+    MSI = int(_Ier.MSI)
+
+
+class Iir:
+    """IIR interrupt IDs as plain ints (see ``Fcr``)."""
+
+    MSI = int(_Iir.MSI)
+    NO_INT = int(_Iir.NO_INT)
+    THRI = int(_Iir.THRI)
+    RDI = int(_Iir.RDI)
+    RLSI = int(_Iir.RLSI)
+    CTI = int(_Iir.CTI)
+
+
+class Lcr:
+    """LCR bits as plain ints (see ``Fcr``)."""
+
+    WLS_MASK = int(_Lcr.WLS_MASK)
+    STOP = int(_Lcr.STOP)
+    PEN = int(_Lcr.PEN)
+    EPS = int(_Lcr.EPS)
+    SPAR = int(_Lcr.SPAR)
+    SBC = int(_Lcr.SBC)
+    DLAB = int(_Lcr.DLAB)
+
+
+class Lsr:
+    """LSR bits as plain ints (see ``Fcr``)."""
+
+    DR = int(_Lsr.DR)
+    OE = int(_Lsr.OE)
+    PE = int(_Lsr.PE)
+    FE = int(_Lsr.FE)
+    BI = int(_Lsr.BI)
+    THRE = int(_Lsr.THRE)
+    TEMT = int(_Lsr.TEMT)
+    FIFOE = int(_Lsr.FIFOE)
+
+
+class Mcr:
+    """MCR bits as plain ints (see ``Fcr``)."""
+
+    DTR = int(_Mcr.DTR)
+    RTS = int(_Mcr.RTS)
+    OUT1 = int(_Mcr.OUT1)
+    OUT2 = int(_Mcr.OUT2)
+    LOOP = int(_Mcr.LOOP)
+
+
+class Msr:
+    """MSR bits as plain ints (see ``Fcr``)."""
+
+    DCTS = int(_Msr.DCTS)
+    DDSR = int(_Msr.DDSR)
+    TERI = int(_Msr.TERI)
+    DDCD = int(_Msr.DDCD)
+    CTS = int(_Msr.CTS)
+    DSR = int(_Msr.DSR)
+    RI = int(_Msr.RI)
+    DCD = int(_Msr.DCD)
 
 Clock = Callable[[], int]
 Parity = Literal["N", "O", "E", "M", "S"]

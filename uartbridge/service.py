@@ -1,0 +1,256 @@
+"""One UART in the daemon: the model, its port link, its bus server and its checkpoints.
+
+The glue has one rule (DESIGN.md, the flow of data): after anything changes the model —
+a bus operation, bytes from the port, a timer — ``settle()`` hands the model's events to the
+port link (eager transmit, line settings, modem lines) until there are none left, and returns
+the IRQ level changes for the bus to push, in order, before any reply that observes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .bus import BusServer
+from .checkpoint import (
+    FORMAT_VERSION,
+    Checkpoint,
+    CheckpointMeta,
+    checkpoint_path,
+    write_checkpoint,
+)
+from .config import UartConfig
+from .errors import PortUnavailableError
+from .port import PortLink
+from .registers import REGISTER_BITS, Lsr, decode_bits
+from .uart import NO_EVENTS, Uart16550
+
+NS_PER_S = 1_000_000_000
+
+
+class UartService:
+    """One configured UART: owns its model, port link and bus server."""
+
+    def __init__(
+        self,
+        config: UartConfig,
+        *,
+        state_dir: Path,
+        log: Any,
+        peer_allowed: Any = None,
+        resume_from: Checkpoint | None = None,
+        resumed_path: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.state_dir = state_dir
+        self.log = log.bind(uart=config.name)
+        if resume_from is not None:
+            self.uart = Uart16550.from_state(resume_from.uart, clock=time.monotonic_ns)
+            self.generation = resume_from.meta.generation
+        else:
+            self.uart = Uart16550(
+                baudbase=config.baudbase,
+                clock=time.monotonic_ns,
+                tx_retry_limit=config.tx_retry_limit,
+            )
+            self.generation = 0
+        self.resumed_from = resume_from
+        self.resumed_path = resumed_path
+        self.link = PortLink(
+            self.uart, config.port, on_uart_change=self.on_uart_change, log=self.log
+        )
+        if resume_from is not None:
+            self.link.restore(resume_from.port)
+        self.bus = BusServer(
+            self.uart,
+            name=config.name,
+            settle=self.settle,
+            peer_allowed=peer_allowed,
+            log=self.log,
+        )
+        self.last_checkpoint_path: Path | None = None
+        self.last_checkpoint_unix_ns: int | None = None
+        self.port_open = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline_ns: int | None = None
+        self._open_task: asyncio.Task[None] | None = None
+        self._settling = False
+
+    # -- the glue ---------------------------------------------------------------------------
+
+    def settle(self) -> list[bool]:
+        """Hand the model's events to the port link until none are left; return IRQ changes."""
+        levels: list[bool] = []
+        uart = self.uart
+        while (events := uart.take_events()) is not NO_EVENTS:
+            if self.port_open:
+                self.link.on_events(events)
+            levels.extend(events.irq_changes)
+        self._arm_timer()
+        return levels
+
+    def on_uart_change(self) -> None:
+        """The port link (or a timer) changed the model: settle and push IRQ changes."""
+        levels = self.settle()
+        if levels:
+            self.bus.push_irq(levels)
+
+    def _arm_timer(self) -> None:
+        deadline_ns = self.uart.next_deadline_ns()
+        if deadline_ns is None:
+            return
+        armed = self._timer_deadline_ns
+        if armed is not None and armed <= deadline_ns:
+            return  # the armed timer fires first; it re-arms for the later deadline
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        # loop.time() is time.monotonic(), the model's clock in seconds.
+        self._timer = loop.call_at(deadline_ns / NS_PER_S, self._on_timer)
+        self._timer_deadline_ns = deadline_ns
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_deadline_ns = None
+        self.uart.poll()
+        self.on_uart_change()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self, *, fail_fast: bool) -> None:
+        """Open the port (or keep trying in the background) and listen on the bus."""
+        await self.bus.start_unix(self.config.bus_socket)
+        if self.config.bus_tcp is not None:
+            host, port = self.config.bus_tcp
+            await self.bus.start_tcp(host, port)
+        try:
+            await self._open_port()
+        except PortUnavailableError as exc:
+            if fail_fast:
+                raise
+            self.log.warning("port unavailable, retrying", error=str(exc))
+            self._open_task = asyncio.create_task(self._open_with_backoff())
+
+    async def _open_port(self) -> None:
+        await self.link.open()
+        self.port_open = True
+        self.on_uart_change()
+
+    async def _open_with_backoff(self) -> None:
+        delay_s = self.config.port.reconnect_min_s
+        while True:
+            await asyncio.sleep(delay_s)
+            try:
+                await self._open_port()
+            except PortUnavailableError:
+                delay_s = min(delay_s * 2, self.config.port.reconnect_max_s)
+                continue
+            self.log.info("port opened")
+            return
+
+    async def stop(self) -> None:
+        """Close the bus and the port; the model's state stays as it was."""
+        if self._open_task is not None:
+            self._open_task.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        await self.bus.close()
+        if self.port_open:
+            await self.link.close()
+            self.port_open = False
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def snapshot(self) -> Checkpoint:
+        """The whole UART as one value, taken in one event-loop step (between bus operations)."""
+        self.generation += 1
+        return Checkpoint(
+            meta=CheckpointMeta(
+                format_version=FORMAT_VERSION,
+                uartbridge_version=__version__,
+                uart_name=self.name,
+                port=self.config.port.url,
+                created_unix_ns=time.time_ns(),
+                generation=self.generation,
+            ),
+            uart=self.uart.state(),
+            port=self.link.state(),
+        )
+
+    def write_checkpoint(self, output: Path | None = None) -> Path:
+        """Snapshot and write atomically; the default path keeps the previous one beside it."""
+        ckpt = self.snapshot()
+        path = output if output is not None else checkpoint_path(self.state_dir, self.name)
+        write_checkpoint(path, ckpt)
+        self.last_checkpoint_path = path
+        self.last_checkpoint_unix_ns = ckpt.meta.created_unix_ns
+        return path
+
+    async def quiesce(self) -> None:
+        """Stop taking input from the port and let the OS finish what it accepted."""
+        await self.bus.close()
+        if self.port_open:
+            await self.link.quiesce()
+
+    # -- status -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What ``uartbridge status`` shows for this UART."""
+        state = self.uart.state()
+        registers = {
+            name: {"value": f"{getattr(state, name):#04x}"}
+            for name in ("ier", "iir", "lcr", "mcr", "lsr", "msr", "scr", "fcr")
+        }
+        for name, flags in REGISTER_BITS.items():
+            registers[name]["bits"] = decode_bits(getattr(state, name), flags)  # type: ignore[assignment]
+        port_status = self.link.status()
+        now_ns = time.time_ns()
+        last_ckpt = None
+        if self.last_checkpoint_unix_ns is not None:
+            last_ckpt = {
+                "path": str(self.last_checkpoint_path),
+                "age_s": round((now_ns - self.last_checkpoint_unix_ns) / NS_PER_S, 3),
+                "generation": self.generation,
+            }
+        resumed = None
+        if self.resumed_from is not None:
+            resumed = {
+                "path": str(self.resumed_path),
+                "generation": self.resumed_from.meta.generation,
+                "age_s": round((now_ns - self.resumed_from.meta.created_unix_ns) / NS_PER_S, 3),
+            }
+        return {
+            "name": self.name,
+            "port": self.config.port.url,
+            "port_open": self.port_open,
+            "reader_state": str(self.link.reader_state) if self.port_open else "disconnected",
+            "pty": self.link.slave_path,
+            "bus_socket": str(self.config.bus_socket),
+            "guest_connected": self.bus.guest_connected,
+            "irq": self.uart.irq,
+            "divisor": state.divisor,
+            "line": _line_summary(self.uart),
+            "registers": registers,
+            "rx_fifo": len(state.rx_fifo),
+            "tx_fifo": len(state.tx_fifo),
+            "tsr_busy": state.tsr_busy,
+            "tsr_retry": state.tsr_retry,
+            "temt": bool(state.lsr & Lsr.TEMT),
+            "counters": {
+                f: getattr(state.statistics, f) for f in state.statistics.__dataclass_fields__
+            },
+            "link": port_status,
+            "last_checkpoint": last_ckpt,
+            "resumed_from": resumed,
+        }
+
+
+def _line_summary(uart: Uart16550) -> str:
+    s = uart.line_settings
+    stop = f"{s.stop_bits:g}"
+    return f"{s.baud} {s.data_bits}{s.parity}{stop}" + (" break" if s.break_on else "")
+
