@@ -3,7 +3,9 @@
     UartBridgeError
     ├── InvalidStateError      a UartState the device cannot be in (also a ValueError)
     ├── CheckpointError        a checkpoint file that is corrupt, truncated or inconsistent
+    │   └── CheckpointMissingError the checkpoint file is missing or unreadable
     ├── ConfigError            a bad config file, key or value
+    │   └── ConfigMissingError     the config file is missing or unreadable
     ├── PortError              the host port failed (open, configure, I/O)
     │   └── PortUnavailableError   the port is not there (missing path, refused connection)
     ├── BusError               the register bus (malformed frame, refused connection, closed)
@@ -53,6 +55,12 @@ class ConfigError(UartBridgeError):
     """A config file that is missing, malformed, or has a bad key or value."""
 
     exit_code = EX_CONFIG
+
+
+class ConfigMissingError(ConfigError):
+    """A config file that does not exist or cannot be read."""
+
+    exit_code = EX_NOINPUT
 
 
 class PortError(UartBridgeError):

@@ -1,0 +1,177 @@
+"""Helpers for the port-link tests: a guest that drives the model, and real peers (socat)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from uartbridge.port import PortLink
+from uartbridge.portstate import PortSettings
+from uartbridge.registers import Lsr
+from uartbridge.uart import NO_EVENTS, Uart16550
+
+
+def need(tool: str) -> str:
+    """The tool's path; skip without it (fail when CI is set)."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{tool} is required when CI is set")
+        pytest.skip(f"{tool} not installed")
+    return path
+
+
+class Guest:
+    """A guest driver on the model: writes THR only when THRE, 16 bytes per THRE."""
+
+    def __init__(self, settings: PortSettings, **kwargs: object) -> None:
+        self.uart = Uart16550()
+        self.link = PortLink(self.uart, settings, on_uart_change=self.pump, **kwargs)  # type: ignore[arg-type]
+        self.received = bytearray()
+
+    def pump(self) -> None:
+        """Hand every queued event to the link, as the daemon does."""
+        events = self.uart.take_events()
+        while events is not NO_EVENTS:
+            self.link.on_events(events)
+            events = self.uart.take_events()
+
+    def setup(self, *, lcr: int = 0x03, mcr: int = 0x0B, ier: int = 0) -> None:
+        """FIFOs on, 8N1 (or ``lcr``), DTR|RTS|OUT2."""
+        self.uart.write(2, 0x07)
+        self.uart.write(3, lcr)
+        self.uart.write(4, mcr)
+        self.uart.write(1, ier)
+        self.pump()
+
+    def lsr(self) -> int:
+        return self.uart.read(5)
+
+    def write_some(self, data: bytes) -> int:
+        """Write up to 16 bytes if THRE; returns how many."""
+        if not self.lsr() & Lsr.THRE:
+            return 0
+        n = 0
+        for b in data[:16]:
+            self.uart.write(0, b)
+            n += 1
+            self.pump()
+        return n
+
+    def read_all(self) -> bytes:
+        """Read RBR while DR."""
+        out = bytearray()
+        while self.lsr() & Lsr.DR:
+            out.append(self.uart.read(0))
+            self.pump()
+        self.received += out
+        return bytes(out)
+
+    async def send(self, data: bytes, *, timeout_s: float = 10.0) -> int:
+        """Send ``data`` like a guest; returns how many bytes went in before the timeout."""
+        sent = 0
+        deadline = time.monotonic() + timeout_s
+        while sent < len(data) and time.monotonic() < deadline:
+            n = self.write_some(data[sent:])
+            sent += n
+            if not n:
+                await asyncio.sleep(0.002)
+        return sent
+
+    async def receive(self, count: int, *, timeout_s: float = 5.0) -> bytes:
+        """Read RBR until ``count`` bytes came in (or the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.received) < count and time.monotonic() < deadline:
+            self.read_all()
+            await asyncio.sleep(0.002)
+        return bytes(self.received)
+
+
+async def wait_for(predicate: object, timeout_s: float = 5.0) -> bool:
+    """Poll ``predicate()`` on the loop until true or the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        await asyncio.sleep(0.005)
+    return bool(predicate())  # type: ignore[operator]
+
+
+def read_available(fd: int, limit: int = 1 << 20) -> bytes:
+    """Everything readable now on a non-blocking fd."""
+    out = bytearray()
+    while len(out) < limit:
+        try:
+            chunk = os.read(fd, 65536)
+        except (BlockingIOError, OSError):
+            break
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def open_raw(path: str) -> int:
+    """Open a tty path non-blocking and make it raw."""
+    import tty
+
+    fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    tty.setraw(fd)
+    return fd
+
+
+class Socat:
+    """A socat virtual null-modem, stopped by PID."""
+
+    def __init__(self, a: Path, b: Path) -> None:
+        self.a, self.b = a, b
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        socat = need("socat")
+        self.proc = subprocess.Popen(
+            [socat, "pty,raw,echo=0,link=" + str(self.a), "pty,raw,echo=0,link=" + str(self.b)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while not (self.a.exists() and self.b.exists()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("socat did not create its links")
+            time.sleep(0.01)
+
+    def stop(self, *, kill: bool = False) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        self.proc = None
+        if kill:
+            proc.kill()
+        else:
+            proc.terminate()
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for link in (self.a, self.b):
+            if kill and link.is_symlink():
+                link.unlink()
+
+
+@contextmanager
+def socat_pair(tmp_path: Path, name: str = "s") -> Iterator[Socat]:
+    """socat with links ``tmp_path/name-A`` and ``-B``; stopped in finally."""
+    s = Socat(tmp_path / f"{name}-A", tmp_path / f"{name}-B")
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()

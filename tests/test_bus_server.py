@@ -1,0 +1,523 @@
+"""BusServer on a real Unix socket, serving a bare model with the accept-all wire."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from test_bus_support import RawGuest, run_async, short_tmp_dir, started_server, wait_for
+
+from uartbridge import Uart16550
+from uartbridge.bus import (
+    SERVER_CAPABILITIES,
+    BusServer,
+    ErrorCode,
+    Hello,
+    HelloReply,
+    IrqEvent,
+    Read,
+    ReadN,
+    ReadNReply,
+    ReadReply,
+    Sync,
+    SyncReply,
+    VirtualWire,
+    Write,
+    WriteN,
+    encode,
+)
+from uartbridge.errors import BusError
+from uartbridge.registers import FCR, IER, IIR, LCR, LSR, MCR, RBR, SCR, THR, Ier, Mcr
+
+Body = Callable[[BusServer, Uart16550, VirtualWire, Path, Path], Awaitable[None]]
+
+
+def serve(body: Body, **kwargs: object) -> None:
+    """Run ``body(server, uart, wire, path, dir)`` with a started server; always clean up."""
+    directory = short_tmp_dir()
+
+    async def main() -> None:
+        server, uart, wire, path = await started_server(directory, "uart0", **kwargs)  # type: ignore[arg-type]
+        try:
+            await body(server, uart, wire, path, directory)
+        finally:
+            wire.detach()
+            await server.close()
+
+    try:
+        run_async(main)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def read_reg(guest: RawGuest, offset: int) -> tuple[list[object], int]:
+    guest.send(Read(offset))
+    frames = await guest.recv_until(ReadReply)
+    reply = frames[-1]
+    assert isinstance(reply, ReadReply)
+    assert reply.offset == offset
+    return list(frames[:-1]), reply.value
+
+
+async def sync(guest: RawGuest, token: int = 7) -> list[object]:
+    guest.send(Sync(token))
+    frames = await guest.recv_until(SyncReply)
+    assert frames[-1] == SyncReply(token)
+    return list(frames[:-1])
+
+
+def test_hello_reports_version_capabilities_irq_and_name() -> None:
+    """HELLO_REPLY carries version 1, the capabilities, the IRQ level and the UART name."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        assert guest.hello == HelloReply(1, int(SERVER_CAPABILITIES), False, "uart0")
+        assert server.guest_connected
+        await guest.close()
+        await wait_for(lambda: not server.guest_connected)
+
+    serve(body)
+
+
+def test_read_write_registers() -> None:
+    """WRITE is posted and READ returns the register value, with the model's semantics."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(Write(SCR, 0x5A), Write(LCR, 0x83))
+        assert (await read_reg(guest, SCR))[1] == 0x5A
+        assert (await read_reg(guest, LCR))[1] == 0x83
+        assert (await read_reg(guest, LSR))[1] == 0x60
+        await guest.close()
+
+    serve(body)
+
+
+def test_write_n_to_thr_reaches_wire_once_in_order() -> None:
+    """WRITE_N to THR puts every byte on the wire exactly once, in order."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(Write(FCR, 0x07))
+        data = bytes(range(256)) * 4
+        for i in range(0, len(data), 16):
+            guest.send(WriteN(THR, data[i : i + 16]))
+        await sync(guest)
+        assert bytes(wire.sent) == data
+        assert uart.statistics().tx_overwrites == 0
+        await guest.close()
+
+    serve(body)
+
+
+def test_write_n_elsewhere_is_n_writes() -> None:
+    """WRITE_N to a register other than THR is just N writes: the last value stays."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(WriteN(SCR, b"\x01\x02\x03"))
+        assert (await read_reg(guest, SCR))[1] == 0x03
+        guest.send(Write(LCR, 0x80), WriteN(0, b"\x10\x20"), Write(LCR, 0x03))
+        await sync(guest)
+        assert uart.state().divisor & 0xFF == 0x20
+        assert wire.sent == b""
+        await guest.close()
+
+    serve(body)
+
+
+def test_read_n_from_rbr_stops_when_empty() -> None:
+    """READ_N from RBR returns what the FIFO holds and stops at LSR.DR=0."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(Write(FCR, 0x07), Write(MCR, Mcr.LOOP), WriteN(THR, b"abc"))
+        guest.send(ReadN(RBR, 10))
+        reply = (await guest.recv_until(ReadNReply))[-1]
+        assert reply == ReadNReply(RBR, b"abc")
+        guest.send(ReadN(RBR, 10))
+        assert (await guest.recv_until(ReadNReply))[-1] == ReadNReply(RBR, b"")
+        assert (await read_reg(guest, LSR))[1] == 0x60
+        await guest.close()
+
+    serve(body)
+
+
+def test_read_n_stops_before_a_pending_line_error() -> None:
+    """READ_N from RBR returns nothing while LSR has OE pending, so LSR can be read first."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(Write(FCR, 0x07), Write(MCR, Mcr.LOOP), WriteN(THR, bytes(range(17))))
+        guest.send(ReadN(RBR, 32))
+        assert (await guest.recv_until(ReadNReply))[-1] == ReadNReply(RBR, b"")
+        assert (await read_reg(guest, LSR))[1] == 0x63
+        guest.send(ReadN(RBR, 32))
+        assert (await guest.recv_until(ReadNReply))[-1] == ReadNReply(RBR, bytes(range(16)))
+        await guest.close()
+
+    serve(body)
+
+
+def test_read_n_elsewhere_is_n_reads() -> None:
+    """READ_N of another offset, or of offset 0 under DLAB, is exactly N reads."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(Write(SCR, 0x42), ReadN(SCR, 3))
+        assert (await guest.recv_until(ReadNReply))[-1] == ReadNReply(SCR, b"\x42\x42\x42")
+        guest.send(Write(LCR, 0x80), ReadN(0, 2), Write(LCR, 0))
+        assert (await guest.recv_until(ReadNReply))[-1] == ReadNReply(0, b"\x0c\x0c")
+        await guest.close()
+
+    serve(body)
+
+
+def test_irq_event_precedes_sync_reply() -> None:
+    """Writing IER=THRI raises the IRQ; its event arrives before the next SYNC reply."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(Write(IER, Ier.THRI))
+        assert await sync(guest) == [IrqEvent(True)]
+        await guest.close()
+
+    serve(body)
+
+
+def test_irq_low_event_precedes_read_reply() -> None:
+    """Reading IIR acknowledges THRI; the IRQ-low event arrives before the READ reply."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(Write(IER, Ier.THRI))
+        before, value = await read_reg(guest, IIR)
+        assert value == 0x02
+        assert before == [IrqEvent(True), IrqEvent(False)]
+        await guest.close()
+
+    serve(body)
+
+
+def test_thr_write_with_eager_wire_shows_edge() -> None:
+    """A THR write under THRI drops and re-raises the IRQ (V17): both edges are reported."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(Write(FCR, 0x07), Write(IER, Ier.THRI))
+        assert (await read_reg(guest, IIR)) == ([IrqEvent(True), IrqEvent(False)], 0xC2)
+        guest.send(Write(THR, 0x55))
+        assert await sync(guest) == [IrqEvent(True)]
+        assert wire.sent == b"\x55"
+        await guest.close()
+
+    serve(body)
+
+
+def test_push_irq_reaches_guest_unsolicited() -> None:
+    """An IRQ change from port input (push_irq) reaches the guest without a request."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(Write(IER, Ier.RDI))
+        await sync(guest)
+        wire.feed(b"x")
+        assert await guest.recv() == IrqEvent(True)
+        before, value = await read_reg(guest, RBR)
+        assert (before, value) == ([IrqEvent(False)], ord("x"))
+        await guest.close()
+
+    serve(body)
+
+
+def test_character_timeout_interrupt_from_wire_timer() -> None:
+    """A tail below the trigger level raises CTI once the wire's timer runs the model's clock."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(
+            Write(LCR, 0x80), Write(0, 1), Write(1, 0), Write(LCR, 0x03),
+            Write(FCR, 0x81), Write(IER, Ier.RDI),
+        )
+        await sync(guest)
+        wire.feed(b"abc")
+        assert await guest.recv() == IrqEvent(True)
+        before, value = await read_reg(guest, IIR)
+        assert (before, value) == ([], 0xCC)
+        guest.send(ReadN(RBR, 16))
+        frames = await guest.recv_until(ReadNReply)
+        assert frames == [IrqEvent(False), ReadNReply(RBR, b"abc")]
+        await guest.close()
+
+    serve(body)
+
+
+def test_second_guest_refused_busy() -> None:
+    """A second connection gets ERROR BUSY and is closed; the first keeps working."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        first = await RawGuest.open(path)
+        second = await RawGuest.open(path, hello=False)
+        error = await second.expect_error_and_close()
+        assert error.code == ErrorCode.BUSY
+        first.send(Write(SCR, 9))
+        assert (await read_reg(first, SCR))[1] == 9
+        await first.close()
+
+    serve(body)
+
+
+def test_reconnect_leaves_device_state() -> None:
+    """A guest that disconnects leaves the device as it was, and may reconnect."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(Write(SCR, 0x77), Write(LCR, 0x1B), Write(IER, Ier.THRI))
+        await sync(guest)
+        await guest.close()
+        await wait_for(lambda: not server.guest_connected)
+        again = await RawGuest.open(path)
+        assert again.hello.irq is True
+        assert (await read_reg(again, SCR))[1] == 0x77
+        assert (await read_reg(again, LCR))[1] == 0x1B
+        assert (await read_reg(again, IIR)) == ([IrqEvent(False)], 0x02)
+        await again.close()
+
+    serve(body)
+
+
+@pytest.mark.parametrize(
+    ("first", "code"),
+    [
+        (encode(Hello(2)), ErrorCode.VERSION_MISMATCH),
+        (encode(Read(0)), ErrorCode.PROTOCOL),
+        (encode(Hello(1)) + encode(Hello(1)), ErrorCode.PROTOCOL),
+        (encode(Hello(1)) + encode(ReadReply(0, 0)), ErrorCode.PROTOCOL),
+        (b"\x00\x01\x42", ErrorCode.UNKNOWN_TYPE),
+        (encode(Hello(1)) + b"\x00\x02\x02\x09", ErrorCode.BAD_OFFSET),
+        (b"\xff\xff\xff\xff", ErrorCode.FRAME_TOO_LARGE),
+        (b"GET / HTTP/1.0\r\n\r\n", ErrorCode.FRAME_TOO_LARGE),
+    ],
+)
+def test_protocol_violations_get_error_then_close(first: bytes, code: ErrorCode) -> None:
+    """A bad version, a missing HELLO, garbage or a huge length gets its ERROR, then close."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path, hello=False)
+        guest.send_raw(first)
+        frames = []
+        while True:
+            frame = await guest.recv()
+            frames.append(frame)
+            if not isinstance(frame, HelloReply):
+                break
+        error = frames[-1]
+        assert getattr(error, "code", None) == code, frames
+        await guest.expect_closed()
+        await wait_for(lambda: not server.guest_connected)
+        again = await RawGuest.open(path)
+        await again.close()
+
+    serve(body)
+
+
+def test_hostile_clients_do_not_disturb_another_uart() -> None:
+    """Garbage, a 4 GB length, half frames and a READ flood never disturb another UART."""
+    directory = short_tmp_dir()
+
+    async def main() -> None:
+        s0, uart0, wire0, path0 = await started_server(
+            directory, "uart0", high_water=4096, stall_timeout_s=0.2
+        )
+        s1, uart1, wire1, path1 = await started_server(directory, "uart1")
+        try:
+            good = await RawGuest.open(path1)
+            counter = 0
+
+            async def good_still_works() -> None:
+                nonlocal counter
+                counter = (counter + 1) & 0xFF
+                good.send(Write(SCR, counter))
+                assert (await read_reg(good, SCR))[1] == counter
+
+            # Garbage.
+            bad = await RawGuest.open(path0, hello=False)
+            bad.send_raw(os.urandom(64) + b"\x00\x01\x42")
+            await bad.expect_closed()
+            await good_still_works()
+            # A 4 GB length (u32 0xFFFFFFFF read as a u16 length 0xFFFF: too large).
+            bad = await RawGuest.open(path0)
+            bad.send_raw((0xFFFFFFFF).to_bytes(4, "big"))
+            assert (await bad.expect_error_and_close()).code == ErrorCode.FRAME_TOO_LARGE
+            await good_still_works()
+            # Half a frame, then close.
+            bad = await RawGuest.open(path0)
+            bad.send_raw(encode(WriteN(THR, b"x" * 100))[:50])
+            await bad.close()
+            await wait_for(lambda: not s0.guest_connected)
+            assert wire0.sent == b""
+            await good_still_works()
+            # A flood of READs from a client that never reads its replies.
+            flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            flood.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(flood, str(path0))
+            try:
+                flood.send(encode(Hello(1)))
+                chunk = encode(Read(LSR)) * 4096
+                sent = 0
+                for _ in range(200):
+                    with contextlib.suppress(BlockingIOError):
+                        sent += flood.send(chunk)
+                    conn = s0._guest
+                    if conn is not None and conn._transport is not None:
+                        assert conn._transport.get_write_buffer_size() <= s0.hard_limit
+                    await good_still_works()
+                    if not s0.guest_connected:
+                        break
+                assert sent > 0
+                await wait_for(lambda: not s0.guest_connected)
+            finally:
+                flood.close()
+            await good_still_works()
+            # uart0 takes a well-behaved guest again.
+            again = await RawGuest.open(path0)
+            assert (await read_reg(again, LSR))[1] == 0x60
+            await again.close()
+            await good.close()
+        finally:
+            for wire in (wire0, wire1):
+                wire.detach()
+            await s0.close()
+            await s1.close()
+
+    try:
+        run_async(main)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_socket_mode_is_0660() -> None:
+    """The bus socket is created with mode 0660 by default."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o660
+
+    serve(body)
+
+
+def test_peer_refused_by_credentials() -> None:
+    """A peer that peer_allowed refuses gets ERROR NOT_PERMITTED and is closed."""
+    seen = []
+
+    def refuse(peer: object) -> bool:
+        seen.append(peer)
+        return False
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path, hello=False)
+        error = await guest.expect_error_and_close()
+        assert error.code == ErrorCode.NOT_PERMITTED
+        assert not server.guest_connected
+        peer = seen[0]
+        assert (peer.pid, peer.uid, peer.gid) == (os.getpid(), os.geteuid(), os.getegid())  # type: ignore[attr-defined]
+
+    serve(body, peer_allowed=refuse)
+
+
+def test_close_tells_guest_and_removes_socket() -> None:
+    """close() sends ERROR SHUTTING_DOWN to the guest and removes the socket file."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        guest = await RawGuest.open(path)
+        await server.close()
+        error = await guest.expect_error_and_close()
+        assert error.code == ErrorCode.SHUTTING_DOWN
+        assert not path.exists()
+
+    serve(body)
+
+
+def test_tcp_listener_on_loopback() -> None:
+    """start_tcp binds loopback by default and serves the same protocol."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+        host, port = await server.start_tcp()
+        assert host == "127.0.0.1"
+        reader, writer = await asyncio.open_connection(host, port)
+        guest = RawGuest(reader, writer)
+        guest.send(Hello(1), Write(SCR, 3), Read(SCR))
+        frames = await guest.recv_until(ReadReply)
+        assert frames[-1] == ReadReply(SCR, 3)
+        await guest.close()
+
+    serve(body)
+
+
+def test_settle_failure_is_internal_error_and_server_survives() -> None:
+    """A settle that raises costs that guest an ERROR INTERNAL; the next guest is served."""
+    directory = short_tmp_dir()
+
+    async def main() -> None:
+        uart = Uart16550()
+        wire = VirtualWire(uart)
+        broken = [True]
+
+        def settle() -> list[bool]:
+            if broken[0]:
+                raise RuntimeError("boom")
+            return wire()
+
+        server = BusServer(uart, name="uart0", settle=settle)
+        path = directory / "uart0.bus"
+        await server.start_unix(path)
+        try:
+            guest = await RawGuest.open(path)
+            guest.send(Write(SCR, 1))
+            assert (await guest.expect_error_and_close()).code == ErrorCode.INTERNAL
+            broken[0] = False
+            await wait_for(lambda: not server.guest_connected)
+            again = await RawGuest.open(path)
+            assert (await read_reg(again, SCR))[1] == 1
+            await again.close()
+        finally:
+            await server.close()
+
+    try:
+        run_async(main)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_stale_socket_replaced_and_live_socket_refused() -> None:
+    """start_unix replaces a dead socket file but refuses one another server listens on."""
+    directory = short_tmp_dir()
+
+    async def main() -> None:
+        path = directory / "uart0.bus"
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(path))
+        stale.close()
+        server, uart, wire, path = await started_server(directory, "uart0")
+        try:
+            other = BusServer(Uart16550(), name="other", settle=VirtualWire(Uart16550()))
+            with pytest.raises(BusError, match="in use"):
+                await other.start_unix(path)
+            guest = await RawGuest.open(path)
+            await guest.close()
+        finally:
+            wire.detach()
+            await server.close()
+
+    try:
+        run_async(main)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

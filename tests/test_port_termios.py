@@ -1,0 +1,182 @@
+"""Line settings, breaks, errors and modem lines: PARMRK parsing and a fake port.
+
+The fake (``FakeOps``) replaces only the termios/modem-ioctl calls (``TermiosOps``), for what
+a pty cannot show: data bits, parity, stop bits, break, DTR/RTS and CTS/DSR/RI/DCD. The byte
+path still runs on a real pty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import termios
+import tty
+from typing import Any
+
+from _port_support import Guest, wait_for
+
+from uartbridge.port_termios import (
+    CMSPAR,
+    TIOCM_CD,
+    TIOCM_CTS,
+    TIOCM_DSR,
+    TIOCM_DTR,
+    TIOCM_RTS,
+    ParmrkDecoder,
+    RealTermiosOps,
+    nearest_baud,
+)
+from uartbridge.portstate import PortSettings
+from uartbridge.registers import Ier, Lsr, Msr
+
+
+def test_parmrk_decoder_break_error_and_escaped_ff_across_reads() -> None:
+    """ff 00 00 is a break, ff 00 X an error on X, ff ff a literal 0xff, split anywhere."""
+    stream = b"a\xff\xffb\xff\x00\x00c\xff\x00Zd\xff\xff"
+    whole = ParmrkDecoder().feed(stream)
+    assert whole == [("data", b"a\xffb"), ("break", None), ("data", b"c"), ("error", 0x5A),
+                     ("data", b"d\xff")]
+    for split in range(1, len(stream)):
+        dec = ParmrkDecoder()
+        items = dec.feed(stream[:split]) + dec.feed(stream[split:])
+        merged: list[Any] = []
+        for item in items:
+            if merged and item[0] == "data" and merged[-1][0] == "data":
+                merged[-1] = ("data", merged[-1][1] + item[1])
+            else:
+                merged.append(item)
+        assert merged == whole, split
+    dec = ParmrkDecoder()
+    assert dec.feed(b"x\xff") == [("data", b"x")] and dec.partial == b"\xff"
+
+
+def test_nearest_standard_baud() -> None:
+    """A guest's divisor-derived baud becomes the nearest standard rate."""
+    assert nearest_baud(115200) == 115200
+    assert nearest_baud(3500) == 4800
+    assert nearest_baud(9615) == 9600
+    assert nearest_baud(1) == 50
+
+
+class FakeOps(RealTermiosOps):
+    """A fake serial port for termios and modem ioctls; real calls for nothing else."""
+
+    def __init__(self) -> None:
+        self.attrs: list[Any] | None = None
+        self.modem = TIOCM_CTS | TIOCM_DSR | TIOCM_CD
+        self.breaks: list[bool] = []
+        self.refuse_mask = 0
+
+    def tcgetattr(self, fd: int) -> list[Any]:
+        if self.attrs is None:
+            self.attrs = super().tcgetattr(fd)
+        return [*self.attrs[:6], list(self.attrs[6])]
+
+    def tcsetattr(self, fd: int, attrs: list[Any]) -> None:
+        if attrs[2] & self.refuse_mask:
+            raise OSError(22, "Invalid argument")
+        self.attrs = [*attrs[:6], list(attrs[6])]
+
+    def modem_get(self, fd: int) -> int:
+        return self.modem
+
+    def modem_set(self, fd: int, *, set_bits: int, clear_bits: int) -> None:
+        self.modem = (self.modem | set_bits) & ~clear_bits
+
+    def set_break(self, fd: int, on: bool) -> None:
+        self.breaks.append(on)
+
+
+def _with_fake(test: Any) -> None:
+    async def run() -> None:
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        fake = FakeOps()
+        try:
+            g = Guest(PortSettings(url=os.ttyname(slave)), termios_ops=fake)
+            await g.link.open()
+            await test(g, fake, master)
+            await g.link.close()
+        finally:
+            os.close(master)
+            os.close(slave)
+
+    asyncio.run(run())
+
+
+def test_fake_port_gets_data_bits_parity_stop_bits_baud_and_break() -> None:
+    """LCR/divisor become CS7, mark parity, CSTOPB and B9600 (TCSANOW); LCR.SBC drives break."""
+
+    async def body(g: Guest, fake: FakeOps, master: int) -> None:
+        g.uart.write(3, 0x80)
+        g.uart.write(0, 12)  # 115200 / 12 = 9600
+        g.uart.write(1, 0)
+        g.setup(lcr=0x2E)  # 7 data bits, 2 stop, parity enabled, stick → mark
+        assert fake.attrs is not None
+        cflag = fake.attrs[2]
+        assert cflag & termios.CSIZE == termios.CS7
+        assert cflag & (termios.PARENB | termios.PARODD | CMSPAR) == (
+            termios.PARENB | termios.PARODD | CMSPAR
+        )
+        assert cflag & termios.CSTOPB
+        assert fake.attrs[4] == fake.attrs[5] == termios.B9600
+        assert fake.attrs[0] & termios.PARMRK and fake.attrs[0] & termios.INPCK
+        assert g.link.status()["settings_refused"] == []
+        g.setup(lcr=0x2E | 0x40)
+        g.setup(lcr=0x2E)
+        assert fake.breaks == [True, False]
+
+    _with_fake(body)
+
+
+def test_fake_port_refusal_is_counted_once_per_apply() -> None:
+    """A setting the port rejects with EINVAL is counted and shown; the rest still applies."""
+
+    async def body(g: Guest, fake: FakeOps, master: int) -> None:
+        fake.refuse_mask = termios.PARENB
+        g.setup(lcr=0x1F)  # 8 data bits, 2 stop, even parity
+        status = g.link.status()
+        assert status["settings_refused"] == ["parity=E"]
+        assert fake.attrs is not None and fake.attrs[2] & termios.CSTOPB
+        assert status["counters"]["settings_refused"] == 1  # type: ignore[index]
+
+    _with_fake(body)
+
+
+def test_fake_port_modem_lines_reach_msr_with_deltas() -> None:
+    """MCR DTR/RTS reach the port; CTS/DSR/DCD changes show in MSR with delta bits (MSI poll)."""
+
+    async def body(g: Guest, fake: FakeOps, master: int) -> None:
+        g.setup(mcr=0x0B, ier=Ier.MSI)
+        assert fake.modem & TIOCM_DTR and fake.modem & TIOCM_RTS
+        g.uart.write(4, 0x08)  # drop DTR and RTS
+        g.pump()
+        assert not fake.modem & (TIOCM_DTR | TIOCM_RTS)
+        g.uart.read(6)  # clear deltas
+        fake.modem &= ~(TIOCM_CTS | TIOCM_CD)
+        assert await wait_for(lambda: g.uart.irq, 1.0)
+        msr = g.uart.read(6)
+        assert msr & Msr.DCTS and msr & Msr.DDCD
+        assert not msr & Msr.CTS and not msr & Msr.DCD and msr & Msr.DSR
+
+    _with_fake(body)
+
+
+def test_fake_port_line_error_and_break_reach_lsr() -> None:
+    """A PARMRK-marked error and break on the input set LSR.FE and LSR.BI in the model."""
+
+    async def body(g: Guest, fake: FakeOps, master: int) -> None:
+        g.setup(ier=Ier.RLSI)
+        # The pty cannot generate marks; write them as the kernel would put them in the queue.
+        os.write(master, b"A\xff\x00Q")
+        assert await wait_for(lambda: g.uart.irq, 1.0)
+        assert g.uart.read(5) & Lsr.FE
+        assert g.read_all() == b"AQ"
+        os.write(master, b"\xff\x00\x00")
+        assert await wait_for(lambda: g.uart.irq, 1.0)
+        assert g.uart.read(5) & Lsr.BI
+        counters = g.link.status()["counters"]
+        assert counters["framing_errors"] == 1 and counters["breaks_received"] == 1  # type: ignore[index]
+
+    _with_fake(body)

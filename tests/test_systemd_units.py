@@ -1,0 +1,184 @@
+"""The systemd units and the udev rule: `systemd-analyze verify` clean, and the promised keys."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
+SINGLE = SYSTEMD / "uartbridge.service"
+TEMPLATE = SYSTEMD / "uartbridge@.service"
+RULES = SYSTEMD / "99-uartbridge.rules"
+INSTALLED = "/usr/local/bin/uartbridge"
+
+
+def parse_unit(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """A unit file as {section: [(key, value), …]} (systemd allows repeated keys)."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] | None = None
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], [])
+            continue
+        assert current is not None, f"{path}: key outside a section: {line}"
+        key, sep, value = line.partition("=")
+        assert sep, f"{path}: not a key=value line: {line}"
+        current.append((key.strip(), value.strip()))
+    return sections
+
+
+def values(path: Path, section: str, key: str) -> list[str]:
+    return [v for k, v in parse_unit(path).get(section, []) if k == key]
+
+
+def one(path: Path, section: str, key: str) -> str:
+    found = values(path, section, key)
+    assert len(found) == 1, f"{path.name}: [{section}] {key}= appears {len(found)} times"
+    return found[0]
+
+
+def systemd_analyze() -> str:
+    """The systemd-analyze binary; missing fails under CI and skips elsewhere."""
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("systemd-analyze is not installed (required when CI is set)")
+        pytest.skip("systemd-analyze is not installed")
+    return exe
+
+
+def installed_script() -> str:
+    """Where ExecStart= should point here: /usr/local/bin/uartbridge, or the real script."""
+    if os.access(INSTALLED, os.X_OK):
+        return INSTALLED
+    found = shutil.which("uartbridge")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("the uartbridge console script is not installed")
+        pytest.skip("the uartbridge console script is not installed")
+    return found
+
+
+def copy_unit(src: Path, dest_dir: Path) -> Path:
+    """Copy a unit into dest_dir, pointing ExecStart= at the script installed here."""
+    text = src.read_text(encoding="utf-8")
+    assert f"ExecStart={INSTALLED} " in text
+    dest = dest_dir / src.name
+    dest.write_text(text.replace(INSTALLED, installed_script()), encoding="utf-8")
+    return dest
+
+
+def verify(exe: str, unit: Path) -> None:
+    """Run `systemd-analyze verify`; any stderr output (warnings included) is a failure."""
+    proc = subprocess.run(
+        [exe, "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=unit.parent,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": "cat"},
+        check=False,
+    )
+    report = f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    assert proc.stderr.strip() == "", report
+
+
+def test_single_unit_verifies(tmp_path: Path) -> None:
+    """systemd-analyze verify accepts uartbridge.service with no warning."""
+    exe = systemd_analyze()
+    verify(exe, copy_unit(SINGLE, tmp_path))
+
+
+def test_template_instance_verifies(tmp_path: Path) -> None:
+    """systemd-analyze verify accepts uartbridge@ttyUSB0.service, built from the template."""
+    exe = systemd_analyze()
+    copy_unit(TEMPLATE, tmp_path)
+    verify(exe, tmp_path / "uartbridge@ttyUSB0.service")
+
+
+def test_verify_catches_unknown_keys(tmp_path: Path) -> None:
+    """The verify check fails on a unit with an unknown key (it only warns, exit 0)."""
+    exe = systemd_analyze()
+    unit = copy_unit(SINGLE, tmp_path)
+    unit.write_text(unit.read_text().replace("[Service]\n", "[Service]\nNoSuchKey=1\n"))
+    with pytest.raises(AssertionError, match="NoSuchKey"):
+        verify(exe, unit)
+
+
+@pytest.mark.parametrize("unit", [SINGLE, TEMPLATE], ids=lambda p: p.name)
+def test_service_keys(unit: Path) -> None:
+    """Both units are notify services with watchdog, restart, SIGTERM stop and hardening."""
+    expected = {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "WatchdogSec": "30s",
+        "Restart": "on-failure",
+        "KillSignal": "SIGTERM",
+        "Environment": "PYTHONUNBUFFERED=1",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "SupplementaryGroups": "dialout",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+        "LockPersonality": "yes",
+        "RestrictRealtime": "yes",
+        "SystemCallArchitectures": "native",
+        "UMask": "0077",
+        "DevicePolicy": "closed",
+        "RuntimeDirectoryMode": "0750",
+    }
+    for key, value in expected.items():
+        assert one(unit, "Service", key) == value, key
+    assert one(unit, "Service", "TimeoutStopSec")
+    devices = values(unit, "Service", "DeviceAllow")
+    for device in ("char-ttyUSB rw", "char-ttyACM rw", "/dev/ptmx rw", "char-pts rw"):
+        assert device in devices
+    assert "78" in one(unit, "Service", "RestartPreventExitStatus").split()
+    assert one(unit, "Install", "WantedBy") == "multi-user.target"
+
+
+def test_single_unit_paths() -> None:
+    """The single unit runs /etc/uartbridge/uartbridge.toml with /run and /var/lib dirs."""
+    assert one(SINGLE, "Service", "ExecStart") == (
+        f"{INSTALLED} run --config /etc/uartbridge/uartbridge.toml")
+    assert one(SINGLE, "Service", "RuntimeDirectory") == "uartbridge"
+    assert one(SINGLE, "Service", "StateDirectory") == "uartbridge"
+
+
+def test_template_paths_per_instance() -> None:
+    """The template reads /etc/uartbridge/%i.toml and has per-instance directories."""
+    assert one(TEMPLATE, "Service", "ExecStart") == (
+        f"{INSTALLED} run --config /etc/uartbridge/%i.toml")
+    assert one(TEMPLATE, "Service", "RuntimeDirectory") == "uartbridge/%i"
+    assert one(TEMPLATE, "Service", "StateDirectory") == "uartbridge/%i"
+
+
+def test_units_differ_only_per_instance() -> None:
+    """Both units carry the same settings, apart from the per-instance ones."""
+    per_instance = {"Description", "ExecStart", "RuntimeDirectory", "StateDirectory"}
+    single, template = parse_unit(SINGLE), parse_unit(TEMPLATE)
+    assert single.keys() == template.keys()
+    for section in single:
+        assert [kv for kv in single[section] if kv[0] not in per_instance] == [
+            kv for kv in template[section] if kv[0] not in per_instance
+        ], section
+
+
+def test_udev_rule_starts_the_instance() -> None:
+    """The udev example wants uartbridge@%k.service when its tty adapter is added."""
+    rules = [line for line in RULES.read_text(encoding="utf-8").splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    assert len(rules) == 1
+    rule = rules[0]
+    for part in ('ACTION=="add"', 'SUBSYSTEM=="tty"', 'ENV{ID_SERIAL}=="', 'TAG+="systemd"',
+                 'ENV{SYSTEMD_WANTS}+="uartbridge@%k.service"'):
+        assert part in rule

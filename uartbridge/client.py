@@ -1,0 +1,510 @@
+"""Clients of the register bus: ``BusClient`` (blocking) and ``AsyncBusClient`` (asyncio).
+
+Both connect, say HELLO, and then turn register accesses into frames. Writes are posted
+(no reply); reads, bursts of reads and SYNC wait for their reply. IRQ frames may arrive at any
+time; the server sends each one before any reply that observes the new level, so ``irq`` is
+exact as of the last reply read. ``wait_irq`` blocks until the line is high.
+
+A target is a Unix socket path (``str`` or ``os.PathLike``), ``"tcp:HOST:PORT"``, or a
+``(host, port)`` tuple. Every failure is a ``BusError``; an ERROR frame from the server is a
+``BusRefusedError`` (a ``BusError``) carrying the server's ``code`` and ``message``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import select
+import socket
+import time
+from collections import deque
+from types import TracebackType
+from typing import Self
+
+from .bus import (
+    HEADER_SIZE,
+    MAX_BURST,
+    MAX_FRAME_LEN,
+    PROTOCOL_VERSION,
+    BusRefusedError,
+    ErrorFrame,
+    Frame,
+    FrameDecoder,
+    FrameError,
+    Hello,
+    HelloReply,
+    IrqEvent,
+    Read,
+    ReadN,
+    ReadNReply,
+    ReadReply,
+    Sync,
+    SyncReply,
+    Write,
+    WriteN,
+    decode_frame,
+    encode,
+)
+from .errors import BusError
+
+Target = str | os.PathLike[str] | tuple[str, int]
+
+_RECV_SIZE = 65536
+
+
+def parse_target(target: Target) -> tuple[str, int] | str:
+    """A ``(host, port)`` for TCP targets, else the Unix socket path as a string."""
+    if isinstance(target, tuple):
+        host, port = target
+        return str(host), int(port)
+    text = os.fspath(target)
+    if text.startswith("tcp:"):
+        host, sep, port_text = text[4:].rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise BusError(f"bad TCP bus target {text!r}: expected tcp:HOST:PORT")
+        return host.strip("[]") or "127.0.0.1", int(port_text)
+    return text
+
+
+def _describe(target: tuple[str, int] | str) -> str:
+    return f"tcp:{target[0]}:{target[1]}" if isinstance(target, tuple) else target
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    return [data[i : i + MAX_BURST] for i in range(0, len(data), MAX_BURST)]
+
+
+class BusClient:
+    """A blocking bus client; one request in flight at a time. Not thread-safe."""
+
+    def __init__(self, target: Target, *, timeout_s: float | None = 10.0) -> None:
+        """Connect to ``target`` and exchange HELLO; ``timeout_s`` bounds every wait for a reply."""
+        self._target = parse_target(target)
+        self._timeout_s = timeout_s
+        self._decoder = FrameDecoder()
+        self._irq = False
+        self._closed = False
+        self._tokens = itertools.count(1)
+        self._sock = self._connect()
+        try:
+            self._sock.sendall(encode(Hello(PROTOCOL_VERSION)))
+            reply = self._expect(HelloReply)
+        except BaseException:
+            self._sock.close()
+            self._closed = True
+            raise
+        assert isinstance(reply, HelloReply)
+        self.server_version = reply.version
+        self.capabilities = reply.capabilities
+        self.name = reply.name
+        self._irq = reply.irq
+
+    def _connect(self) -> socket.socket:
+        target = self._target
+        try:
+            if isinstance(target, tuple):
+                sock = socket.create_connection(target, timeout=self._timeout_s)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(self._timeout_s)
+                try:
+                    sock.connect(target)
+                except BaseException:
+                    sock.close()
+                    raise
+        except FileNotFoundError as exc:
+            raise BusError(f"no bus socket at {target} (is the daemon running?)") from exc
+        except OSError as exc:
+            raise BusError(f"cannot connect to {_describe(target)}: {exc.strerror or exc}") from exc
+        return sock
+
+    # -- frames --
+
+    def _send(self, data: bytes) -> None:
+        if self._closed:
+            raise BusError("bus connection is closed")
+        try:
+            self._sock.settimeout(self._timeout_s)
+            self._sock.sendall(data)
+        except OSError as exc:
+            # The server may have said why before closing: surface its ERROR frame if so.
+            self._drain_after_failure()
+            self._closed = True
+            raise BusError(f"bus connection lost while sending: {exc.strerror or exc}") from exc
+
+    def _drain_after_failure(self) -> None:
+        with contextlib.suppress(OSError, BusError):
+            self._sock.settimeout(0.0)
+            data = self._sock.recv(_RECV_SIZE)
+            if data:
+                self._decoder.feed(data)
+                while (frame := self._decoder.next_frame()) is not None:
+                    self._dispatch(frame)
+
+    def _dispatch(self, frame: Frame) -> Frame | None:
+        """Handle IRQ and ERROR frames; return anything else (a reply)."""
+        if isinstance(frame, IrqEvent):
+            self._irq = frame.level
+            return None
+        if isinstance(frame, ErrorFrame):
+            self.close()
+            raise BusRefusedError(frame.code, frame.message)
+        return frame
+
+    def _fill(self, timeout_s: float | None) -> bool:
+        """Receive once (waiting up to ``timeout_s``; None: forever). False on timeout."""
+        try:
+            self._sock.settimeout(timeout_s)
+            data = self._sock.recv(_RECV_SIZE)
+        except (TimeoutError, BlockingIOError):
+            return False
+        except OSError as exc:
+            self.close()
+            raise BusError(f"bus connection lost: {exc.strerror or exc}") from exc
+        if not data:
+            self.close()
+            raise BusError("bus connection closed by the server")
+        self._decoder.feed(data)
+        return True
+
+    def _next_frame(self) -> Frame | None:
+        try:
+            return self._decoder.next_frame()
+        except FrameError as exc:
+            self.close()
+            raise BusError(f"bad frame from the server: {exc}") from exc
+
+    def _expect(self, kind: type[Frame]) -> Frame:
+        deadline = None if self._timeout_s is None else time.monotonic() + self._timeout_s
+        while True:
+            while (frame := self._next_frame()) is not None:
+                reply = self._dispatch(frame)
+                if reply is None:
+                    continue
+                if not isinstance(reply, kind):
+                    self.close()
+                    raise BusError(
+                        f"expected {kind.__name__} from the server, got {type(reply).__name__}"
+                    )
+                return reply
+            if self._closed:
+                raise BusError("bus connection is closed")
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._fill(remaining) and deadline is not None and time.monotonic() >= deadline:
+                self.close()
+                raise BusError(f"no {kind.__name__} from the server within {self._timeout_s} s")
+
+    # -- registers --
+
+    def read(self, offset: int) -> int:
+        """Read the register at ``offset`` (0–7)."""
+        self._send(encode(Read(offset)))
+        reply = self._expect(ReadReply)
+        assert isinstance(reply, ReadReply)
+        return reply.value
+
+    def write(self, offset: int, value: int) -> None:
+        """Write ``value`` to the register at ``offset`` (posted: returns without a reply)."""
+        self._send(encode(Write(offset, value)))
+
+    def write_many(self, offset: int, data: bytes) -> None:
+        """``len(data)`` writes to ``offset`` in order, in as few frames as fit (posted)."""
+        if not data:
+            return
+        self._send(b"".join(encode(WriteN(offset, chunk)) for chunk in _chunks(bytes(data))))
+
+    def read_many(self, offset: int, n: int) -> bytes:
+        """Up to ``n`` reads of ``offset``; from RBR it stops when LSR.DR=0 or an error is due."""
+        out = bytearray()
+        while n > 0:
+            count = min(n, MAX_BURST)
+            self._send(encode(ReadN(offset, count)))
+            reply = self._expect(ReadNReply)
+            assert isinstance(reply, ReadNReply)
+            out += reply.data
+            n -= count
+            if len(reply.data) < count:
+                break
+        return bytes(out)
+
+    def sync(self) -> None:
+        """A barrier: returns when the server has executed everything sent before."""
+        token = next(self._tokens) & 0xFFFFFFFF
+        self._send(encode(Sync(token)))
+        reply = self._expect(SyncReply)
+        assert isinstance(reply, SyncReply)
+        if reply.token != token:
+            self.close()
+            raise BusError(f"SYNC token mismatch: sent {token}, got {reply.token}")
+
+    # -- interrupts --
+
+    @property
+    def irq(self) -> bool:
+        """The IRQ level as of the last frame read from the server."""
+        return self._irq
+
+    def poll_events(self) -> bool:
+        """Take in whatever the server has sent, without blocking; returns the IRQ level."""
+        while True:
+            while (frame := self._next_frame()) is not None:
+                reply = self._dispatch(frame)
+                if reply is not None:
+                    self.close()
+                    raise BusError(f"unexpected {type(reply).__name__} from the server")
+            if self._closed or not self._fill(0.0):
+                return self._irq
+
+    def wait_irq(self, timeout: float | None) -> bool:
+        """Block until the IRQ line is high or ``timeout`` seconds pass; returns the level."""
+        if self.poll_events():
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._irq:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            readable, _, _ = select.select([self._sock], [], [], remaining)
+            if not readable:
+                break
+            self._fill(0.0)
+            self.poll_events()
+        return self._irq
+
+    def fileno(self) -> int:
+        """The socket's descriptor, for ``select`` (frames may already be buffered: see ``irq``)."""
+        return self._sock.fileno()
+
+    @property
+    def closed(self) -> bool:
+        """The connection is closed."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close the connection (the device stays as it is)."""
+        if not self._closed:
+            self._closed = True
+            self._sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AsyncBusClient:
+    """An asyncio bus client. Requests may be issued from several tasks; replies match in order.
+
+    Create it with ``await AsyncBusClient.connect(target)``.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Wrap a connected stream pair; use ``connect`` instead."""
+        self._reader = reader
+        self._writer = writer
+        self._pending: deque[tuple[type[Frame], asyncio.Future[Frame]]] = deque()
+        self._irq = False
+        self._irq_high = asyncio.Event()
+        self._irq_changed = asyncio.Event()
+        self._error: BusError | None = None
+        self._tokens = itertools.count(1)
+        self._reader_task: asyncio.Task[None] | None = None
+        self.server_version = 0
+        self.capabilities = 0
+        self.name = ""
+
+    @classmethod
+    async def connect(cls, target: Target, *, timeout_s: float | None = 10.0) -> AsyncBusClient:
+        """Connect to ``target`` and exchange HELLO."""
+        parsed = parse_target(target)
+        try:
+            if isinstance(parsed, tuple):
+                opening = asyncio.open_connection(parsed[0], parsed[1])
+            else:
+                opening = asyncio.open_unix_connection(parsed)
+            reader, writer = await asyncio.wait_for(opening, timeout_s)
+        except FileNotFoundError as exc:
+            raise BusError(f"no bus socket at {parsed} (is the daemon running?)") from exc
+        except (OSError, TimeoutError) as exc:
+            raise BusError(f"cannot connect to {_describe(parsed)}: {exc}") from exc
+        if isinstance(parsed, tuple):
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client = cls(reader, writer)
+        client._reader_task = asyncio.create_task(client._read_loop())
+        try:
+            reply = await asyncio.wait_for(
+                client._request(encode(Hello(PROTOCOL_VERSION)), HelloReply), timeout_s
+            )
+        except BaseException:
+            await client.close()
+            raise
+        assert isinstance(reply, HelloReply)
+        client.server_version = reply.version
+        client.capabilities = reply.capabilities
+        client.name = reply.name
+        # IRQ frames cannot precede HELLO_REPLY, so the level it reports is the current one.
+        client._set_irq(reply.irq)
+        return client
+
+    def _set_irq(self, level: bool) -> None:
+        self._irq = level
+        if level:
+            self._irq_high.set()
+        else:
+            self._irq_high.clear()
+
+    async def _read_loop(self) -> None:
+        reader = self._reader
+        try:
+            while True:
+                header = await reader.readexactly(HEADER_SIZE)
+                length = int.from_bytes(header, "big")
+                if not 1 <= length <= MAX_FRAME_LEN:
+                    raise BusError(f"bad frame length {length} from the server")
+                body = await reader.readexactly(length)
+                try:
+                    frame = decode_frame(body[0], body[1:])
+                except FrameError as exc:
+                    raise BusError(f"bad frame from the server: {exc}") from exc
+                if isinstance(frame, IrqEvent):
+                    self._set_irq(frame.level)
+                    continue
+                if isinstance(frame, ErrorFrame):
+                    raise BusRefusedError(frame.code, frame.message)
+                if not self._pending:
+                    raise BusError(f"unexpected {type(frame).__name__} from the server")
+                kind, future = self._pending.popleft()
+                if not isinstance(frame, kind):
+                    raise BusError(
+                        f"expected {kind.__name__} from the server, got {type(frame).__name__}"
+                    )
+                if not future.done():
+                    future.set_result(frame)
+        except asyncio.IncompleteReadError:
+            self._fail(BusError("bus connection closed by the server"))
+        except BusError as exc:
+            self._fail(exc)
+        except OSError as exc:
+            self._fail(BusError(f"bus connection lost: {exc}"))
+        except asyncio.CancelledError:
+            self._fail(BusError("bus connection is closed"))
+            raise
+
+    def _fail(self, error: BusError) -> None:
+        if self._error is None:
+            self._error = error
+        while self._pending:
+            _, future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(self._error)
+        self._irq_high.set()  # wake waiters; they see the error
+        self._writer.close()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    async def _post(self, data: bytes) -> None:
+        self._check()
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (OSError, RuntimeError) as exc:
+            self._fail(BusError(f"bus connection lost while sending: {exc}"))
+            self._check()
+
+    async def _request(self, data: bytes, kind: type[Frame]) -> Frame:
+        self._check()
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._pending.append((kind, future))
+        await self._post(data)
+        return await future
+
+    async def read(self, offset: int) -> int:
+        """Read the register at ``offset``."""
+        reply = await self._request(encode(Read(offset)), ReadReply)
+        assert isinstance(reply, ReadReply)
+        return reply.value
+
+    async def write(self, offset: int, value: int) -> None:
+        """Write a register (posted; waits only for the socket buffer)."""
+        await self._post(encode(Write(offset, value)))
+
+    async def write_many(self, offset: int, data: bytes) -> None:
+        """``len(data)`` writes to ``offset``, in order (posted)."""
+        if data:
+            await self._post(
+                b"".join(encode(WriteN(offset, chunk)) for chunk in _chunks(bytes(data)))
+            )
+
+    async def read_many(self, offset: int, n: int) -> bytes:
+        """Up to ``n`` reads of ``offset`` (RBR: stops at DR=0 or a pending error)."""
+        out = bytearray()
+        while n > 0:
+            count = min(n, MAX_BURST)
+            reply = await self._request(encode(ReadN(offset, count)), ReadNReply)
+            assert isinstance(reply, ReadNReply)
+            out += reply.data
+            n -= count
+            if len(reply.data) < count:
+                break
+        return bytes(out)
+
+    async def sync(self) -> None:
+        """A barrier: returns when the server has executed everything sent before."""
+        token = next(self._tokens) & 0xFFFFFFFF
+        reply = await self._request(encode(Sync(token)), SyncReply)
+        assert isinstance(reply, SyncReply)
+        if reply.token != token:
+            raise BusError(f"SYNC token mismatch: sent {token}, got {reply.token}")
+
+    @property
+    def irq(self) -> bool:
+        """The IRQ level as of the last frame received."""
+        return self._irq
+
+    async def wait_irq(self, timeout: float | None) -> bool:
+        """Wait until the IRQ line is high or ``timeout`` seconds pass; returns the level."""
+        self._check()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._irq_high.wait(), timeout)
+        self._check()
+        return self._irq
+
+    async def close(self) -> None:
+        """Close the connection (the device stays as it is)."""
+        if self._reader_task is not None and not self._reader_task.done():
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader_task
+        if self._error is None:
+            self._error = BusError("bus connection is closed")
+        self._writer.close()
+        with contextlib.suppress(OSError, RuntimeError):
+            await self._writer.wait_closed()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+__all__ = ["AsyncBusClient", "BusClient", "Target", "parse_target"]

@@ -1,0 +1,170 @@
+"""``uartbridge console``: a terminal on a UART, as its guest, over the register bus.
+
+The console *is* the guest driver (``Guest8250``): keys go to the UART's transmitter, what
+the UART receives goes to stdout. Interactive (stdin is a TTY): raw mode, exit with Ctrl-].
+Otherwise stdin is piped to the UART until EOF, then the transmitter is drained and output is
+copied for as long as the UART keeps receiving (until ``--linger`` seconds of silence).
+
+Only one guest may hold a UART: while an emulator is attached, the console is refused (BUSY).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import select
+import sys
+import termios
+import time
+import tty
+from pathlib import Path
+
+from . import paths
+from .client import BusClient, parse_target
+from .errors import EX_UNAVAILABLE, BusError
+from .guest import Guest8250
+
+EXIT_KEY = 0x1D  # Ctrl-]
+DEFAULT_UART = "uart0"
+DEFAULT_LINGER_S = 0.5
+_READ_SIZE = 4096
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The console's options, for ``cli.build_parser``."""
+    parser.add_argument("--uart", default=DEFAULT_UART, metavar="NAME", help="UART name")
+    parser.add_argument(
+        "--socket",
+        default=None,
+        metavar="PATH",
+        help="bus socket (default: RUNTIME_DIR/NAME.bus; or tcp:HOST:PORT)",
+    )
+    parser.add_argument("--baud", type=int, default=115200, help="line speed to program")
+    parser.add_argument(
+        "--linger",
+        type=float,
+        default=DEFAULT_LINGER_S,
+        metavar="SECONDS",
+        help="piped input: after EOF, keep printing until this much silence",
+    )
+
+
+def _target(args: argparse.Namespace) -> str:
+    socket_arg = getattr(args, "socket", None)
+    if socket_arg:
+        return str(socket_arg)
+    name = getattr(args, "uart", None) or DEFAULT_UART
+    return str(paths.bus_socket_path(paths.default_runtime_dir(), name))
+
+
+def console_command(args: argparse.Namespace) -> int:
+    """Run the console; returns the exit code (69 when the UART's bus is not there)."""
+    target = _target(args)
+    name = getattr(args, "uart", None) or DEFAULT_UART
+    parsed = parse_target(target)
+    if isinstance(parsed, str) and not Path(parsed).exists():
+        print(
+            f"uartbridge console: no bus socket for {name} at {parsed} "
+            "(is the daemon running? see --socket)",
+            file=sys.stderr,
+        )
+        return EX_UNAVAILABLE
+    interactive = os.isatty(sys.stdin.fileno())
+    try:
+        return run_console(
+            target,
+            stdin_fd=sys.stdin.fileno(),
+            stdout_fd=sys.stdout.fileno(),
+            interactive=interactive,
+            baud=getattr(args, "baud", 115200),
+            linger_s=getattr(args, "linger", DEFAULT_LINGER_S),
+        )
+    except BusError as exc:
+        print(f"\r\nuartbridge console: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_console(
+    target: str,
+    *,
+    stdin_fd: int,
+    stdout_fd: int,
+    interactive: bool,
+    baud: int = 115200,
+    linger_s: float = DEFAULT_LINGER_S,
+) -> int:
+    """Attach to ``target`` as the guest and shuttle bytes between the fds and the UART."""
+    with BusClient(target) as client:
+        guest = Guest8250(client)
+        guest.startup(baud)
+        if interactive:
+            print(
+                f"--- uartbridge console on {client.name} ({target}), {baud} 8N1; "
+                "exit with Ctrl-] ---",
+                file=sys.stderr,
+            )
+            saved = termios.tcgetattr(stdin_fd)
+            try:
+                tty.setraw(stdin_fd)
+                _pump(guest, stdin_fd, stdout_fd, interactive=True, linger_s=linger_s)
+            finally:
+                termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+            print("\r\n--- exit ---", file=sys.stderr)
+        else:
+            _pump(guest, stdin_fd, stdout_fd, interactive=False, linger_s=linger_s)
+        with contextlib.suppress(BusError):
+            guest.shutdown()
+    return 0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _pump(
+    guest: Guest8250, stdin_fd: int, stdout_fd: int, *, interactive: bool, linger_s: float
+) -> None:
+    client = guest.client
+    stdin_open = True
+    quiet_since: float | None = None
+    while True:
+        if client.poll_events():
+            timeout: float | None = 0.0
+        elif not stdin_open:
+            timeout = 0.05
+        else:
+            timeout = 1.0
+        watch = [client.fileno()] + ([stdin_fd] if stdin_open else [])
+        readable, _, _ = select.select(watch, [], [], timeout)
+        if stdin_open and stdin_fd in readable:
+            data = os.read(stdin_fd, _READ_SIZE)
+            if interactive and EXIT_KEY in data:
+                guest.write(data[: data.index(EXIT_KEY)])
+                guest.drain(timeout=1.0)
+                _write_all(stdout_fd, guest.read())
+                return
+            if data:
+                guest.write(data)
+            else:
+                stdin_open = False
+                guest.drain(timeout=5.0)
+                quiet_since = time.monotonic()
+        guest.service(0)
+        received = guest.read()
+        if received:
+            _write_all(stdout_fd, received)
+            if quiet_since is not None:
+                quiet_since = time.monotonic()
+        if not stdin_open and not guest.tx_queued:
+            assert quiet_since is not None
+            if time.monotonic() - quiet_since >= linger_s:
+                return
+
+
+__all__ = ["add_arguments", "console_command", "run_console"]

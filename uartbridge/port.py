@@ -1,0 +1,917 @@
+"""The port link: one host port as the wire of one ``Uart16550``.
+
+Theory of operation
+-------------------
+The link owns the host port and moves bytes between it and the model with exact accounting
+(DESIGN.md, rules of the byte path):
+
+- **Transmit is eager.** ``on_events`` (called by the daemon right after every bus operation)
+  writes ``uart.tx_pending()`` with one non-blocking write in the same step; ``tx_sent(k)``
+  for what the OS took, and on a short write or EAGAIN ``tx_blocked()`` plus a writer on the
+  loop that retries when the fd is writable. Bytes leave the model only when the OS took them.
+- **Receive is bounded.** The link reads at most ``uart.can_receive()`` plus the room left in
+  ``rx_backlog``; with both full the reader is off the loop, unread input stays in the
+  kernel (where the pty buffer or flow control holds the peer), and ``events.rx_space``
+  turns the reader back on. Every byte read is in the model or in ``rx_backlog``.
+- **Reader states.** EAGAIN or a short write → *stalled*; a write that goes through again →
+  *connected*. EOF, EIO, ENXIO, ENODEV, a closed socket → *disconnected*: the fd leaves the
+  loop (no spinning), ``on_disconnect`` decides what happens to the device's bytes
+  (``buffer`` → ``tx_backlog``, replayed first on reconnect; ``hold`` → back-pressure;
+  ``discard`` → dropped and counted), and the path is reopened with backoff
+  (``reconnect_min_s`` doubling to ``reconnect_max_s``). A pty the daemon owns (``pty:``)
+  keeps its master; its clients are seen through inotify on the slave.
+- **Line settings and modem lines** go through ``port_termios.TermiosOps`` (TCSANOW, never a
+  flush; refused settings are logged once, counted and shown). Modem inputs are polled every
+  10 ms only while the guest enabled MSI, plus once a character time after an MCR change.
+  Ports without modem ioctls (ptys, sockets, RFC 2217 here) report DSR/DCD from the
+  connection (high unless disconnected) and CTS from flow (high only while connected).
+
+Choices worth knowing:
+- pyserial 3.5 flushes the input queue at open and clears PARMRK/INPCK when it configures, so
+  for tty paths the link opens the fd itself (``O_RDWR|O_NOCTTY|O_NONBLOCK``) and configures
+  termios through ``port_termios``; pyserial is used for the ``rfc2217://`` handler.
+- A byte marked ``ff 00 X`` is reported as a parity error when the port has parity enabled,
+  else as a framing error (Linux marks both alike). The byte ``X`` is then received as data.
+- Breaks and line errors reach the model when they are parsed, even if older bytes still
+  wait in ``rx_backlog`` (they can overtake at most ``rx_backlog_bytes`` bytes).
+
+Errors: ``PortUnavailableError`` from ``open()`` when the path is not there; every other
+``OSError`` / ``termios.error`` / ``serial.SerialException`` is mapped where it enters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import socket
+import termios
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import serial
+import structlog
+
+from .errors import PortError, PortUnavailableError
+from .port_pty import Inotify, OwnedPty, create_pty, master_hung_up
+from .port_rfc2217 import PortGone, Rfc2217Io, WriteInFlight
+from .port_termios import (
+    TIOCM_CD,
+    TIOCM_CTS,
+    TIOCM_DSR,
+    TIOCM_DTR,
+    TIOCM_RI,
+    TIOCM_RTS,
+    ParmrkDecoder,
+    RealTermiosOps,
+    TermiosOps,
+    apply_line_settings,
+    nearest_baud,
+)
+from .portstate import PortCounters, PortSettings, PortState, ReaderState
+from .uart import LineSettings, ModemOutputs, Uart16550, UartEvents
+
+MSI_POLL_S = 0.010
+OWNED_PTY_POLL_S = 1.0
+WRITE_STALL_S = 1.0
+_GONE_ERRNOS = frozenset(
+    {errno.EIO, errno.ENXIO, errno.ENODEV, errno.EPIPE, errno.ECONNRESET, errno.EBADF,
+     errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT, errno.EHOSTUNREACH}
+)
+_MISSING_ERRNOS = frozenset(
+    {errno.ENOENT, errno.ENXIO, errno.ENODEV, errno.EACCES, errno.EBUSY, errno.ECONNREFUSED,
+     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.ENOTDIR, errno.ELOOP}
+)
+
+
+class _Io(Protocol):
+    is_tty: bool
+    fd: int | None
+
+    def read(self, n: int) -> bytes: ...
+    def write(self, data: bytes) -> int: ...
+    def want_read(self, callback: Callable[[], None] | None) -> None: ...
+    def want_write(self, callback: Callable[[], None] | None) -> None: ...
+    def close(self) -> None: ...
+
+
+class _FdIo:
+    """A non-blocking fd on the loop: os.read / os.write, add_reader / add_writer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int, *, is_tty: bool,
+                 owns_fd: bool = True, sock: socket.socket | None = None) -> None:
+        self._loop = loop
+        self.fd: int | None = fd
+        self.is_tty = is_tty
+        self._owns_fd = owns_fd
+        self._sock = sock
+        self._reading = False
+        self._writing = False
+
+    def read(self, n: int) -> bytes:
+        assert self.fd is not None
+        try:
+            data = os.read(self.fd, n)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            if exc.errno in _GONE_ERRNOS:
+                raise PortGone(os.strerror(exc.errno or 0)) from exc
+            raise PortError(f"read failed: {exc}") from exc
+        if not data:
+            raise PortGone("end of file")
+        return data
+
+    def write(self, data: bytes) -> int:
+        assert self.fd is not None
+        try:
+            return os.write(self.fd, data)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            if exc.errno in _GONE_ERRNOS:
+                raise PortGone(os.strerror(exc.errno or 0)) from exc
+            raise PortError(f"write failed: {exc}") from exc
+
+    def want_read(self, callback: Callable[[], None] | None) -> None:
+        if self.fd is None:
+            return
+        if callback is None:
+            if self._reading:
+                self._loop.remove_reader(self.fd)
+                self._reading = False
+        else:
+            self._loop.add_reader(self.fd, callback)
+            self._reading = True
+
+    def want_write(self, callback: Callable[[], None] | None) -> None:
+        if self.fd is None:
+            return
+        if callback is None:
+            if self._writing:
+                self._loop.remove_writer(self.fd)
+                self._writing = False
+        else:
+            self._loop.add_writer(self.fd, callback)
+            self._writing = True
+
+    def close(self) -> None:
+        self.want_read(None)
+        self.want_write(None)
+        if self._owns_fd and self.fd is not None:
+            if self._sock is not None:
+                self._sock.close()
+            else:
+                with contextlib.suppress(OSError):
+                    os.close(self.fd)
+        self.fd = None
+
+
+def _port_kind(url: str) -> str:
+    if url == "pty:" or url.startswith("pty:"):
+        return "pty"
+    scheme = urlsplit(url).scheme if "://" in url else ""
+    if scheme == "rfc2217":
+        return "rfc2217"
+    if scheme == "socket":
+        return "socket"
+    if scheme:
+        raise PortError(f"unsupported port URL scheme {scheme!r} in {url!r}")
+    return "tty"
+
+
+class PortLink:
+    """One host port wired to one ``Uart16550`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        uart: Uart16550,
+        settings: PortSettings,
+        *,
+        on_uart_change: Callable[[], None],
+        log: structlog.typing.FilteringBoundLogger | None = None,
+        termios_ops: TermiosOps | None = None,
+    ) -> None:
+        """Bind the link to its device and settings; nothing is opened yet.
+
+        ``termios_ops`` substitutes the termios/modem-ioctl calls (tests with a fake port).
+        """
+        self._uart = uart
+        self._settings = settings
+        self._on_uart_change = on_uart_change
+        self._log: Any = (log or structlog.get_logger()).bind(port=settings.url)
+        self._ops: TermiosOps = termios_ops or RealTermiosOps()
+        self._kind = _port_kind(settings.url)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._io: _Io | None = None
+        self._owned: OwnedPty | None = None
+        self._inotify: Inotify | None = None
+        self._state = ReaderState.DISCONNECTED
+        self._rx_backlog = bytearray()
+        self._tx_backlog = bytearray()
+        self._counters: dict[str, int] = asdict(PortCounters())
+        self._line: LineSettings | None = None
+        self._break_on = False
+        self._refused: list[str] = []
+        self._refused_logged: set[str] = set()
+        self._last_error: str | None = None
+        self._decoder = ParmrkDecoder()
+        self._parmrk = False
+        self._has_modem_lines = False
+        self._reading = False
+        self._writing = False
+        self._quiesced = False
+        self._closed = False
+        self._in_events = False
+        self._changed_in_events = False
+        self._notify_scheduled = False
+        self._reconnect_delay_s = settings.reconnect_min_s
+        self._reconnect_handle: asyncio.TimerHandle | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._msi_handle: asyncio.TimerHandle | None = None
+        self._refresh_handle: asyncio.TimerHandle | None = None
+        self._owned_poll_handle: asyncio.TimerHandle | None = None
+        self._stall_handle: asyncio.TimerHandle | None = None
+        self._opened = False
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def reader_state(self) -> ReaderState:
+        """Who is at the far end: connected, stalled or disconnected."""
+        return self._state
+
+    @property
+    def slave_path(self) -> str | None:
+        """For ``pty:``: the published link path (or /dev/pts/N without ``link_path``)."""
+        return None if self._owned is None else self._owned.published_path
+
+    def restore(self, state: PortState) -> None:
+        """Before ``open()``: take back the backlogs, counters and last line settings."""
+        if self._opened:
+            raise PortError("restore() must come before open()")
+        self._rx_backlog = bytearray(state.rx_backlog)
+        self._tx_backlog = bytearray(state.tx_backlog)
+        self._counters = asdict(state.counters)
+        self._line = state.line_settings
+
+    def state(self) -> PortState:
+        """The host path as a checkpoint sees it (take it with ``uart.state()``)."""
+        if isinstance(self._io, Rfc2217Io):
+            self._rx_backlog += self._io.drain_all()
+        return PortState(
+            rx_backlog=bytes(self._rx_backlog),
+            tx_backlog=bytes(self._tx_backlog),
+            reader_state=self._state,
+            line_settings=self._line,
+            counters=PortCounters(**self._counters),
+        )
+
+    def status(self) -> dict[str, object]:
+        """A JSON-able picture: url, reader state, backlogs, counters, refusals, last error."""
+        return {
+            "url": self._settings.url,
+            "kind": self._kind,
+            "slave_path": self.slave_path,
+            "reader_state": str(self._state),
+            "rx_backlog_bytes": len(self._rx_backlog),
+            "tx_backlog_bytes": len(self._tx_backlog),
+            "on_disconnect": self._settings.on_disconnect,
+            "counters": dict(self._counters),
+            "settings_refused": list(self._refused),
+            "modem_lines": "port" if self._has_modem_lines else "synthesized",
+            "last_error": self._last_error,
+        }
+
+    async def open(self) -> None:
+        """Open the port; ``PortUnavailableError`` if it is not there (the caller may retry)."""
+        if self._opened:
+            raise PortError("port link already open")
+        self._loop = asyncio.get_running_loop()
+        if self._kind == "pty":
+            self._open_owned_pty()
+        else:
+            await self._connect()
+        self._opened = True
+
+    def on_events(self, events: UartEvents) -> None:
+        """React to what the model did (called synchronously; never calls on_uart_change)."""
+        if self._closed or not self._opened:
+            return
+        self._in_events = True
+        try:
+            if events.line_settings is not None:
+                self._apply_line(events.line_settings)
+            if events.modem_outputs is not None:
+                self._apply_modem_outputs(events.modem_outputs)
+                self._schedule_refresh(self._uart.char_time_ns / 1e9)
+            if events.msi_enabled is not None:
+                self._update_msi_poll()
+            if events.rx_space:
+                self._changed_in_events |= self._pump_rx()
+                self._update_reading()
+            if events.tx_ready:
+                self._changed_in_events |= self._transmit()
+        finally:
+            self._in_events = False
+        if self._changed_in_events:
+            self._changed_in_events = False
+            self._schedule_notify()
+
+    async def quiesce(self) -> None:
+        """Stop reading and writing, hold the peer back, and let the OS send what it took."""
+        self._quiesced = True
+        self._set_reading(False)
+        self._set_writing(False)
+        io = self._io
+        if io is None:
+            return
+        fd = io.fd
+        if io.is_tty and fd is not None and self._state is not ReaderState.DISCONNECTED:
+            if self._settings.rtscts and self._has_modem_lines:
+                with contextlib.suppress(OSError):
+                    self._ops.modem_set(fd, set_bits=0, clear_bits=TIOCM_RTS)
+            if self._settings.xonxoff:
+                with contextlib.suppress(OSError):
+                    self._ops.tcflow(fd, termios.TCIOFF)
+            if self._kind == "tty" and self._loop is not None:
+                with contextlib.suppress(OSError):
+                    await self._loop.run_in_executor(None, self._ops.tcdrain, fd)
+        elif isinstance(io, Rfc2217Io):
+            await io.wait_writes()
+            self._transmit_backlog_or_model_count(io)
+
+    async def close(self) -> None:
+        """Close the port and stop every timer and watch."""
+        self._closed = True
+        for handle in (self._reconnect_handle, self._msi_handle, self._refresh_handle,
+                       self._owned_poll_handle, self._stall_handle):
+            if handle is not None:
+                handle.cancel()
+        if self._reconnect_task is not None:
+            self._reconnect_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reconnect_task
+        self._close_io()
+        if self._inotify is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._inotify.fd)
+            self._inotify.close()
+            self._inotify = None
+        if self._owned is not None:
+            self._owned.close()
+
+    # -- notifications -----------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        """The model changed outside on_events: tell the daemon (or defer if inside it)."""
+        if self._in_events:
+            self._changed_in_events = True
+        else:
+            self._on_uart_change()
+
+    def _schedule_notify(self) -> None:
+        if self._notify_scheduled or self._loop is None:
+            return
+        self._notify_scheduled = True
+
+        def run() -> None:
+            self._notify_scheduled = False
+            if not self._closed:
+                self._on_uart_change()
+
+        self._loop.call_soon(run)
+
+    def _error(self, message: str, exc: BaseException | None = None) -> None:
+        self._last_error = message if exc is None else f"{message}: {exc}"
+
+    # -- opening and reconnecting ---------------------------------------------------------------
+
+    def _open_owned_pty(self) -> None:
+        assert self._loop is not None
+        try:
+            self._owned = create_pty(self._settings.link_path)
+        except OSError as exc:
+            raise PortUnavailableError(f"cannot create a pty: {exc}") from exc
+        master = self._owned.master_fd
+        self._io = _FdIo(self._loop, master, is_tty=True, owns_fd=False)
+        self._parmrk = False  # the master's own discipline is raw; PARMRK would act on the slave
+        self._configure_port()
+        try:
+            self._inotify = Inotify(self._owned.slave_name)
+            self._loop.add_reader(self._inotify.fd, self._on_inotify)
+        except OSError as exc:
+            self._log.warning("port.inotify_unavailable", error=str(exc))
+            self._inotify = None
+        self._log.info("port.pty_created", slave=self._owned.slave_name,
+                       link=self._owned.link_path)
+        self._state = ReaderState.DISCONNECTED
+        self._check_owned_client()
+
+    def _on_inotify(self) -> None:
+        if self._inotify is None:
+            return
+        if self._inotify.read_masks():
+            self._check_owned_client()
+
+    def _check_owned_client(self) -> None:
+        """Compare the master's HUP with our state (inotify event or the 1 s fallback)."""
+        if self._owned is None or self._closed:
+            return
+        hung_up = master_hung_up(self._owned.master_fd)
+        if hung_up and self._state is not ReaderState.DISCONNECTED:
+            self._lost("client closed the pty")
+        elif not hung_up and self._state is ReaderState.DISCONNECTED:
+            self._connected()
+        if self._inotify is None and self._loop is not None:
+            self._owned_poll_handle = self._loop.call_later(
+                OWNED_PTY_POLL_S, self._check_owned_client
+            )
+
+    async def _connect(self) -> None:
+        """Open the path or URL (not ``pty:``) and start the byte path."""
+        assert self._loop is not None
+        url = self._settings.url
+        io: _Io
+        if self._kind == "tty":
+            try:
+                fd = os.open(url, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as exc:
+                if exc.errno in _MISSING_ERRNOS:
+                    raise PortUnavailableError(f"cannot open {url}: {exc.strerror}") from exc
+                raise PortError(f"cannot open {url}: {exc}") from exc
+            is_tty = os.isatty(fd)
+            io = _FdIo(self._loop, fd, is_tty=is_tty)
+            self._parmrk = is_tty
+        elif self._kind == "socket":
+            parts = urlsplit(url)
+            host, port = parts.hostname or "localhost", parts.port
+            if port is None:
+                raise PortError(f"no port number in {url!r}")
+            try:
+                sock = await asyncio.wait_for(
+                    self._loop.run_in_executor(
+                        None, lambda: socket.create_connection((host, port), timeout=5)
+                    ),
+                    10,
+                )
+            except (OSError, TimeoutError) as exc:
+                raise PortUnavailableError(f"cannot connect to {url}: {exc}") from exc
+            sock.setblocking(False)
+            io = _FdIo(self._loop, sock.fileno(), is_tty=False, sock=sock)
+            self._parmrk = False
+        else:
+            try:
+                io = await Rfc2217Io.open(self._loop, url)
+            except (serial.SerialException, OSError, ValueError) as exc:
+                raise PortUnavailableError(f"cannot open {url}: {exc}") from exc
+            self._parmrk = False
+        self._io = io
+        self._decoder = ParmrkDecoder()
+        self._configure_port()
+        self._connected()
+
+    def _configure_port(self) -> None:
+        """Apply the last line settings (or the model's) and the model's modem outputs."""
+        io = self._io
+        if io is None:
+            return
+        self._has_modem_lines = False
+        if io.is_tty and io.fd is not None:
+            try:
+                self._ops.modem_get(io.fd)
+                self._has_modem_lines = True
+            except OSError:
+                self._has_modem_lines = False
+        self._refused = []
+        line = self._line or self._uart.line_settings
+        self._line = None
+        self._apply_line(line)
+        self._apply_modem_outputs(self._uart.modem_outputs)
+        self._update_msi_poll()
+
+    def _connected(self) -> None:
+        was = self._state
+        self._reconnect_delay_s = self._settings.reconnect_min_s
+        if was is ReaderState.DISCONNECTED and self._opened:
+            self._counters["reconnects"] += 1
+            self._log.info("port.reconnected")
+        self._set_state(ReaderState.CONNECTED)
+        changed = self._pump_rx()
+        self._update_reading()
+        changed |= self._transmit()
+        if changed:
+            self._notify()
+
+    def _lost(self, reason: str) -> None:
+        """The reader is gone: fd off the loop, policy applies, reconnect is scheduled."""
+        if self._state is ReaderState.DISCONNECTED:
+            return
+        self._counters["disconnects"] += 1
+        self._last_error = f"disconnected: {reason}"
+        self._log.warning("port.disconnected", reason=reason)
+        self._set_reading(False)
+        self._set_writing(False)
+        self._cancel_stall_timer()
+        if self._kind != "pty":
+            self._close_io()
+        self._set_state(ReaderState.DISCONNECTED)
+        if self._uart.tx_pending() and self._transmit():
+            self._notify()
+        if self._kind != "pty":
+            self._schedule_reconnect()
+        elif self._inotify is None and self._owned_poll_handle is None:
+            self._check_owned_client()
+
+    def _close_io(self) -> None:
+        io = self._io
+        self._set_reading(False)
+        self._set_writing(False)
+        self._io = None
+        if io is not None:
+            io.close()
+
+    def _schedule_reconnect(self) -> None:
+        if self._closed or self._loop is None or self._quiesced:
+            return
+        delay = self._reconnect_delay_s
+        self._reconnect_delay_s = min(delay * 2, self._settings.reconnect_max_s)
+        self._reconnect_handle = self._loop.call_later(delay, self._start_reconnect)
+
+    def _start_reconnect(self) -> None:
+        assert self._loop is not None
+        self._reconnect_handle = None
+        self._reconnect_task = self._loop.create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            await self._connect()
+        except PortError as exc:
+            self._error("reconnect failed", exc)
+            self._schedule_reconnect()
+        finally:
+            self._reconnect_task = None
+
+    # -- reader state -----------------------------------------------------------------------
+
+    def _set_state(self, new: ReaderState) -> None:
+        if new is self._state:
+            return
+        self._log.debug("port.reader_state", old=str(self._state), new=str(new))
+        self._state = new
+        if new is not ReaderState.STALLED:
+            self._cancel_stall_timer()
+        if not self._has_modem_lines:
+            self._synthesize_modem_inputs()
+
+    def _synthesize_modem_inputs(self) -> None:
+        present = self._state is not ReaderState.DISCONNECTED
+        self._uart.set_modem_inputs(
+            cts=self._state is ReaderState.CONNECTED, dsr=present, ri=False, dcd=present
+        )
+        self._notify()
+
+    def _cancel_stall_timer(self) -> None:
+        if self._stall_handle is not None:
+            self._stall_handle.cancel()
+            self._stall_handle = None
+
+    # -- transmit ---------------------------------------------------------------------------
+
+    def _set_writing(self, on: bool) -> None:
+        if on == self._writing:
+            return
+        io = self._io
+        self._writing = on and io is not None
+        if io is not None:
+            io.want_write(self._on_writable if on else None)
+
+    def _on_writable(self) -> None:
+        if self._closed:
+            return
+        if self._transmit():
+            self._notify()
+
+    def _transmit(self) -> bool:
+        """Move bytes towards the wire; True if the model changed."""
+        if self._quiesced:
+            return False
+        io = self._io
+        if io is None or self._state is ReaderState.DISCONNECTED:
+            return self._apply_disconnect_policy()
+        uart = self._uart
+        changed = False
+        try:
+            # Replay the backlog first, in order, before anything newer.
+            # A thread-backed port returns the count of a write that finished: start the next.
+            threaded = isinstance(io, Rfc2217Io)
+            while self._tx_backlog:
+                k = self._write(io, bytes(self._tx_backlog[:65536]))
+                del self._tx_backlog[:k]
+                self._counters["bytes_written"] += k
+                if self._tx_backlog and not (threaded and k):
+                    raise BlockingIOError
+            while True:
+                pending = uart.tx_pending()
+                if not pending:
+                    self._set_writing(False)
+                    self._set_state(ReaderState.CONNECTED)
+                    return changed
+                k = self._write(io, pending)
+                if k:
+                    uart.tx_sent(k)
+                    self._counters["bytes_written"] += k
+                    changed = True
+                if k < len(pending) and not (threaded and k):
+                    raise BlockingIOError
+                if not threaded:
+                    self._set_writing(False)
+                    self._set_state(ReaderState.CONNECTED)
+                    return changed
+        except BlockingIOError:
+            if uart.tx_pending():
+                uart.tx_blocked()
+                changed = True
+            self._set_state(ReaderState.STALLED)
+            self._set_writing(True)
+            return changed
+        except WriteInFlight:
+            self._set_writing(True)
+            self._arm_stall_timer()
+            return changed
+        except PortGone as exc:
+            self._lost(str(exc))
+            return True
+        except PortError as exc:
+            self._error("write failed", exc)
+            self._lost(str(exc))
+            return True
+
+    def _write(self, io: _Io, data: bytes) -> int:
+        try:
+            return io.write(data)
+        except BlockingIOError:
+            return 0
+
+    def _transmit_backlog_or_model_count(self, io: Rfc2217Io) -> None:
+        """After an RFC 2217 write returned: account for it without starting another."""
+        k = io.take_result()
+        if k is None:
+            return
+        self._counters["bytes_written"] += k
+        if self._tx_backlog:
+            del self._tx_backlog[:k]
+        elif k:
+            self._uart.tx_sent(k)
+            self._notify()
+
+    def _arm_stall_timer(self) -> None:
+        """A thread write that has not returned after WRITE_STALL_S means a stalled reader."""
+        if self._stall_handle is not None or self._loop is None:
+            return
+
+        def fire() -> None:
+            self._stall_handle = None
+            io = self._io
+            if isinstance(io, Rfc2217Io) and io.write_in_flight:
+                self._set_state(ReaderState.STALLED)
+                if self._uart.tx_pending():
+                    self._uart.tx_blocked()
+                self._notify()
+
+        self._stall_handle = self._loop.call_later(WRITE_STALL_S, fire)
+
+    def _apply_disconnect_policy(self) -> bool:
+        uart = self._uart
+        pending = uart.tx_pending()
+        if not pending:
+            return False
+        policy = self._settings.on_disconnect
+        if policy == "discard":
+            uart.tx_sent(len(pending))
+            self._counters["bytes_discarded"] += len(pending)
+        elif policy == "hold":
+            uart.tx_blocked()
+        else:
+            room = max(0, self._settings.backlog_bytes - len(self._tx_backlog))
+            k = min(room, len(pending))
+            if k:
+                self._tx_backlog += pending[:k]
+                uart.tx_sent(k)
+            if k < len(pending):
+                uart.tx_blocked()
+        return True
+
+    # -- receive ------------------------------------------------------------------------------
+
+    def _set_reading(self, on: bool) -> None:
+        if on == self._reading:
+            return
+        io = self._io
+        self._reading = on and io is not None
+        if io is not None:
+            io.want_read(self._on_readable if on else None)
+
+    def _rx_room(self) -> int:
+        return self._uart.can_receive() + max(
+            0, self._settings.rx_backlog_bytes - len(self._rx_backlog)
+        )
+
+    def _update_reading(self) -> None:
+        want = (
+            self._io is not None
+            and not self._quiesced
+            and not self._closed
+            and self._state is not ReaderState.DISCONNECTED
+            and self._rx_room() > 0
+        )
+        self._set_reading(want)
+
+    def _pump_rx(self) -> bool:
+        """Move rx_backlog into the model as far as it takes; True if anything moved."""
+        moved = False
+        uart = self._uart
+        while self._rx_backlog:
+            n = uart.receive(bytes(self._rx_backlog[:64]))
+            if not n:
+                break
+            del self._rx_backlog[:n]
+            moved = True
+        return moved
+
+    def _on_readable(self) -> None:
+        if self._closed or self._io is None:
+            return
+        changed = self._pump_rx()
+        room = self._rx_room()
+        if room <= 0:
+            self._set_reading(False)
+            if changed:
+                self._notify()
+            return
+        try:
+            raw = self._io.read(room)
+        except BlockingIOError:
+            raw = b""
+        except PortGone as exc:
+            self._lost(str(exc))
+            return
+        except PortError as exc:
+            self._error("read failed", exc)
+            self._lost(str(exc))
+            return
+        if raw:
+            changed |= self._receive_raw(raw)
+        self._update_reading()
+        if changed:
+            self._notify()
+
+    def _receive_raw(self, raw: bytes) -> bool:
+        if not self._parmrk:
+            self._rx_backlog += raw
+            self._counters["bytes_read"] += len(raw)
+            self._pump_rx()
+            return True
+        uart = self._uart
+        parity_on = self._line is not None and self._line.parity != "N"
+        for kind, value in self._decoder.feed(raw):
+            if kind == "data":
+                assert isinstance(value, bytes)
+                self._rx_backlog += value
+                self._counters["bytes_read"] += len(value)
+            elif kind == "break":
+                self._pump_rx()
+                uart.receive_break()
+                self._counters["breaks_received"] += 1
+            else:
+                assert isinstance(value, int)
+                self._pump_rx()
+                if parity_on:
+                    uart.receive_line_error(parity=True)
+                    self._counters["parity_errors"] += 1
+                else:
+                    uart.receive_line_error(framing=True)
+                    self._counters["framing_errors"] += 1
+                self._rx_backlog.append(value)
+                self._counters["bytes_read"] += 1
+            self._pump_rx()
+        return True
+
+    # -- line settings and modem lines ----------------------------------------------------------
+
+    def _apply_line(self, ls: LineSettings) -> None:
+        io = self._io
+        plain = replace(ls, break_on=False)
+        if io is not None and (self._line is None or replace(self._line, break_on=False) != plain):
+            refused: list[str] = []
+            try:
+                if isinstance(io, Rfc2217Io):
+                    fut = io.run_blocking(
+                        lambda: io.apply_line_settings(ls, nearest_baud(ls.baud))
+                    )
+                    fut.add_done_callback(self._line_refused_done)
+                elif io.is_tty and io.fd is not None:
+                    refused = apply_line_settings(
+                        self._ops, io.fd, ls, parmrk=self._parmrk,
+                        rtscts=self._settings.rtscts, xonxoff=self._settings.xonxoff,
+                    )
+            except (OSError, serial.SerialException) as exc:
+                self._error("line settings failed", exc)
+                self._log.warning("port.line_settings_failed", error=str(exc))
+            self._record_refused(refused)
+        if io is not None and ls.break_on != self._break_on:
+            try:
+                if isinstance(io, Rfc2217Io):
+                    on = ls.break_on
+                    io.run_blocking(lambda: io.set_break(on))
+                elif io.is_tty and io.fd is not None:
+                    self._ops.set_break(io.fd, ls.break_on)
+            except (OSError, serial.SerialException) as exc:
+                self._error("break failed", exc)
+            self._break_on = ls.break_on
+        self._line = ls
+
+    def _line_refused_done(self, fut: asyncio.Future[list[str]]) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._error("line settings failed", exc)
+            return
+        self._record_refused(fut.result())
+
+    def _record_refused(self, refused: list[str]) -> None:
+        self._refused = refused
+        for item in refused:
+            self._counters["settings_refused"] += 1
+            if item not in self._refused_logged:
+                self._refused_logged.add(item)
+                self._log.warning("port.setting_refused", setting=item)
+
+    def _apply_modem_outputs(self, out: ModemOutputs) -> None:
+        io = self._io
+        if io is None:
+            return
+        if isinstance(io, Rfc2217Io):
+            io.run_blocking(lambda: io.set_modem(dtr=out.dtr, rts=out.rts))
+            return
+        if not self._has_modem_lines or io.fd is None:
+            return
+        set_bits = (TIOCM_DTR if out.dtr else 0) | (TIOCM_RTS if out.rts else 0)
+        clear_bits = (TIOCM_DTR | TIOCM_RTS) & ~set_bits
+        try:
+            self._ops.modem_set(io.fd, set_bits=set_bits, clear_bits=clear_bits)
+        except OSError as exc:
+            self._error("modem outputs failed", exc)
+
+    def _refresh_modem_inputs(self) -> None:
+        io = self._io
+        if not self._has_modem_lines or io is None or io.fd is None:
+            return
+        try:
+            bits = self._ops.modem_get(io.fd)
+        except OSError as exc:
+            self._error("modem inputs failed", exc)
+            return
+        cts = bool(bits & TIOCM_CTS)
+        self._uart.set_modem_inputs(
+            cts=cts, dsr=bool(bits & TIOCM_DSR), ri=bool(bits & TIOCM_RI),
+            dcd=bool(bits & TIOCM_CD),
+        )
+        if self._settings.rtscts and self._state is ReaderState.CONNECTED and not cts:
+            self._set_state(ReaderState.STALLED)
+            self._set_writing(True)
+        self._notify()
+
+    def _schedule_refresh(self, delay_s: float) -> None:
+        if self._loop is None or not self._has_modem_lines:
+            return
+        if self._refresh_handle is not None:
+            self._refresh_handle.cancel()
+
+        def run() -> None:
+            self._refresh_handle = None
+            self._refresh_modem_inputs()
+
+        self._refresh_handle = self._loop.call_later(delay_s, run)
+
+    def _update_msi_poll(self) -> None:
+        if self._loop is None:
+            return
+        want = self._has_modem_lines and self._uart.msi_enabled and not self._closed
+        if want and self._msi_handle is None:
+            self._msi_handle = self._loop.call_later(MSI_POLL_S, self._msi_tick)
+        elif not want and self._msi_handle is not None:
+            self._msi_handle.cancel()
+            self._msi_handle = None
+
+    def _msi_tick(self) -> None:
+        self._msi_handle = None
+        self._refresh_modem_inputs()
+        self._update_msi_poll()
+
+
+__all__ = ["PortLink"]

@@ -1,0 +1,173 @@
+"""Socket helpers shared by the bus and the control socket: runtime dir, binding, peers.
+
+Nothing here knows a protocol. The rules: the runtime directory is ours and not writable by
+everyone; a Unix socket gets its permissions before anyone can connect (``chmod`` happens
+between ``bind`` and ``listen``); a stale socket file is removed only if it *is* a socket
+and nobody answers on it; a peer is identified by the kernel (``SO_PEERCRED``), never by
+what it says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BusError, UartBridgeError
+
+# Linux <asm-generic/socket.h>; Python's socket module does not export it.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_UCRED = struct.Struct("3i")
+_MAX_PEER_GROUPS = 256
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PeerCredentials:
+    """Who is at the other end of a Unix socket, as the kernel says (``SO_PEERCRED``).
+
+    ``groups`` holds the peer's supplementary groups when the kernel tells them
+    (``SO_PEERGROUPS``, Linux ≥ 4.13), else it is empty.
+    """
+
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    """The credentials of the peer of a connected ``AF_UNIX`` socket."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError as exc:
+        raise BusError(f"cannot read peer credentials: {exc}") from exc
+    pid, uid, gid = _UCRED.unpack(raw)
+    groups: tuple[int, ...] = ()
+    with contextlib.suppress(OSError):
+        raw_groups = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * _MAX_PEER_GROUPS)
+        count = len(raw_groups) // 4
+        groups = struct.unpack(f"{count}I", raw_groups[: 4 * count])
+    return PeerCredentials(pid=pid, uid=uid, gid=gid, groups=groups)
+
+
+def default_peer_allowed(allowed_gid: int | None) -> Callable[[PeerCredentials], bool]:
+    """A peer check admitting root, the daemon's own uid, and (if given) one group.
+
+    The group matches the peer's primary gid or one of its supplementary groups.
+    """
+    own_uid = os.geteuid()
+
+    def allowed(peer: PeerCredentials) -> bool:
+        if peer.uid in (0, own_uid):
+            return True
+        if allowed_gid is None:
+            return False
+        return peer.gid == allowed_gid or allowed_gid in peer.groups
+
+    return allowed
+
+
+def ensure_private_dir(
+    path: Path, mode: int = 0o750, *, error: type[UartBridgeError] = BusError
+) -> Path:
+    """Create the runtime directory ``path`` (mode ``mode``) or check the one that is there.
+
+    Refuses (raising ``error``) a path that is not a directory (a symlink included), is owned
+    by another user, or is writable by everyone. An existing directory keeps its mode (systemd
+    may have set ``RuntimeDirectoryMode``).
+    """
+    path = Path(path)
+    try:
+        path.mkdir(mode=mode, parents=True)
+        os.chmod(path, mode)  # mkdir's mode is filtered by the umask
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise error(f"cannot create runtime directory {path}: {exc.strerror}") from exc
+    try:
+        st = path.lstat()
+    except OSError as exc:
+        raise error(f"cannot inspect runtime directory {path}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise error(f"runtime directory {path} is not a directory (or is a symlink)")
+    if st.st_uid != os.geteuid():
+        raise error(
+            f"runtime directory {path} belongs to uid {st.st_uid}, not to us "
+            f"(uid {os.geteuid()}); refusing to put sockets there"
+        )
+    if st.st_mode & stat.S_IWOTH:
+        raise error(f"runtime directory {path} is writable by everyone; refusing to use it")
+    return path
+
+
+def _socket_is_live(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fspath(path))
+    except OSError as exc:
+        # EAGAIN (backlog full), EACCES…: somebody may be there; do not remove it.
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+    return True
+
+
+def bind_unix(
+    path: Path,
+    mode: int = 0o660,
+    *,
+    group: int | None = None,
+    error: type[UartBridgeError] = BusError,
+) -> socket.socket:
+    """A bound (not yet listening) ``AF_UNIX`` stream socket at ``path`` with mode ``mode``.
+
+    A stale socket file left by a dead process is removed first; a live one (something
+    answers) or a file that is not a socket is refused. ``chmod`` (and ``chown`` to
+    ``group`` if given) happen before ``listen``, so no one can connect under looser rights.
+    """
+    path = Path(path)
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise error(f"cannot inspect {path}: {exc.strerror}") from exc
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise error(f"{path} exists and is not a socket; refusing to replace it")
+        if _socket_is_live(path):
+            raise error(f"{path} is in use by another process")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
+    try:
+        sock.bind(os.fspath(path))
+        bound = True
+        os.chmod(path, mode)
+        if group is not None:
+            os.chown(path, -1, group)
+    except OSError as exc:
+        sock.close()
+        if bound:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise error(f"cannot bind {path}: {exc.strerror or exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+__all__ = [
+    "PeerCredentials",
+    "bind_unix",
+    "default_peer_allowed",
+    "ensure_private_dir",
+    "peer_credentials",
+]
