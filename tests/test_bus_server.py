@@ -36,17 +36,17 @@ from uartbridge.bus import (
 from uartbridge.errors import BusError
 from uartbridge.registers import FCR, IER, IIR, LCR, LSR, MCR, RBR, SCR, THR, Ier, Mcr
 
-Body = Callable[[BusServer, Uart16550, VirtualWire, Path, Path], Awaitable[None]]
+Body = Callable[[BusServer, Uart16550, VirtualWire, Path], Awaitable[None]]
 
 
 def serve(body: Body, **kwargs: object) -> None:
-    """Run ``body(server, uart, wire, path, dir)`` with a started server; always clean up."""
+    """Run ``body(server, uart, wire, path)`` with a started server; always clean up."""
     directory = short_tmp_dir()
 
     async def main() -> None:
         server, uart, wire, path = await started_server(directory, "uart0", **kwargs)  # type: ignore[arg-type]
         try:
-            await body(server, uart, wire, path, directory)
+            await body(server, uart, wire, path)
         finally:
             wire.detach()
             await server.close()
@@ -76,7 +76,7 @@ async def sync(guest: RawGuest, token: int = 7) -> list[object]:
 def test_hello_reports_version_capabilities_irq_and_name() -> None:
     """HELLO_REPLY carries version 1, the capabilities, the IRQ level and the UART name."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         assert guest.hello == HelloReply(1, int(SERVER_CAPABILITIES), False, "uart0")
         assert server.guest_connected
@@ -89,7 +89,7 @@ def test_hello_reports_version_capabilities_irq_and_name() -> None:
 def test_read_write_registers() -> None:
     """WRITE is posted and READ returns the register value, with the model's semantics."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         guest.send(Write(SCR, 0x5A), Write(LCR, 0x83))
         assert (await read_reg(guest, SCR))[1] == 0x5A
@@ -103,7 +103,7 @@ def test_read_write_registers() -> None:
 def test_write_n_to_thr_reaches_wire_once_in_order() -> None:
     """WRITE_N to THR puts every byte on the wire exactly once, in order."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         guest.send(Write(FCR, 0x07))
         data = bytes(range(256)) * 4
@@ -120,7 +120,7 @@ def test_write_n_to_thr_reaches_wire_once_in_order() -> None:
 def test_write_n_elsewhere_is_n_writes() -> None:
     """WRITE_N to a register other than THR is just N writes: the last value stays."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         guest.send(WriteN(SCR, b"\x01\x02\x03"))
         assert (await read_reg(guest, SCR))[1] == 0x03
@@ -136,7 +136,7 @@ def test_write_n_elsewhere_is_n_writes() -> None:
 def test_read_n_from_rbr_stops_when_empty() -> None:
     """READ_N from RBR returns what the FIFO holds and stops at LSR.DR=0."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         guest.send(Write(FCR, 0x07), Write(MCR, Mcr.LOOP), WriteN(THR, b"abc"))
         guest.send(ReadN(RBR, 10))
@@ -153,7 +153,7 @@ def test_read_n_from_rbr_stops_when_empty() -> None:
 def test_read_n_stops_before_a_pending_line_error() -> None:
     """READ_N from RBR returns nothing while LSR has OE pending, so LSR can be read first."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         guest.send(Write(FCR, 0x07), Write(MCR, Mcr.LOOP), WriteN(THR, bytes(range(17))))
         guest.send(ReadN(RBR, 32))
@@ -169,7 +169,7 @@ def test_read_n_stops_before_a_pending_line_error() -> None:
 def test_read_n_elsewhere_is_n_reads() -> None:
     """READ_N of another offset, or of offset 0 under DLAB, is exactly N reads."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         guest.send(Write(SCR, 0x42), ReadN(SCR, 3))
         assert (await guest.recv_until(ReadNReply))[-1] == ReadNReply(SCR, b"\x42\x42\x42")
@@ -183,7 +183,7 @@ def test_read_n_elsewhere_is_n_reads() -> None:
 def test_irq_event_precedes_sync_reply() -> None:
     """Writing IER=THRI raises the IRQ; its event arrives before the next SYNC reply."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         guest.send(Write(IER, Ier.THRI))
         assert await sync(guest) == [IrqEvent(True)]
@@ -195,7 +195,7 @@ def test_irq_event_precedes_sync_reply() -> None:
 def test_irq_low_event_precedes_read_reply() -> None:
     """Reading IIR acknowledges THRI; the IRQ-low event arrives before the READ reply."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         guest.send(Write(IER, Ier.THRI))
         before, value = await read_reg(guest, IIR)
@@ -209,7 +209,7 @@ def test_irq_low_event_precedes_read_reply() -> None:
 def test_thr_write_with_eager_wire_shows_edge() -> None:
     """A THR write under THRI drops and re-raises the IRQ (V17): both edges are reported."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         guest.send(Write(FCR, 0x07), Write(IER, Ier.THRI))
         assert (await read_reg(guest, IIR)) == ([IrqEvent(True), IrqEvent(False)], 0xC2)
@@ -224,7 +224,7 @@ def test_thr_write_with_eager_wire_shows_edge() -> None:
 def test_push_irq_reaches_guest_unsolicited() -> None:
     """An IRQ change from port input (push_irq) reaches the guest without a request."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         guest.send(Write(IER, Ier.RDI))
         await sync(guest)
@@ -240,7 +240,7 @@ def test_push_irq_reaches_guest_unsolicited() -> None:
 def test_character_timeout_interrupt_from_wire_timer() -> None:
     """A tail below the trigger level raises CTI once the wire's timer runs the model's clock."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         guest.send(
             Write(LCR, 0x80), Write(0, 1), Write(1, 0), Write(LCR, 0x03),
@@ -262,7 +262,7 @@ def test_character_timeout_interrupt_from_wire_timer() -> None:
 def test_second_guest_refused_busy() -> None:
     """A second connection gets ERROR BUSY and is closed; the first keeps working."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         first = await RawGuest.open(path)
         second = await RawGuest.open(path, hello=False)
         error = await second.expect_error_and_close()
@@ -277,7 +277,7 @@ def test_second_guest_refused_busy() -> None:
 def test_reconnect_leaves_device_state() -> None:
     """A guest that disconnects leaves the device as it was, and may reconnect."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         guest.send(Write(SCR, 0x77), Write(LCR, 0x1B), Write(IER, Ier.THRI))
         await sync(guest)
@@ -309,7 +309,7 @@ def test_reconnect_leaves_device_state() -> None:
 def test_protocol_violations_get_error_then_close(first: bytes, code: ErrorCode) -> None:
     """A bad version, a missing HELLO, garbage or a huge length gets its ERROR, then close."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path, hello=False)
         guest.send_raw(first)
         frames = []
@@ -333,10 +333,10 @@ def test_hostile_clients_do_not_disturb_another_uart() -> None:
     directory = short_tmp_dir()
 
     async def main() -> None:
-        s0, uart0, wire0, path0 = await started_server(
+        s0, _uart0, wire0, path0 = await started_server(
             directory, "uart0", high_water=4096, stall_timeout_s=0.2
         )
-        s1, uart1, wire1, path1 = await started_server(directory, "uart1")
+        s1, _uart1, wire1, path1 = await started_server(directory, "uart1")
         try:
             good = await RawGuest.open(path1)
             counter = 0
@@ -406,7 +406,7 @@ def test_hostile_clients_do_not_disturb_another_uart() -> None:
 def test_socket_mode_is_0660() -> None:
     """The bus socket is created with mode 0660 by default."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         st = os.stat(path)
         assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) == 0o660
@@ -422,7 +422,7 @@ def test_peer_refused_by_credentials() -> None:
         seen.append(peer)
         return False
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path, hello=False)
         error = await guest.expect_error_and_close()
         assert error.code == ErrorCode.NOT_PERMITTED
@@ -436,7 +436,7 @@ def test_peer_refused_by_credentials() -> None:
 def test_close_tells_guest_and_removes_socket() -> None:
     """close() sends ERROR SHUTTING_DOWN to the guest and removes the socket file."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         guest = await RawGuest.open(path)
         await server.close()
         error = await guest.expect_error_and_close()
@@ -449,7 +449,7 @@ def test_close_tells_guest_and_removes_socket() -> None:
 def test_tcp_listener_on_loopback() -> None:
     """start_tcp binds loopback by default and serves the same protocol."""
 
-    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path, d: Path) -> None:
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
         host, port = await server.start_tcp()
         assert host == "127.0.0.1"
         reader, writer = await asyncio.open_connection(host, port)
@@ -506,7 +506,7 @@ def test_stale_socket_replaced_and_live_socket_refused() -> None:
         stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stale.bind(str(path))
         stale.close()
-        server, uart, wire, path = await started_server(directory, "uart0")
+        server, _uart, wire, path = await started_server(directory, "uart0")
         try:
             other = BusServer(Uart16550(), name="other", settle=VirtualWire(Uart16550()))
             with pytest.raises(BusError, match="in use"):

@@ -6,6 +6,7 @@ No tests here; the bus, client and guest test modules import from this one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import threading
@@ -180,10 +181,8 @@ class RawGuest:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, BrokenPipeError):
             await self.writer.wait_closed()
-        except (ConnectionError, BrokenPipeError):
-            pass
 
 
 async def wait_for(predicate: Callable[[], bool], *, timeout_s: float = REPLY_TIMEOUT_S) -> None:

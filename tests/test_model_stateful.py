@@ -211,6 +211,11 @@ class UartMachine(RuleBasedStateMachine):
     def write_thr(self, value: int) -> None:
         self.write(0, value)
 
+    @rule(data=st.binary(min_size=1, max_size=24))
+    def write_thr_burst(self, data: bytes) -> None:
+        for value in data:
+            self.write(0, value)
+
     @rule(value=IER_VALUES)
     def write_ier(self, value: int) -> None:
         self.write(1, value)

@@ -70,10 +70,6 @@ def test_bytes_both_ways_including_0xff(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
-def _cpu_over(seconds: float) -> float:
-    return seconds
-
-
 async def _kill_and_restart(tmp_path: Path, policy: str) -> tuple[Guest, bytes, bytes]:
     """Send while socat is gone and back; returns the guest, what was sent, what arrived."""
     with socat_pair(tmp_path, policy) as s:

@@ -487,9 +487,11 @@ class PortLink:
             except OSError:
                 self._has_modem_lines = False
         self._refused = []
-        line = self._line or self._uart.line_settings
+        # Like QEMU, leave the port's own settings alone until the guest has set the line.
+        line = self._line or (self._uart.line_settings if self._uart.line_configured else None)
         self._line = None
-        self._apply_line(line)
+        if line is not None:
+            self._apply_line(line)
         self._apply_modem_outputs(self._uart.modem_outputs)
         self._update_msi_poll()
 

@@ -569,6 +569,11 @@ class Uart16550:
         return line_settings_of(self._baudbase, self._divisor, self._lcr)
 
     @property
+    def line_configured(self) -> bool:
+        """The guest wrote LCR or the divisor since reset (QEMU pushes no settings before)."""
+        return not self._reset_timing
+
+    @property
     def modem_outputs(self) -> ModemOutputs:
         """DTR, RTS, OUT1, OUT2 and LOOP, as MCR says."""
         return modem_outputs_of(self._mcr)
