@@ -8,7 +8,7 @@ from test_bus_support import ServerThread
 
 from uartbridge.client import BusClient
 from uartbridge.guest import Guest8250
-from uartbridge.registers import MCR, Mcr
+from uartbridge.registers import LCR, MCR, Mcr
 
 PATIENCE_S = 10.0  # a generous bound for "eventually"; no test asserts on elapsed time
 
@@ -79,11 +79,17 @@ def test_receive_by_rdi_and_cti_tail() -> None:
 
             return check
 
-        body = bytes(range(96))  # 12 trigger levels' worth: RDI
+        # Divisor 0xFFFF makes the receive timeout ~45 s, so the body is surely taken by RDI.
+        client.write(LCR, 0x83)
+        client.write(0, 0xFF)
+        client.write(1, 0xFF)
+        client.write(LCR, 0x03)
+        body = bytes(range(96))  # 12 trigger levels' worth
         srv.feed(body)
         pump(guest, received(len(body)))
         assert guest.counters.rdi > 0
         assert guest.counters.cti == 0
+        guest.set_termios(115200)  # back to a timeout of 4 character times at 115200 baud
         tail = b"the end"  # 7 bytes, below the trigger of 8: only the timeout delivers them
         srv.feed(tail)
         pump(guest, received(len(body) + len(tail)))

@@ -315,10 +315,16 @@ class UartMachine(RuleBasedStateMachine):
 
     @rule(chars=st.sampled_from([0, 1, 3, 4, 5, 100]), extra_ns=st.sampled_from([-1, 0, 1]))
     def advance_and_poll(self, chars: int, extra_ns: int) -> None:
+        armed = self.uart.next_deadline_ns()
+        was_pending = self.uart.state().timeout_ipending
         self.clock.advance(max(0, chars * self.uart.char_time_ns + extra_ns))
         self.apply(lambda u: u.poll())
         deadline = self.apply(lambda u: u.next_deadline_ns())
         assert deadline is None or deadline > self.clock()  # a due timer has run
+        due = armed is not None and self.clock() >= armed
+        # CTI is latched exactly when the 4-character timer fell due with data in the FIFO.
+        expected = was_pending or (due and bool(self.ref.rx))
+        assert self.uart.state().timeout_ipending == expected
 
     @rule()
     def clone(self) -> None:
@@ -351,7 +357,7 @@ class UartMachine(RuleBasedStateMachine):
 
 
 UartMachine.TestCase.settings = settings(
-    max_examples=250,
+    max_examples=400,
     stateful_step_count=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],

@@ -384,7 +384,7 @@ def _parse_json(data: bytes) -> object:
     try:
         return json.loads(text, object_pairs_hook=_object_pairs, parse_constant=_refuse_constant)
     except _DuplicateKeyError as exc:
-        raise CheckpointError(f"not valid JSON: duplicate key {_show(exc.args[0])}") from exc
+        raise CheckpointError(f"not valid JSON: duplicate key {_key(exc.args[0])}") from exc
     except json.JSONDecodeError as exc:
         raise CheckpointError(
             f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -399,14 +399,19 @@ def _section(value: object, path: str, keys: tuple[str, ...]) -> dict[str, objec
         raise _error(path, f"must be an object, got {_show(value)}")
     for key in value:
         if key not in keys:
-            raise _error(
-                f"{path}.{key}" if _simple_key(key) else path,
-                f"unknown field {_show(key)} (written by a newer uartbridge?)",
-            )
+            if _simple_key(key):
+                raise _error(f"{path}.{key}", "unknown field (written by a newer uartbridge?)")
+            raise _error(path, f"unknown field {_key(key)} (written by a newer uartbridge?)")
     for key in keys:
         if key not in value:
             raise _error(f"{path}.{key}", "missing (every field is always written)")
     return value
+
+
+def _key(key: str) -> str:
+    """A foreign key, quoted and escaped for a one-line message."""
+    text = json.dumps(key, ensure_ascii=True)
+    return text if len(text) <= 48 else text[:44] + '..."'
 
 
 def _simple_key(key: str) -> bool:
@@ -600,9 +605,7 @@ def from_document(document: object) -> Checkpoint:
         )
     for key in document:
         if key not in _TOP_KEYS:
-            raise CheckpointError(
-                f"unknown section {_show(key)} (written by a newer uartbridge?)"
-            )
+            raise CheckpointError(f"unknown section {_key(key)} (written by a newer uartbridge?)")
     for key in _TOP_KEYS:
         if key not in document:
             raise _error(key, "missing section (every section is always written)")
@@ -702,7 +705,23 @@ def _remove_stale_temps(path: Path) -> None:
             os.unlink(name)
 
 
+# What this process last wrote at each path: (st_dev, st_ino, st_size, st_mtime_ns). A current
+# file still matching it was validated (by encode) and fsynced by us, and need not be re-read.
+_written: dict[str, tuple[int, int, int, int]] = {}
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int]:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
 def _is_valid(path: Path) -> bool:
+    """Whether the file at ``path`` is a valid checkpoint worth keeping as the previous one."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return False
+    if _written.get(str(path)) == _identity(info):
+        return True
     try:
         read_checkpoint(path)
     except CheckpointError:
@@ -714,7 +733,9 @@ def write_checkpoint(path: Path | str, ckpt: Checkpoint) -> None:
     """Write ``ckpt`` to ``path`` atomically (mode 0600), keeping the previous one.
 
     The previous file at ``path`` is kept as ``previous_path(path)`` if it is a valid
-    checkpoint (an invalid one is not allowed to push out a good previous one). At every
+    checkpoint (an invalid one is not allowed to push out a good previous one); a file this
+    process wrote and that is unchanged since (same inode, size, mtime) is known valid, any
+    other is read and validated first. At every
     instant ``path`` holds a whole checkpoint, old or new. Raises ``CheckpointError`` for a
     checkpoint that is not valid or a file that cannot be written.
     """
@@ -723,23 +744,23 @@ def write_checkpoint(path: Path | str, ckpt: Checkpoint) -> None:
     directory = path.parent
     try:
         _remove_stale_temps(path)
-        temp = _write_temp(path, data)
+        temp, identity = _write_temp(path, data)
         try:
             if _is_valid(path):
                 _keep_previous(path)
-            else:
-                if path.exists():
-                    log.warning("checkpoint %s is not valid; not keeping it as previous", path)
+            elif path.exists():
+                log.warning("checkpoint %s is not valid; not keeping it as previous", path)
             os.replace(temp, path)
         except BaseException:
             _unlink_quietly(temp)
             raise
+        _written[str(path)] = identity
         _fsync_dir(directory)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot write checkpoint: {exc.strerror or exc}") from exc
 
 
-def _write_temp(path: Path, data: bytes) -> Path:
+def _write_temp(path: Path, data: bytes) -> tuple[Path, tuple[int, int, int, int]]:
     while True:
         temp = _temp_path(path)
         try:
@@ -753,12 +774,13 @@ def _write_temp(path: Path, data: bytes) -> Path:
             written = os.write(fd, view)
             view = view[written:]
         os.fsync(fd)
+        identity = _identity(os.fstat(fd))
     except BaseException:
         os.close(fd)
         _unlink_quietly(temp)
         raise
     os.close(fd)
-    return temp
+    return temp, identity
 
 
 def _keep_previous(path: Path) -> None:

@@ -51,8 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
 
     p = sub.add_parser("console", help="an interactive terminal on a UART, over its bus")
-    p.add_argument("--uart", metavar="NAME", default="uart0")
-    p.add_argument("--socket", metavar="PATH", help="bus socket (default: the UART's)")
+    from .console import add_arguments
+
+    add_arguments(p)
     return parser
 
 

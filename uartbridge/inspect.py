@@ -242,6 +242,17 @@ def _buffer_lines(label: str, buffer: dict[str, object]) -> list[str]:
     return [f"  {label:<12} {length} byte{'s' if length != 1 else ''}", *hexdump(data)]
 
 
+def _age(age_s: object) -> str:
+    """How old the state is, in a unit a human reads at a glance."""
+    assert isinstance(age_s, int | float)
+    if age_s < 0:
+        return f"{-age_s:.3f} s in the future: check the clocks"
+    for unit, seconds in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if age_s >= seconds:
+            return f"{age_s / seconds:.1f} {unit} ago"
+    return f"{age_s:.3f} s ago"
+
+
 def _yes(value: object) -> str:
     return "yes" if value else "no"
 
@@ -278,7 +289,7 @@ def render_text(report: dict[str, object]) -> str:
         f"written by uartbridge {one_line(str(meta['uartbridge_version']))}",
         f"uart         {one_line(str(meta['uart_name']))} on {one_line(str(meta['port']))}, "
         f"generation {meta['generation']}",
-        f"created      {meta['created_utc']} ({meta['age_s']} s ago)",
+        f"created      {meta['created_utc']} ({_age(meta['age_s'])})",
         "",
         "registers",
         f"  DLL/DLM  {reg('divisor')['hex']}  baudbase {derived['baudbase']} → {line['baud']} baud",

@@ -53,6 +53,8 @@ from .registers import Lsr as _Lsr
 from .registers import Mcr as _Mcr
 from .registers import Msr as _Msr
 
+_NO_INT = int(_Iir.NO_INT)
+
 
 class Fcr:
     """FCR bits as plain ints: the model (and every state it emits) holds only plain ints.
@@ -598,7 +600,8 @@ class Uart16550:
         """Read the register at ``offset`` (0–7), with the chip's side effects."""
         if not 0 <= offset <= 7:
             raise ValueError(f"register offset must be 0..7, got {offset!r}")
-        if self._deadline_ns is not None:
+        deadline = self._deadline_ns
+        if deadline is not None and self._clock() >= deadline:
             self.poll()
         return self._read_handlers[offset]()
 
@@ -608,7 +611,8 @@ class Uart16550:
             raise ValueError(f"register offset must be 0..7, got {offset!r}")
         if not 0 <= value <= 0xFF:
             raise ValueError(f"register value must be 0..255, got {value!r}")
-        if self._deadline_ns is not None:
+        deadline = self._deadline_ns
+        if deadline is not None and self._clock() >= deadline:
             self.poll()
         self._write_handlers[offset](value)
 
@@ -769,9 +773,15 @@ class Uart16550:
         elif ier & Ier.MSI and self._msr & MSR_DELTA_MASK:
             ident = Iir.MSI
         else:
-            ident = Iir.NO_INT
+            ident = _NO_INT
         self._iir = ident | (self._iir & 0xF0)
-        self._set_irq(ident != Iir.NO_INT)
+        level = ident != _NO_INT
+        if level != self._irq:  # _set_irq, inlined: this runs after every access
+            self._irq = level
+            changes = self._irq_changes
+            changes.append(level)
+            if len(changes) > 2:
+                del changes[0]
 
     def _set_irq(self, level: bool) -> None:
         if level != self._irq:
