@@ -43,7 +43,9 @@ def wait_for(predicate: Any, timeout_s: float = 10.0, interval_s: float = 0.01) 
         time.sleep(interval_s)
 
 
-def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
+def stop_process(
+    proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout_s: float = 10.0
+) -> int:
     """Stop a process by PID: ``sig``, wait, then SIGKILL. Returns its exit code."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):

@@ -1061,3 +1061,12 @@ def test_statistics_fields_are_all_stored() -> None:
     doc = to_document(make_checkpoint())
     assert set(doc["uart"]["statistics"]) == {f.name for f in dataclasses.fields(UartStatistics)}
     assert set(doc["port"]["counters"]) == {f.name for f in dataclasses.fields(PortCounters)}
+
+
+def test_encode_refuses_integers_a_reader_could_not_read() -> None:
+    """A counter beyond 64 bits is refused when writing, not discovered when resuming."""
+    state = dataclasses.replace(
+        Uart16550(clock=lambda: 0).state(), statistics=UartStatistics(bytes_received=2**64)
+    )
+    with pytest.raises(CheckpointError, match=r"statistics\.bytes_received: must fit"):
+        encode(make_checkpoint(state))

@@ -38,7 +38,10 @@ def run(
 ) -> None:
     """Run a §13 sequence; every ``R(o)→v`` is asserted. After each write, ``sent`` (if given)
     plays the wire (default: the wire takes every pending byte, like QEMU's P0 back end)."""
-    for kind, offset, value, expected in _OP.findall(script):
+    ops = _OP.findall(script)
+    # Every W(...) and R(...) must have parsed: a silently skipped check is no check.
+    assert len(ops) == script.count("W(") + script.count("R("), f"unparsed op in {script!r}"
+    for kind, offset, value, expected in ops:
         if kind == "W":
             uart.write(int(offset), _value(value))
             if sent is None:

@@ -711,6 +711,10 @@ class _Connection(asyncio.Protocol):
             self._transport.pause_reading()  # keep at most this batch until the slot is ours
 
     def eof_received(self) -> bool | None:
+        if self._decoder.buffered:
+            # A half frame and then EOF: say so, as for any other malformed input.
+            self._fail(ErrorCode.MALFORMED, "connection closed in the middle of a frame")
+            return True
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:

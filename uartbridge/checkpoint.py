@@ -29,6 +29,7 @@ One writer per UART is assumed (the daemon that owns it).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -59,7 +60,6 @@ INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 MAX_STRING_CHARS = 4096
 UART_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_HEX_RE = re.compile(r"(?:[0-9a-f]{2})*")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _STOP_BITS = {1.0: "1", 1.5: "1.5", 2.0: "2"}
@@ -266,7 +266,7 @@ def _check_string(value: object, path: str, *, max_chars: int = MAX_STRING_CHARS
 
 
 def _check_meta(meta: CheckpointMeta, *, writing: bool) -> None:
-    """Metadata rules M1–M4 (docs/checkpoint-format.md §6)."""
+    """Metadata rules M1–M4 (docs/checkpoint-format.md §5, step 8)."""
     version = meta.format_version
     if type(version) is not int or not 1 <= version <= FORMAT_VERSION or (
         writing and version != FORMAT_VERSION
@@ -314,7 +314,7 @@ def _check_line_settings(settings: LineSettings | None) -> None:
 
 
 def _check_port(port: PortState) -> None:
-    """Host-path rules P1–P4 (docs/checkpoint-format.md §6)."""
+    """Host-path rules P1–P4 (docs/checkpoint-format.md §5, step 8)."""
     if not isinstance(port.reader_state, ReaderState):
         raise _error(
             "port.reader_state",
@@ -339,7 +339,14 @@ def _check_uart(uart: UartState) -> None:
         uart.validate()
     except InvalidStateError as exc:
         raise CheckpointError(str(exc)) from exc
-    # validate() leaves IIR's low nibble alone (derived); the file cannot carry it anyway.
+    # What the writer writes, the reader must read: every integer fits 64 bits.
+    for name in ("baudbase", "tx_retry_limit", "tsr_retry", "timeout_remaining_ns"):
+        value = getattr(uart, name)
+        if value is not None and value > INT64_MAX:
+            raise _error(f"uart.{name}", "must fit a signed 64-bit integer")
+    for name in _STATISTICS_KEYS:
+        if getattr(uart.statistics, name) > INT64_MAX:
+            raise _error(f"uart.statistics.{name}", "must fit a signed 64-bit integer")
 
 
 def _check_checkpoint(ckpt: Checkpoint) -> None:
@@ -458,9 +465,14 @@ def _hex(section: dict[str, object], key: str, path: str, limit: int) -> bytes:
         raise _error(
             f"{path}.{key}", f"holds {len(value) // 2} bytes, more than the {limit} allowed"
         )
-    if not _HEX_RE.fullmatch(value):
+    try:
+        data = bytes.fromhex(value)
+    except ValueError:
+        data = None
+    # fromhex also takes upper case and spaces; the round trip admits only the canonical form.
+    if data is None or data.hex() != value:
         raise _error(f"{path}.{key}", f"must be even-length lowercase hex, got {_show(value)}")
-    return bytes.fromhex(value)
+    return data
 
 
 def _read_meta(document: dict[str, object], version: int) -> CheckpointMeta:
@@ -685,9 +697,13 @@ def read_checkpoint(path: Path | str) -> Checkpoint:
 
 
 def _fsync_dir(directory: Path) -> None:
+    """Make the renames durable. Filesystems that cannot fsync a directory say EINVAL."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)
 

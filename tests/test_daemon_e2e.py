@@ -1,0 +1,269 @@
+"""The real daemon process end to end: run, bus, guest, far end, checkpoint, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from procs import REPO, daemon, require_program, socat_pair, wait_for
+from streams import FarEnd, GuestRunner, assert_exact, sequence_stream, wait_streams
+
+from uartbridge.checkpoint import checkpoint_path, read_checkpoint
+from uartbridge.client import BusClient
+from uartbridge.errors import BusError
+from uartbridge.guest import Guest8250
+
+pytestmark = pytest.mark.e2e
+
+
+def _socat_uart(link: Path, **extra: object) -> dict[str, object]:
+    return {"name": "uart0", "port": str(link), **extra}
+
+
+def test_run_without_config_serves_a_pty_and_a_bus(tmp_path: Path) -> None:
+    """`uartbridge run` with no config serves one UART on a new pty and prints both paths."""
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(20)
+    env = dict(
+        os.environ,
+        RUNTIME_DIRECTORY=str(tmp_path / "run"),
+        STATE_DIRECTORY=str(tmp_path / "state"),
+        NOTIFY_SOCKET=str(notify_path),
+    )
+    out_path = tmp_path / "out.log"
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uartbridge", "run"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+    try:
+        messages = ""
+        while "READY=1" not in messages.split("\n"):
+            messages += notify.recv(4096).decode() + "\n"
+        output = out_path.read_text()
+        pty = tmp_path / "run" / "uart0.pty"
+        bus = tmp_path / "run" / "uart0.bus"
+        assert f"pty {pty}" in output and f"bus {bus}" in output
+        far = os.open(pty, os.O_RDWR | os.O_NOCTTY)
+        try:
+            with BusClient(bus) as client:
+                guest = Guest8250(client)
+                assert guest.probe() == ("16550A", 16)
+                guest.startup(115200)
+                guest.write(b"hello from the guest")
+                assert guest.drain(10)
+                got = b""
+                while len(got) < 20:
+                    got += os.read(far, 100)
+                assert got == b"hello from the guest"
+                os.write(far, b"hello from the far end")
+                received = b""
+                deadline = time.monotonic() + 10
+                while len(received) < 22 and time.monotonic() < deadline:
+                    guest.service(0.05)
+                    received += guest.read()
+                assert received == b"hello from the far end"
+        finally:
+            os.close(far)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert checkpoint_path(tmp_path / "state", "uart0").exists()
+    finally:
+        notify.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_checkpoint_stop_and_resume_mid_transfer_lose_nothing(tmp_path: Path) -> None:
+    """`checkpoint --stop` then `resume` mid-transfer: both streams arrive whole and in order."""
+    guest_tx = sequence_stream(6000, b"g")
+    far_tx = sequence_stream(6000, b"f")
+    with (
+        socat_pair(tmp_path) as pair,
+        daemon(tmp_path / "d", [_socat_uart(pair.a)], interval_s=0) as d,
+    ):
+        d.start()
+        guest = GuestRunner(d.bus(), guest_tx)
+        far = FarEnd(pair.b, far_tx, rate_bytes_per_s=40_000)
+        guest.start()
+        far.start()
+        try:
+            for cycle in range(3):
+                time.sleep(0.3)
+                guest.pause()
+                output = tmp_path / f"cycle{cycle}.json"
+                result = d.cli(
+                    "checkpoint", "--stop", "--output", str(output), "--config", str(d.config_path)
+                )
+                assert result.returncode == 0, result.stderr + d.log()
+                assert d.wait_exit() == 0
+                d.proc = None
+                d.start("resume", str(output))
+                guest.resume()
+            wait_streams(guest, far)
+            assert_exact(bytes(far.received), guest_tx, "guest → far end")
+            assert_exact(bytes(guest.received), far_tx, "far end → guest")
+        finally:
+            guest.stop()
+            far.stop()
+
+
+def test_sigterm_then_run_again_loses_nothing(tmp_path: Path) -> None:
+    """SIGTERM and `run` again (the systemctl restart path): both streams whole and in order."""
+    guest_tx = sequence_stream(6000, b"g")
+    far_tx = sequence_stream(6000, b"f")
+    with (
+        socat_pair(tmp_path) as pair,
+        daemon(tmp_path / "d", [_socat_uart(pair.a)], interval_s=0) as d,
+    ):
+        d.start()
+        guest = GuestRunner(d.bus(), guest_tx)
+        far = FarEnd(pair.b, far_tx, rate_bytes_per_s=40_000)
+        guest.start()
+        far.start()
+        try:
+            for _ in range(3):
+                time.sleep(0.3)
+                guest.pause()
+                assert d.stop(signal.SIGTERM) == 0, d.log()
+                d.start()
+                assert "resumed from checkpoint" in d.log()
+                guest.resume()
+            wait_streams(guest, far)
+            assert_exact(bytes(far.received), guest_tx, "guest → far end")
+            assert_exact(bytes(guest.received), far_tx, "far end → guest")
+        finally:
+            guest.stop()
+            far.stop()
+
+
+def test_second_guest_is_refused_and_first_keeps_working(tmp_path: Path) -> None:
+    """A second guest on the same UART is refused; the first one keeps its device."""
+    with socat_pair(tmp_path) as pair, daemon(tmp_path / "d", [_socat_uart(pair.a)]) as d:
+        d.start()
+        with BusClient(d.bus()) as first:
+            first.write(7, 0x5A)
+            with pytest.raises(BusError, match=r"(?i)busy|already"):
+                second = BusClient(d.bus())
+                second.read(7)
+            assert first.read(7) == 0x5A
+
+
+def test_guest_reconnect_finds_the_device_as_it_was(tmp_path: Path) -> None:
+    """A guest that disconnects leaves the device as it was, and may reconnect."""
+    with socat_pair(tmp_path) as pair, daemon(tmp_path / "d", [_socat_uart(pair.a)]) as d:
+        d.start()
+        with BusClient(d.bus()) as client:
+            client.write(7, 0xA5)
+            client.write(1, 0x05)
+            client.sync()
+        with BusClient(d.bus()) as client:
+            assert client.read(7) == 0xA5
+            assert client.read(1) == 0x05
+
+
+def test_malformed_bus_frames_and_control_lines_leave_the_daemon_serving(tmp_path: Path) -> None:
+    """Garbage on the bus and on the control socket is refused; the daemon keeps serving."""
+    with socat_pair(tmp_path) as pair, daemon(tmp_path / "d", [_socat_uart(pair.a)]) as d:
+        d.start()
+        half_frame = b"\x00\x05\x02\x09"  # then EOF in the middle of the frame
+        for garbage in (b"\xff\xff\xff\xff" * 4, struct.pack(">H", 0) + b"x", half_frame):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect(str(d.bus()))
+                s.sendall(garbage)
+                s.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := s.recv(4096):
+                    reply += chunk
+                assert reply[2:3] == b"\xff", reply  # an ERROR frame, then the server closed
+        for line in (b"not json\n", b"[1,2]\n", b'{"cmd": "explode"}\n', b"x" * 100_000 + b"\n"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(5)
+                s.connect(str(d.control))
+                s.sendall(line)
+                reply = json.loads(s.makefile("rb").readline())
+                assert reply["ok"] is False and reply["error"]
+        with BusClient(d.bus()) as client:
+            client.write(7, 0x42)
+            assert client.read(7) == 0x42
+        assert d.status()["uarts"][0]["name"] == "uart0"
+
+
+def test_cli_exit_codes(tmp_path: Path) -> None:
+    """Every documented exit code: 0, 64, 65, 66, 69, 78."""
+
+    def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "uartbridge", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            env=env,
+        )
+
+    assert cli("--version").returncode == 0
+    assert cli("no-such-command").returncode == 64
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    result = cli("inspect", str(bad))
+    assert result.returncode == 65 and "Traceback" not in result.stderr
+    assert cli("inspect", str(tmp_path / "missing.json")).returncode == 66
+    assert cli("resume", str(tmp_path / "missing.json")).returncode == 66
+    assert cli("resume", str(bad)).returncode == 65
+    config = tmp_path / "bad.toml"
+    config.write_text("[daemon]\nno_such_key = 1\n")
+    result = cli("check-config", str(config))
+    assert result.returncode == 78 and "no_such_key" in result.stderr
+    assert cli("run", "--config", str(config)).returncode == 78
+    assert cli("run", "--config", str(tmp_path / "missing.toml")).returncode == 66
+    assert cli("status", "--control", str(tmp_path / "nobody.sock")).returncode == 69
+    result = cli("checkpoint", "--control", str(tmp_path / "nobody.sock"))
+    assert result.returncode == 69 and "Traceback" not in result.stderr
+    missing_port = tmp_path / "fail-fast.toml"
+    missing_port.write_text(
+        f'[daemon]\nruntime_dir = "{tmp_path}/run"\nstate_dir = "{tmp_path}/state"\n'
+        f'fail_fast = true\n[[uart]]\nport = "{tmp_path}/no-such-tty"\n'
+    )
+    result = cli("run", "--config", str(missing_port))
+    assert result.returncode == 69 and "Traceback" not in result.stderr
+
+
+def test_status_shows_reader_state_registers_and_checkpoint(tmp_path: Path) -> None:
+    """`status --json` shows the reader state, registers, FIFOs, counters and last checkpoint."""
+    with socat_pair(tmp_path) as pair, daemon(tmp_path / "d", [_socat_uart(pair.a)]) as d:
+        d.start()
+        result = d.cli("checkpoint", "--config", str(d.config_path))
+        assert result.returncode == 0, result.stderr
+        status = d.status()["uarts"][0]
+        assert status["reader_state"] == "connected"
+        assert status["registers"]["lsr"]["value"] == "0x60"
+        assert status["tsr_retry"] == 0 and status["rx_fifo"] == 0
+        assert status["last_checkpoint"]["age_s"] >= 0
+        human = d.cli("status", "--config", str(d.config_path))
+        assert human.returncode == 0 and "connected" in human.stdout
+        ckpt = read_checkpoint(checkpoint_path(d.state_dir, "uart0"))
+        assert ckpt.meta.uart_name == "uart0" and ckpt.meta.generation >= 1
+
+
+def test_units_verify_with_the_installed_entry_point(tmp_path: Path) -> None:
+    """Both systemd units pass `systemd-analyze verify` (see test_systemd_units for details)."""
+    require_program("systemd-analyze")
+    assert (REPO / "systemd" / "uartbridge.service").exists()
+    assert (REPO / "systemd" / "uartbridge@.service").exists()
+    wait_for(lambda: True)
