@@ -267,3 +267,35 @@ def test_units_verify_with_the_installed_entry_point(tmp_path: Path) -> None:
     assert (REPO / "systemd" / "uartbridge.service").exists()
     assert (REPO / "systemd" / "uartbridge@.service").exists()
     wait_for(lambda: True)
+
+
+def test_trace_file_records_both_directions_in_hex(tmp_path: Path) -> None:
+    """A per-UART trace file logs each chunk with a monotonic timestamp, direction and hex."""
+    trace = tmp_path / "uart0.trace"
+    with (
+        socat_pair(tmp_path) as pair,
+        daemon(tmp_path / "d", [_socat_uart(pair.a, trace_file=str(trace))]) as d,
+    ):
+        d.start()
+        far = os.open(pair.b, os.O_RDWR | os.O_NOCTTY)
+        try:
+            with BusClient(d.bus()) as client:
+                guest = Guest8250(client)
+                guest.startup(115200)
+                guest.write(b"abc")
+                assert guest.drain(10)
+                os.write(far, b"xyz")
+                received = b""
+                deadline = time.monotonic() + 10
+                while len(received) < 3 and time.monotonic() < deadline:
+                    guest.service(0.05)
+                    received += guest.read()
+                assert received == b"xyz"
+        finally:
+            os.close(far)
+        assert d.stop() == 0
+    lines = [line.split(" ", 2) for line in trace.read_text().splitlines()]
+    assert ["tx", "61 62 63"] in [line[1:] for line in lines]
+    assert ["rx", "78 79 7a"] in [line[1:] for line in lines]
+    assert all(line[0].isdigit() for line in lines)
+    assert trace.stat().st_mode & 0o777 == 0o600

@@ -194,11 +194,14 @@ class PortLink:
         on_uart_change: Callable[[], None],
         log: structlog.typing.FilteringBoundLogger | None = None,
         termios_ops: TermiosOps | None = None,
+        trace: Callable[[str, bytes], None] | None = None,
     ) -> None:
         """Bind the link to its device and settings; nothing is opened yet.
 
         ``termios_ops`` substitutes the termios/modem-ioctl calls (tests with a fake port).
+        ``trace(direction, data)`` sees every chunk the OS took ("tx") or gave ("rx").
         """
+        self._trace = trace
         self._uart = uart
         self._settings = settings
         self._on_uart_change = on_uart_change
@@ -654,9 +657,12 @@ class PortLink:
 
     def _write(self, io: _Io, data: bytes) -> int:
         try:
-            return io.write(data)
+            k = io.write(data)
         except BlockingIOError:
             return 0
+        if k and self._trace is not None:
+            self._trace("tx", data[:k])
+        return k
 
     def _transmit_backlog_or_model_count(self, io: Rfc2217Io) -> None:
         """After an RFC 2217 write returned: account for it without starting another."""
@@ -766,6 +772,8 @@ class PortLink:
             self._lost(str(exc))
             return
         if raw:
+            if self._trace is not None:
+                self._trace("rx", raw)
             changed |= self._receive_raw(raw)
         self._update_reading()
         if changed:

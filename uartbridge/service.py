@@ -24,6 +24,7 @@ from .checkpoint import (
 )
 from .config import UartConfig
 from .errors import PortUnavailableError
+from .logs import TraceFile
 from .port import PortLink
 from .registers import REGISTER_BITS, Lsr, decode_bits
 from .uart import NO_EVENTS, Uart16550
@@ -60,8 +61,13 @@ class UartService:
             self.generation = 0
         self.resumed_from = resume_from
         self.resumed_path = resumed_path
+        self.trace_file = TraceFile(config.trace_file) if config.trace_file else None
         self.link = PortLink(
-            self.uart, config.port, on_uart_change=self.on_uart_change, log=self.log
+            self.uart,
+            config.port,
+            on_uart_change=self.on_uart_change,
+            log=self.log,
+            trace=self._trace if self.trace_file is not None else None,
         )
         if resume_from is not None:
             self.link.restore(resume_from.port)
@@ -119,6 +125,10 @@ class UartService:
         self.uart.poll()
         self.on_uart_change()
 
+    def _trace(self, direction: str, data: bytes) -> None:
+        assert self.trace_file is not None
+        self.trace_file.write(direction, data, time.monotonic_ns())
+
     # -- life cycle -------------------------------------------------------------------------
 
     async def start(self, *, fail_fast: bool) -> None:
@@ -162,6 +172,8 @@ class UartService:
         if self.port_open:
             await self.link.close()
             self.port_open = False
+        if self.trace_file is not None:
+            self.trace_file.close()
 
     # -- checkpoints ------------------------------------------------------------------------
 
