@@ -102,16 +102,31 @@ class QemuUart:
         if len(str(workdir)) > _UNIX_PATH_MAX - 10:
             workdir = Path(tempfile.mkdtemp(prefix="qemu-uart-"))
         self.workdir = workdir
+        self._binary = binary
+        self._with_qmp = qmp
+        self._generation = 0
+        self._start_checked()
+
+    def _start_checked(self) -> None:
         try:
-            self._start(binary, qmp)
+            self._start(self._binary, self._with_qmp)
         except BaseException:
             self.close()
             raise
 
+    def restart(self) -> None:
+        """Stop QEMU and start a new one (e.g. after bytes were left in its input)."""
+        self.close()
+        self._buf = self._qmp_buf = b""
+        self.irq = False
+        self.op_edges = []
+        self._generation += 1
+        self._start_checked()
+
     # -- process ------------------------------------------------------------------------
 
     def _listen(self, name: str) -> tuple[socket.socket, str]:
-        path = str(self.workdir / name)
+        path = str(self.workdir / f"{self._generation}{name}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listeners.append(sock)
         sock.bind(path)
@@ -132,7 +147,7 @@ class QemuUart:
         if qmp:
             lm, mpath = self._listen("m.sock")
             argv += ["-qmp", f"unix:{mpath}"]
-        self._stderr_path = self.workdir / "qemu.stderr"
+        self._stderr_path = self.workdir / f"{self._generation}qemu.stderr"
         with open(self._stderr_path, "wb") as stderr:
             self._proc = subprocess.Popen(
                 argv,
@@ -306,17 +321,24 @@ class QemuUart:
             sock.sendall(data)
         finally:
             sock.setblocking(False)
-        if wait:
-            self.wait_taken()
+        if wait and not self.wait_taken():
+            raise QemuError(f"QEMU did not take {data!r} within {SYNC_TIMEOUT_S} s")
 
-    def wait_taken(self) -> None:
-        """Wait until QEMU has read everything we sent, then sync the main loop."""
-        deadline = time.monotonic() + SYNC_TIMEOUT_S
+    def wait_taken(self, timeout_s: float = SYNC_TIMEOUT_S) -> bool:
+        """Wait until QEMU has read everything we sent, then sync the main loop.
+
+        False if it has not after ``timeout_s`` and 100 round trips (its ``can_receive`` was
+        smaller than what was sent); the bytes then stay in its input until it has room.
+        """
+        deadline = time.monotonic() + timeout_s
+        trips = 0
         while self.unread():
-            if time.monotonic() > deadline:
-                raise QemuError(f"QEMU did not take the bytes sent within {SYNC_TIMEOUT_S} s")
+            if trips >= 100 and time.monotonic() > deadline:
+                return False
             self.sync()
+            trips += 1
         self.sync()
+        return True
 
     # -- QMP (optional) ----------------------------------------------------------------
 

@@ -299,3 +299,19 @@ def test_trace_file_records_both_directions_in_hex(tmp_path: Path) -> None:
     assert ["rx", "78 79 7a"] in [line[1:] for line in lines]
     assert all(line[0].isdigit() for line in lines)
     assert trace.stat().st_mode & 0o777 == 0o600
+
+
+def test_invalid_checkpoint_in_the_state_directory_refuses_to_start(tmp_path: Path) -> None:
+    """A state directory whose checkpoints are all invalid stops `run` (exit 65), losing nothing."""
+    with socat_pair(tmp_path) as pair, daemon(tmp_path / "d", [_socat_uart(pair.a)]) as d:
+        d.start()
+        assert d.stop() == 0
+        path = checkpoint_path(d.state_dir, "uart0")
+        saved = path.read_bytes()
+        for kept in (path, path.with_name("uart0.checkpoint.prev.json")):
+            if kept.exists():
+                kept.write_bytes(kept.read_bytes()[:-20])
+        d.start(wait=False)
+        assert d.wait_exit() == 65
+        assert "no valid checkpoint" in d.log() and "Traceback" not in d.log()
+        assert path.read_bytes() == saved[:-20]  # the evidence is left as it was

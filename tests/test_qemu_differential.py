@@ -173,7 +173,9 @@ class Lockstep:
         room = self.model.uart.can_receive()
         if room < len(data):
             raise self.fail(f"{op}: model can_receive() = {room}")
-        self.qemu.send(data)
+        self.qemu.send(data, wait=False)
+        if not self.qemu.wait_taken(timeout_s=2.0):
+            raise self.fail(f"{op}: QEMU does not take the byte, the model can_receive() = {room}")
         self.model.send(data)
         self._check_irq(op)
 
@@ -212,6 +214,8 @@ def apply_script(dev: QemuUart | ModelUart, script: str) -> None:
 
 def normalise(qemu: QemuUart, label: str) -> Lockstep:
     """A lockstep pair in the PROLOGUE state: QEMU as it was left, plus a fresh model."""
+    if qemu.unread():
+        qemu.restart()  # a failed test left input QEMU never took
     model = ModelUart()
     for dev in (qemu, model):
         apply_script(dev, PROLOGUE)

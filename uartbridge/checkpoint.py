@@ -42,7 +42,13 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CheckpointError, CheckpointMissingError, InvalidStateError
-from .portstate import PortCounters, PortState, ReaderState
+from .portstate import (
+    MAX_RX_BACKLOG_BYTES,
+    MAX_TX_BACKLOG_BYTES,
+    PortCounters,
+    PortState,
+    ReaderState,
+)
 from .registers import IIR_FIFO_BITS, Iir
 from .uart import Clock, LineSettings, Parity, Uart16550, UartState, UartStatistics
 
@@ -51,8 +57,6 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "uartbridge-checkpoint"
 FORMAT_VERSION = 1
 #: Host-path bounds (format limits; the config's backlog sizes must stay below them).
-MAX_RX_BACKLOG_BYTES = 1 << 20
-MAX_TX_BACKLOG_BYTES = 16 << 20
 #: A bigger file is refused before it is parsed (two hex backlogs plus a few KiB).
 MAX_DOCUMENT_BYTES = 2 * (MAX_RX_BACKLOG_BYTES + MAX_TX_BACKLOG_BYTES) + (1 << 20)
 #: Every integer of the document fits a signed 64-bit integer (portable readers).

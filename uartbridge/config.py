@@ -33,7 +33,12 @@ from typing import Literal, NoReturn, cast
 
 from . import paths
 from .errors import EX_OK, ConfigError, ConfigMissingError
-from .portstate import DisconnectPolicy, PortSettings
+from .portstate import (
+    MAX_RX_BACKLOG_BYTES,
+    MAX_TX_BACKLOG_BYTES,
+    DisconnectPolicy,
+    PortSettings,
+)
 
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -271,9 +276,13 @@ class _Table:
             self.fail(name, "a boolean (true or false)", value)
         return value
 
-    def integer(self, name: str, default: int, *, minimum: int, what: str) -> int:
+    def integer(
+        self, name: str, default: int, *, minimum: int, what: str, maximum: int | None = None
+    ) -> int:
         value = self.raw(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(name, what, value)
+        if maximum is not None and value > maximum:
             self.fail(name, what, value)
         return value
 
@@ -380,8 +389,7 @@ class _Builder:
         if not value:
             self.fail("uart", "expected at least one [[uart]] table, got an empty array")
         return tuple(
-            self.uart(_Table(self, table, f"uart[{i}]"), i, daemon)
-            for i, table in enumerate(value)
+            self.uart(_Table(self, table, f"uart[{i}]"), i, daemon) for i, table in enumerate(value)
         )
 
     def uart(self, t: _Table, index: int, daemon: DaemonConfig) -> UartConfig:
@@ -395,8 +403,20 @@ class _Builder:
         elif link is not None:
             t.fail("link", '"" (link is only for port = "pty:")', t.table["link"])
         on_disconnect = t.choice("on_disconnect", "buffer", DISCONNECT_POLICIES)
-        backlog = t.integer("backlog_bytes", 1 << 20, minimum=0, what="a size in bytes >= 0")
-        rx_backlog = t.integer("rx_backlog_bytes", 4096, minimum=0, what="a size in bytes >= 0")
+        backlog = t.integer(
+            "backlog_bytes",
+            1 << 20,
+            minimum=0,
+            maximum=MAX_TX_BACKLOG_BYTES,
+            what=f"a size in bytes from 0 to {MAX_TX_BACKLOG_BYTES}",
+        )
+        rx_backlog = t.integer(
+            "rx_backlog_bytes",
+            4096,
+            minimum=0,
+            maximum=MAX_RX_BACKLOG_BYTES,
+            what=f"a size in bytes from 0 to {MAX_RX_BACKLOG_BYTES}",
+        )
         rtscts = t.boolean("rtscts", False)
         xonxoff = t.boolean("xonxoff", False)
         baudbase = t.integer("baudbase", 115200, minimum=1, what="a clock rate in baud > 0")
@@ -410,15 +430,19 @@ class _Builder:
         if bus_tcp_text:
             bus_tcp = _parse_hostport(bus_tcp_text)
             if bus_tcp is None:
-                t.fail("bus_tcp", '"HOST:PORT" such as "127.0.0.1:5555" (or "" for none)',
-                       bus_tcp_text)
+                t.fail(
+                    "bus_tcp", '"HOST:PORT" such as "127.0.0.1:5555" (or "" for none)', bus_tcp_text
+                )
         trace_file = t.path("trace_file", None)
         what_s = "a number of seconds > 0"
         rmin = t.number("reconnect_min_s", 0.1, positive=True, what=what_s)
         rmax = t.number("reconnect_max_s", 5.0, positive=True, what=what_s)
         if rmin > rmax:
-            t.fail("reconnect_min_s", f"at most reconnect_max_s ({rmax:g})", t.table.get(
-                "reconnect_min_s", rmin))
+            t.fail(
+                "reconnect_min_s",
+                f"at most reconnect_max_s ({rmax:g})",
+                t.table.get("reconnect_min_s", rmin),
+            )
         t.finish()
         return UartConfig(
             name=name,
@@ -464,8 +488,11 @@ class _Builder:
         for i, u in enumerate(uarts):
             prefix = f"uart[{i}]"
             if u.name in names:
-                self.fail(f"{prefix}.name", f"expected a unique name, got {_toml(u.name)} "
-                          f"(already used by {names[u.name]})")
+                self.fail(
+                    f"{prefix}.name",
+                    f"expected a unique name, got {_toml(u.name)} "
+                    f"(already used by {names[u.name]})",
+                )
             names[u.name] = prefix
             mine = [("bus_socket", u.bus_socket)]
             if u.port.link_path is not None:
@@ -475,13 +502,19 @@ class _Builder:
             for key, p in mine:
                 norm = os.path.normpath(p)
                 if norm in created:
-                    self.fail(f"{prefix}.{key}", f"expected a path of its own, got {_toml(norm)} "
-                              f"(already used by {created[norm]})")
+                    self.fail(
+                        f"{prefix}.{key}",
+                        f"expected a path of its own, got {_toml(norm)} "
+                        f"(already used by {created[norm]})",
+                    )
                 created[norm] = f"{prefix}.{key}"
             if u.bus_tcp is not None:
                 if u.bus_tcp in tcp:
-                    self.fail(f"{prefix}.bus_tcp", f"expected an address of its own, got "
-                              f"{_toml(_hostport(u.bus_tcp))} (already used by {tcp[u.bus_tcp]})")
+                    self.fail(
+                        f"{prefix}.bus_tcp",
+                        f"expected an address of its own, got "
+                        f"{_toml(_hostport(u.bus_tcp))} (already used by {tcp[u.bus_tcp]})",
+                    )
                 tcp[u.bus_tcp] = f"{prefix}.bus_tcp"
 
 

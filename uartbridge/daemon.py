@@ -25,7 +25,12 @@ from . import _sdnotify
 from .checkpoint import Checkpoint, latest_checkpoint
 from .config import Config
 from .control import ControlServer
-from .errors import EX_OK, EX_SOFTWARE, PortUnavailableError, UartBridgeError
+from .errors import (
+    EX_OK,
+    EX_SOFTWARE,
+    CheckpointError,
+    UartBridgeError,
+)
 from .logs import get_logger
 from .service import NS_PER_S, UartService
 from .sockets import default_peer_allowed, ensure_private_dir
@@ -59,10 +64,18 @@ class Daemon:
             return ckpt, path
         if self.config.checkpoint.resume != "auto":
             return None, None
-        found = latest_checkpoint(self.config.daemon.state_dir, name)
-        if found is None:
-            return None, None
-        return found
+        problems: list[str] = []
+        found = latest_checkpoint(self.config.daemon.state_dir, name, problems=problems)
+        if found is None and problems:
+            # Starting afresh would silently throw the saved device away (DESIGN.md rule 4).
+            raise CheckpointError(
+                f"{name}: no valid checkpoint in {self.config.daemon.state_dir}: "
+                + "; ".join(problems)
+                + ' (move the files away, or set [checkpoint] resume = "never")'
+            )
+        for problem in problems:
+            self.log.warning("skipped an invalid checkpoint", uart=name, problem=problem)
+        return found if found is not None else (None, None)
 
     async def start(self) -> None:
         """Create directories, resume or create every UART, open ports, listen."""
@@ -71,7 +84,6 @@ class Daemon:
         ensure_private_dir(daemon_cfg.state_dir, mode=0o700)
         marker = daemon_cfg.state_dir / RUNNING_MARKER
         self.crashed_before = marker.exists()
-        marker.write_text(f"{os.getpid()}\n")
         peer_allowed = default_peer_allowed(daemon_cfg.socket_gid)
         for uart_cfg in self.config.uarts:
             ckpt, path = self._resume_source(uart_cfg.name)
@@ -98,6 +110,7 @@ class Daemon:
             await service.start(fail_fast=daemon_cfg.fail_fast)
         self.control = ControlServer(self, daemon_cfg.control_socket, peer_allowed=peer_allowed)
         await self.control.start()
+        marker.write_text(f"{os.getpid()}\n")
 
     # -- run ------------------------------------------------------------------------------
 
@@ -108,7 +121,7 @@ class Daemon:
             loop.add_signal_handler(signum, self._on_signal)
         try:
             await self.start()
-        except PortUnavailableError:
+        except UartBridgeError:
             await self._close_all()
             raise
         self._announce()

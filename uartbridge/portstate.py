@@ -14,6 +14,10 @@ from .uart import LineSettings
 
 DisconnectPolicy = Literal["buffer", "hold", "discard"]
 
+# Bounds of the host buffers: the config refuses more, and so does a checkpoint reader.
+MAX_RX_BACKLOG_BYTES = 1 << 20
+MAX_TX_BACKLOG_BYTES = 16 << 20
+
 
 class ReaderState(StrEnum):
     """Who is at the far end of the wire (DESIGN.md, reader states)."""
