@@ -66,6 +66,8 @@ class FakeOps(RealTermiosOps):
         self.modem = TIOCM_CTS | TIOCM_DSR | TIOCM_CD
         self.breaks: list[bool] = []
         self.refuse_mask = 0
+        self.flow: list[int] = []
+        self.drains = 0
 
     def tcgetattr(self, fd: int) -> list[Any]:
         if self.attrs is None:
@@ -85,6 +87,12 @@ class FakeOps(RealTermiosOps):
 
     def set_break(self, fd: int, on: bool) -> None:
         self.breaks.append(on)
+
+    def tcflow(self, fd: int, action: int) -> None:
+        self.flow.append(action)
+
+    def tcdrain(self, fd: int) -> None:
+        self.drains += 1
 
 
 def _with_fake(test: Any) -> None:
@@ -180,3 +188,33 @@ def test_fake_port_line_error_and_break_reach_lsr() -> None:
         assert counters["framing_errors"] == 1 and counters["breaks_received"] == 1  # type: ignore[index]
 
     _with_fake(body)
+
+
+def test_quiesce_holds_the_peer_back_and_drains() -> None:
+    """quiesce: RTS drops under rtscts, XOFF goes out under xonxoff, tcdrain runs, reads stop."""
+
+    async def run() -> None:
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        fake = FakeOps()
+        try:
+            settings = PortSettings(url=os.ttyname(slave), rtscts=True, xonxoff=True)
+            g = Guest(settings, termios_ops=fake)
+            await g.link.open()
+            g.setup(mcr=0x0B)
+            assert fake.modem & TIOCM_RTS
+            await g.link.quiesce()
+            assert not fake.modem & TIOCM_RTS
+            assert fake.flow == [termios.TCIOFF]
+            assert fake.drains == 1
+            os.write(master, b"after quiesce")
+            await asyncio.sleep(0.05)
+            assert g.uart.read(5) & Lsr.DR == 0  # nothing read once quiesced
+            assert g.link.state().rx_backlog == b""
+            await g.link.close()
+        finally:
+            os.close(master)
+            os.close(slave)
+
+    asyncio.run(run())
