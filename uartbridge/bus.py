@@ -646,6 +646,9 @@ class _Connection(asyncio.Protocol):
         self._claim_deadline = 0.0
         self._peer = "?"
         self.frames_executed = 0
+        # Output of the frames being executed by _run, written with one transport.write
+        # (one send: IRQ frames and the reply reach the guest together); None outside _run.
+        self._out: bytearray | None = None
 
     # -- transport callbacks --
 
@@ -759,6 +762,17 @@ class _Connection(asyncio.Protocol):
 
     def _run(self) -> None:
         """Execute buffered frames back to back until none is left or output is backed up."""
+        if self._out is not None:
+            self._run_frames()  # re-entered: the outer call flushes
+            return
+        self._out = bytearray()
+        try:
+            self._run_frames()
+        finally:
+            self._flush()
+            self._out = None
+
+    def _run_frames(self) -> None:
         decoder = self._decoder
         while not self._closing and not self._write_paused:
             try:
@@ -839,6 +853,22 @@ class _Connection(asyncio.Protocol):
                 self._send(_IRQ_HIGH if level else _IRQ_LOW)
 
     def _send(self, data: bytes) -> None:
+        out = self._out
+        if out is not None:
+            out += data
+            if len(out) >= _OUT_BATCH:
+                self._flush()  # lets pause_writing stop the batch near the high-water mark
+            return
+        self._write(data)
+
+    def _flush(self) -> None:
+        out = self._out
+        if out:
+            data = bytes(out)
+            out.clear()
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
         transport = self._transport
         if transport is None or self._closing:
             return
@@ -860,6 +890,7 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, code: ErrorCode, message: str) -> None:
         """Send an ERROR frame, then close (aborting if the peer does not take it)."""
+        self._flush()  # the replies to earlier frames go first
         transport = self._transport
         if transport is None or self._closing:
             return
@@ -874,6 +905,7 @@ class _Connection(asyncio.Protocol):
         self._fail(ErrorCode.SHUTTING_DOWN, "server is shutting down")
 
 
+_OUT_BATCH = 16 * 1024
 _IRQ_HIGH = _frame(FrameType.IRQ, b"\x01")
 _IRQ_LOW = _frame(FrameType.IRQ, b"\x00")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import select
 import socket
@@ -72,6 +73,13 @@ def _describe(target: tuple[str, int] | str) -> str:
     return f"tcp:{target[0]}:{target[1]}" if isinstance(target, tuple) else target
 
 
+def _poll_ms(timeout_s: float | None) -> int:
+    """A poll() timeout in ms, rounded up (so a wait is never shorter than asked); -1: forever."""
+    if timeout_s is None:
+        return -1
+    return max(0, math.ceil(timeout_s * 1000))
+
+
 def _chunks(data: bytes) -> list[bytes]:
     return [data[i : i + MAX_BURST] for i in range(0, len(data), MAX_BURST)]
 
@@ -88,6 +96,13 @@ class BusClient:
         self._closed = False
         self._tokens = itertools.count(1)
         self._sock = self._connect()
+        # Non-blocking from here on, waiting with poll() only when the kernel says EAGAIN:
+        # a socket with a timeout costs a poll() before every send and recv.
+        self._sock.setblocking(False)
+        self._rpoll = select.poll()
+        self._rpoll.register(self._sock, select.POLLIN)
+        self._wpoll = select.poll()
+        self._wpoll.register(self._sock, select.POLLOUT)
         try:
             self._sock.sendall(encode(Hello(PROTOCOL_VERSION)))
             reply = self._expect(HelloReply)
@@ -127,13 +142,34 @@ class BusClient:
         if self._closed:
             raise BusError("bus connection is closed")
         try:
-            self._sock.settimeout(self._timeout_s)
-            self._sock.sendall(data)
+            self._send_all(data)
         except OSError as exc:
             # The server may have said why before closing: surface its ERROR frame if so.
             self._drain_after_failure()
             self._closed = True
             raise BusError(f"bus connection lost while sending: {exc.strerror or exc}") from exc
+
+    def _send_all(self, data: bytes) -> None:
+        sock = self._sock
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        timeout_s = self._timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while view:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError("timed out")
+            if not self._wpoll.poll(_poll_ms(remaining)):
+                continue
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                continue
 
     def _drain_after_failure(self) -> None:
         with contextlib.suppress(OSError, BusError):
@@ -157,7 +193,8 @@ class BusClient:
     def _fill(self, timeout_s: float | None) -> bool:
         """Receive once (waiting up to ``timeout_s``; None: forever). False on timeout."""
         try:
-            self._sock.settimeout(timeout_s)
+            if timeout_s != 0 and not self._rpoll.poll(_poll_ms(timeout_s)):
+                return False
             data = self._sock.recv(_RECV_SIZE)
         except (TimeoutError, BlockingIOError):
             return False

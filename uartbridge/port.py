@@ -729,12 +729,16 @@ class PortLink:
         )
 
     def _update_reading(self) -> None:
+        # Hysteresis: once the reader is off for lack of room, it comes back when half the
+        # backlog is free, not for every RBR read (each toggle is two epoll_ctl calls and a
+        # tiny read). Reads are still bounded by the room there is.
+        need = 1 if self._reading else max(1, self._settings.rx_backlog_bytes // 2)
         want = (
             self._io is not None
             and not self._quiesced
             and not self._closed
             and self._state is not ReaderState.DISCONNECTED
-            and self._rx_room() > 0
+            and self._rx_room() >= need
         )
         self._set_reading(want)
 
