@@ -112,6 +112,9 @@ def test_checkpoint_stop_and_resume_mid_transfer_lose_nothing(tmp_path: Path) ->
                 assert result.returncode == 0, result.stderr + d.log()
                 assert d.wait_exit() == 0
                 d.proc = None
+                # The state directory holds the same state, so a plain `run` would resume it too.
+                in_state_dir = read_checkpoint(checkpoint_path(d.state_dir, "uart0"))
+                assert in_state_dir == read_checkpoint(output)
                 d.start("resume", str(output))
                 guest.resume()
             wait_streams(guest, far)

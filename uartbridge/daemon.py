@@ -212,7 +212,7 @@ class Daemon:
         written: dict[str, str] = {}
         for service in targets:
             path = output if service.name == output_for else None
-            written[service.name] = str(service.write_checkpoint(path))
+            written[service.name] = str(service.write_checkpoint(path, also_state_dir=stop))
             service.log.info("checkpoint written", path=written[service.name], stop=stop)
         return written
 

@@ -193,11 +193,18 @@ class UartService:
             port=self.link.state(),
         )
 
-    def write_checkpoint(self, output: Path | None = None) -> Path:
-        """Snapshot and write atomically; the default path keeps the previous one beside it."""
+    def write_checkpoint(self, output: Path | None = None, *, also_state_dir: bool = False) -> Path:
+        """Snapshot and write atomically (to ``output``, else the state directory).
+
+        ``also_state_dir`` writes the same snapshot to the state directory too, so that a
+        later ``run`` never resumes from an older state than the one just handed out.
+        """
         ckpt = self.snapshot()
-        path = output if output is not None else checkpoint_path(self.state_dir, self.name)
+        default = checkpoint_path(self.state_dir, self.name)
+        path = output if output is not None else default
         write_checkpoint(path, ckpt)
+        if also_state_dir and path != default:
+            write_checkpoint(default, ckpt)
         self.last_checkpoint_path = path
         self.last_checkpoint_unix_ns = ckpt.meta.created_unix_ns
         return path
@@ -265,4 +272,3 @@ def _line_summary(uart: Uart16550) -> str:
     s = uart.line_settings
     stop = f"{s.stop_bits:g}"
     return f"{s.baud} {s.data_bits}{s.parity}{stop}" + (" break" if s.break_on else "")
-
