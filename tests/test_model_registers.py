@@ -574,3 +574,26 @@ def test_statistics_counters() -> None:
     stats = uart.statistics()
     assert stats.tx_flushed == 2
     assert stats.rx_flushed == 1  # the break's NUL
+
+
+def test_events_report_the_irq_level_and_break_edges() -> None:
+    """take_events(): `irq` is the last level taken; `break_on` only when LCR's break bit moved."""
+    uart = Uart16550(clock=FakeClock())
+    uart.take_events()
+    uart.write(1, 0x02)
+    events = uart.take_events()
+    assert events.irq is True and events.break_on is None
+    uart.write(3, 0x43)
+    assert uart.take_events().break_on is True
+    uart.write(3, 0x43)
+    assert uart.take_events().break_on is None
+    uart.write(3, 0x03)
+    assert uart.take_events().break_on is False
+    assert uart.take_events().irq is None
+
+
+def test_state_exposes_modem_inputs() -> None:
+    """UartState.modem_inputs are the MSR levels set by set_modem_inputs."""
+    uart = Uart16550(clock=FakeClock())
+    uart.set_modem_inputs(cts=False, dsr=True, ri=True, dcd=False)
+    assert uart.state().modem_inputs == {"cts": False, "dsr": True, "ri": True, "dcd": False}

@@ -195,16 +195,23 @@ class UartEvents:
 
     ``irq_changes`` lists IRQ levels in the order they were taken (at most the last two, so an
     edge hidden inside one access — low then high — still shows). The other fields are the
-    new value, or None when unchanged. ``tx_ready`` means new bytes wait for the wire;
-    ``rx_space`` means the guest read RBR, so ``can_receive()`` may have grown.
+    new value, or None when unchanged (``break_on``: LCR's break bit changed to this level).
+    ``tx_ready`` means new bytes wait for the wire; ``rx_space`` means the guest read RBR, so
+    ``can_receive()`` may have grown.
     """
 
     irq_changes: tuple[bool, ...] = ()
     line_settings: LineSettings | None = None
+    break_on: bool | None = None
     modem_outputs: ModemOutputs | None = None
     msi_enabled: bool | None = None
     tx_ready: bool = False
     rx_space: bool = False
+
+    @property
+    def irq(self) -> bool | None:
+        """The IRQ level after the last change, or None if it did not change."""
+        return self.irq_changes[-1] if self.irq_changes else None
 
 
 NO_EVENTS = UartEvents()
@@ -249,6 +256,16 @@ class UartState:
     timeout_remaining_ns: int | None = None
     reset_timing: bool = True
     statistics: UartStatistics = field(default_factory=UartStatistics)
+
+    @property
+    def modem_inputs(self) -> dict[str, bool]:
+        """The modem input levels the state holds (MSR bits 4–7): cts, dsr, ri, dcd."""
+        return {
+            "cts": bool(self.msr & Msr.CTS),
+            "dsr": bool(self.msr & Msr.DSR),
+            "ri": bool(self.msr & Msr.RI),
+            "dcd": bool(self.msr & Msr.DCD),
+        }
 
     @property
     def fifo_enabled(self) -> bool:
@@ -451,6 +468,7 @@ class Uart16550:
         uart = cls(baudbase=state.baudbase, clock=clock, tx_retry_limit=state.tx_retry_limit)
         uart._load(state, now_ns=clock())
         uart._line_changed = True
+        uart._break_changed = bool(state.lcr & Lcr.SBC)
         uart._modem_outputs_changed = True
         uart._tx_ready = bool(uart.tx_pending())
         return uart
@@ -489,6 +507,7 @@ class Uart16550:
         self._irq = False
         self._irq_changes: list[bool] = []
         self._line_changed = False
+        self._break_changed = False
         self._modem_outputs_changed = False
         self._msi_changed = False
         self._tx_ready = False
@@ -554,7 +573,7 @@ class Uart16550:
         self._thr_ipending = False
         self._set_irq(False)
         if had_break:
-            self._line_changed = True
+            self._line_changed = self._break_changed = True
         if old_mcr != self._mcr:
             self._modem_outputs_changed = True
 
@@ -734,7 +753,7 @@ class Uart16550:
         self._lcr = value
         self._update_parameters()
         if (old ^ value) & Lcr.SBC:
-            self._line_changed = True
+            self._break_changed = True
 
     def _write_mcr(self, value: int) -> None:
         old = self._mcr
@@ -970,6 +989,7 @@ class Uart16550:
         if not (
             self._irq_changes
             or self._line_changed
+            or self._break_changed
             or self._modem_outputs_changed
             or self._msi_changed
             or self._tx_ready
@@ -979,6 +999,7 @@ class Uart16550:
         events = UartEvents(
             irq_changes=tuple(self._irq_changes),
             line_settings=self.line_settings if self._line_changed else None,
+            break_on=bool(self._lcr & Lcr.SBC) if self._break_changed else None,
             modem_outputs=self.modem_outputs if self._modem_outputs_changed else None,
             msi_enabled=self.msi_enabled if self._msi_changed else None,
             tx_ready=self._tx_ready and bool(self.tx_pending()),
@@ -986,7 +1007,7 @@ class Uart16550:
         )
         self._irq_changes.clear()
         self._line_changed = self._modem_outputs_changed = self._msi_changed = False
-        self._tx_ready = self._rx_space = False
+        self._break_changed = self._tx_ready = self._rx_space = False
         return events
 
 
