@@ -10,6 +10,7 @@ import contextlib
 import os
 import select
 import struct
+import termios
 import threading
 import time
 import tty
@@ -95,14 +96,13 @@ class GuestRunner:
 
     def _do_pause(self) -> None:
         assert self.client is not None
+        self._pause.clear()  # honoured; a pause() after the coming resume() is a new request
         with contextlib.suppress(BusError):
             self.client.sync()
         self.client.close()
         self._paused.set()
         self._resume.wait()
         self._resume.clear()
-        self._pause.clear()
-        self._paused.clear()
         if self._stop.is_set():
             return
         self.client = BusClient(self.bus_path)
@@ -120,6 +120,9 @@ class GuestRunner:
         """Reconnect (to ``bus_path`` if it moved) and go on."""
         if bus_path is not None:
             self.bus_path = bus_path
+        # Cleared here, not by the thread: a pause() right after resume() must wait for the
+        # thread to pause again, not return on the flag of the previous pause.
+        self._paused.clear()
         self._resume.set()
 
     def stop(self) -> None:
@@ -160,7 +163,8 @@ class FarEnd:
     def start(self) -> None:
         """Open the path and start the thread."""
         self.fd = os.open(self.path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-        tty.setraw(self.fd)
+        # TCSANOW: tty.setraw's default TCSAFLUSH would discard what the daemon already sent.
+        tty.setraw(self.fd, termios.TCSANOW)
         self._thread.start()
 
     def stall(self) -> None:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import REPO, daemon, socat_pair
+from procs import REPO, Socat, daemon, socat_pair
 from streams import FarEnd, GuestRunner, assert_exact, sequence_stream, wait_streams
 
 from uartbridge.checkpoint import checkpoint_path, read_checkpoint
@@ -310,3 +310,30 @@ def test_invalid_checkpoint_in_the_state_directory_refuses_to_start(tmp_path: Pa
         assert d.wait_exit() == 65
         assert "no valid checkpoint" in d.log() and "Traceback" not in d.log()
         assert path.read_bytes() == saved[:-20]  # the evidence is left as it was
+
+
+def test_port_that_appears_later_gets_what_the_guest_sent_meanwhile(tmp_path: Path) -> None:
+    """A port missing at start is reopened with backoff; `buffer` keeps what the guest sent."""
+    pair = Socat(a=tmp_path / "late-a", b=tmp_path / "late-b")
+    with daemon(tmp_path / "d", [_socat_uart(pair.a, reconnect_max_s=0.2)]) as d:
+        d.start()
+        try:
+            assert d.status()["uarts"][0]["reader_state"] == "disconnected"
+            with BusClient(d.bus()) as client:
+                guest = Guest8250(client)
+                guest.startup(115200)
+                assert client.read(6) & 0xA0 == 0  # no peer: DSR and DCD low
+                guest.write(b"sent before the port existed")
+                assert guest.drain(10)  # taken by the buffer policy, not back-pressured
+                pair.start()
+                far = os.open(pair.b, os.O_RDWR | os.O_NOCTTY)
+                try:
+                    got = b""
+                    while len(got) < 28:
+                        got += os.read(far, 100)
+                    assert got == b"sent before the port existed"
+                finally:
+                    os.close(far)
+            assert d.status()["uarts"][0]["reader_state"] == "connected"
+        finally:
+            pair.stop()

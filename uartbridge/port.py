@@ -289,15 +289,29 @@ class PortLink:
             "last_error": self._last_error,
         }
 
-    async def open(self) -> None:
-        """Open the port; ``PortUnavailableError`` if it is not there (the caller may retry)."""
+    async def open(self, *, retry: bool = False) -> None:
+        """Open the port; ``PortUnavailableError`` if it is not there.
+
+        With ``retry``, a port that is not there yet is no error: the link starts
+        disconnected (``on_disconnect`` applies to what the guest sends meanwhile) and keeps
+        reopening the path with backoff, as after a disconnect.
+        """
         if self._opened:
             raise PortError("port link already open")
         self._loop = asyncio.get_running_loop()
         if self._kind == "pty":
             self._open_owned_pty()
         else:
-            await self._connect()
+            try:
+                await self._connect()
+            except PortUnavailableError as exc:
+                if not retry:
+                    raise
+                self._opened = True
+                self._error("open failed", exc)
+                self._synthesize_modem_inputs()
+                self._schedule_reconnect()
+                return
         self._opened = True
 
     def on_events(self, events: UartEvents) -> None:

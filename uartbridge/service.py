@@ -23,9 +23,9 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import UartConfig
-from .errors import PortUnavailableError
 from .logs import TraceFile
 from .port import PortLink
+from .portstate import ReaderState
 from .registers import REGISTER_BITS, Lsr, decode_bits
 from .uart import NO_EVENTS, Uart16550
 
@@ -83,7 +83,6 @@ class UartService:
         self.port_open = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline_ns: int | None = None
-        self._open_task: asyncio.Task[None] | None = None
         self._settling = False
 
     # -- the glue ---------------------------------------------------------------------------
@@ -137,35 +136,16 @@ class UartService:
         if self.config.bus_tcp is not None:
             host, port = self.config.bus_tcp
             await self.bus.start_tcp(host, port)
-        try:
-            await self._open_port()
-        except PortUnavailableError as exc:
-            if fail_fast:
-                raise
-            self.log.warning("port unavailable, retrying", error=str(exc))
-            self._open_task = asyncio.create_task(self._open_with_backoff())
-
-    async def _open_port(self) -> None:
-        await self.link.open()
+        # Without fail_fast, a port that is not there yet is reopened by the link with
+        # backoff, and its on_disconnect policy applies meanwhile.
+        await self.link.open(retry=not fail_fast)
         self.port_open = True
+        if self.link.reader_state is ReaderState.DISCONNECTED and self.config.port.url != "pty:":
+            self.log.warning("port unavailable, retrying", port=self.config.port.url)
         self.on_uart_change()
-
-    async def _open_with_backoff(self) -> None:
-        delay_s = self.config.port.reconnect_min_s
-        while True:
-            await asyncio.sleep(delay_s)
-            try:
-                await self._open_port()
-            except PortUnavailableError:
-                delay_s = min(delay_s * 2, self.config.port.reconnect_max_s)
-                continue
-            self.log.info("port opened")
-            return
 
     async def stop(self) -> None:
         """Close the bus and the port; the model's state stays as it was."""
-        if self._open_task is not None:
-            self._open_task.cancel()
         if self._timer is not None:
             self._timer.cancel()
         await self.bus.close()

@@ -379,19 +379,43 @@ def gaps(segs: list[Segment], sent_len: int) -> list[Gap]:
     return out
 
 
+def coverage(segs: list[Segment], sent_len: int) -> tuple[int, int]:
+    """(bytes of ``sent`` received nowhere, bytes of ``sent`` received more than once)."""
+    edges: list[tuple[int, int]] = []
+    for s in segs:
+        if s.src is not None and s.length:
+            edges += [(s.src, 1), (s.src + s.length, -1)]
+    edges.sort()
+    missing = duplicated = 0
+    depth = 0
+    pos = 0
+    for at, step in [*edges, (sent_len, 0)]:
+        if depth == 0:
+            missing += at - pos
+        elif depth > 1:
+            duplicated += (at - pos) * (depth - 1)
+        depth += step
+        pos = at
+    return missing, duplicated
+
+
 def describe(segs: list[Segment], sent_len: int) -> str:
-    """A one-line picture of the segments and gaps, for assertion messages and reports."""
+    """A one-line picture of the segments, jumps, and what is missing or repeated overall."""
     pieces = []
     for s in segs:
         if s.src is None:
             pieces.append(f"[{s.length} B unplaced at {s.at}]")
         else:
             pieces.append(f"[sent {s.src}..{s.src + s.length}]")
-    gap_text = ", ".join(
-        f"{'lost' if g.delta > 0 else 'repeated'} {abs(g.delta)} B at sent {g.prev_end}"
+    jumps = ", ".join(
+        f"{'skips' if g.delta > 0 else 'jumps back'} {abs(g.delta)} B at sent {g.prev_end}"
         for g in gaps(segs, sent_len)
     )
-    return " ".join(pieces) + f"; gaps: {gap_text or 'none'}"
+    missing, duplicated = coverage(segs, sent_len)
+    return (
+        " ".join(pieces)
+        + f"; jumps: {jumps or 'none'}; missing {missing} B, repeated {duplicated} B"
+    )
 
 
 @dataclass(frozen=True)
