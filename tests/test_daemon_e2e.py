@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import REPO, Socat, daemon, socat_pair
+from procs import REPO, Socat, daemon, require_program, socat_pair, wait_for
 from streams import FarEnd, GuestRunner, assert_exact, sequence_stream, wait_streams
 
 from uartbridge.checkpoint import checkpoint_path, read_checkpoint
@@ -337,3 +338,47 @@ def test_port_that_appears_later_gets_what_the_guest_sent_meanwhile(tmp_path: Pa
             assert d.status()["uarts"][0]["reader_state"] == "connected"
         finally:
             pair.stop()
+
+
+def test_console_under_tmux_passes_keys_and_output(tmp_path: Path) -> None:
+    """`uartbridge console` in a real terminal (tmux): keys reach the far end and back."""
+    tmux = require_program("tmux")
+    env = dict(os.environ, TMUX_TMPDIR=str(tmp_path / "tmux"))
+    (tmp_path / "tmux").mkdir()
+
+    def run_tmux(*args: str) -> str:
+        return subprocess.run(
+            [tmux, *args], env=env, capture_output=True, text=True, check=True, timeout=10
+        ).stdout
+
+    with socat_pair(tmp_path) as pair, daemon(tmp_path / "d", [_socat_uart(pair.a)]) as d:
+        d.start()
+        far = os.open(pair.b, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        console = f"{sys.executable} -m uartbridge console --socket {d.bus()}"
+        try:
+            run_tmux("new-session", "-d", "-s", "console", "-x", "100", "-y", "20", console)
+            wait_for(lambda: "exit with Ctrl-]" in run_tmux("capture-pane", "-p", "-t", "console"))
+            run_tmux("send-keys", "-t", "console", "typed at the console")
+            got = bytearray()
+
+            def far_got_it() -> bool:
+                with contextlib.suppress(BlockingIOError):
+                    got.extend(os.read(far, 100))
+                return bytes(got) == b"typed at the console"
+
+            wait_for(far_got_it)
+            os.write(far, b"written at the far end")
+            wait_for(
+                lambda: "written at the far end" in run_tmux("capture-pane", "-p", "-t", "console")
+            )
+            run_tmux("send-keys", "-t", "console", "C-]")
+            # Ctrl-] ends the console, and with it the tmux session.
+            wait_for(
+                lambda: subprocess.run(
+                    [tmux, "has-session", "-t", "console"], env=env, capture_output=True
+                ).returncode
+                != 0
+            )
+        finally:
+            os.close(far)
+            subprocess.run([tmux, "kill-server"], env=env, capture_output=True)
