@@ -92,8 +92,14 @@ def test_far_end_stalled_five_seconds_back_pressures_the_guest_and_loses_nothing
             seen_at = (0, 0, 0)
             seen_after_s = 0.0
             cli_view: dict[str, Any] | None = None
-            # Stall for 5 s, and (on a slow machine) until the back-pressure has been seen.
-            while time.monotonic() - stalled_at < 5.0 or not samples:
+            # Stall for 5 s, and (on a slow machine) until the back-pressure has been seen
+            # and the guest has had 1 s more to read LSR while it lasts.
+            seen_mono = 0.0
+            while (
+                time.monotonic() - stalled_at < 5.0
+                or not samples
+                or time.monotonic() - seen_mono < 1.0
+            ):
                 guest.check()
                 far.check()
                 uart = _uart_status(d)
@@ -103,6 +109,7 @@ def test_far_end_stalled_five_seconds_back_pressures_the_guest_and_loses_nothing
                         seen_at = (guest.lsr_reads, guest.lsr_temt_low,
                                    guest.guest.counters.tx_bytes)
                         seen_after_s = time.monotonic() - stalled_at
+                        seen_mono = time.monotonic()
                     samples.append(uart)
                     if cli_view is None:
                         cli_view = d.status()["uarts"][0]  # the real `status --json`
