@@ -23,6 +23,7 @@ Prints a table (medians over runs) and one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import select
@@ -114,10 +115,8 @@ def start_far_end(path: Path) -> tuple[mp.process.BaseProcess, Connection]:
 
 def stop_far_end(proc: mp.process.BaseProcess | None, conn: Connection | None) -> None:
     if conn is not None:
-        try:
+        with contextlib.suppress(OSError):
             conn.send(None)
-        except OSError:
-            pass
     if proc is not None:
         proc.join(5.0)
         if proc.is_alive():

@@ -836,6 +836,17 @@ class Uart16550:
             return self._trigger - count if count <= self._trigger else 1
         return 0 if self._lsr & Lsr.DR else 1
 
+    def rx_readable(self) -> int:
+        """How many RBR reads find a character with no line error pending, as LSR stands now.
+
+        0 while LSR.DR is 0 or any of OE, PE, FE, BI is set; else the RX FIFO's fill (1
+        without FIFOs). No side effects: the bus's READ_N stop rule without ``state()``.
+        """
+        lsr = self._lsr
+        if not lsr & Lsr.DR or lsr & (Lsr.OE | Lsr.PE | Lsr.FE | Lsr.BI):
+            return 0
+        return len(self._rx) if self._fcr & Fcr.FE else 1
+
     def receive(self, data: bytes) -> int:
         """Take bytes from the wire; returns how many were accepted (≤ ``can_receive()``)."""
         if self._deadline_ns is not None:
