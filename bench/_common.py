@@ -383,3 +383,29 @@ def machine() -> dict[str, Any]:
 def add_runs_arg(parser: Any, default: int = 5) -> None:
     parser.add_argument("--runs", type=int, default=default,
                         help=f"repetitions; figures are medians (default {default})")
+
+
+def socket_ping_pong_p50_us(rounds: int = 5000) -> float:
+    """The machine's floor for a round trip: p50 of a bare 1-byte AF_UNIX ping-pong between
+    two processes (this VM's scheduler latency moves it between ~10 and ~50 µs)."""
+    import socket as _socket
+
+    here, there = _socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the echo process
+        here.close()
+        while data := there.recv(64):
+            there.send(data)
+        os._exit(0)
+    there.close()
+    times: list[int] = []
+    try:
+        for _ in range(rounds):
+            start = time.perf_counter_ns()
+            here.send(b"x")
+            here.recv(64)
+            times.append(time.perf_counter_ns() - start)
+    finally:
+        here.close()
+        os.waitpid(pid, 0)
+    return percentile(times, 0.5) / 1000

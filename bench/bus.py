@@ -28,6 +28,7 @@ from _common import (
     need_program,
     percentile,
     print_table,
+    socket_ping_pong_p50_us,
     stop_process,
     temp_dir,
     wait_for,
@@ -101,6 +102,7 @@ def main() -> None:
             daemon.stop()
             stop_process(sink)
 
+    floor_us = socket_ping_pong_p50_us()
     figures = [
         Figure("posted_writes_per_s", "posted single THR writes (executed)", "ops/s",
                rates, 100_000, ">=", 0),
@@ -111,9 +113,17 @@ def main() -> None:
         f"bus bench: {args.runs} runs, {args.writes} posted writes + SYNC and "
         f"{args.reads} READs per run",
         figures,
-        ["daemon: separate process, port = socat pty -> /dev/null; client: BusClient, Unix socket"],
+        [
+            "daemon: separate process, port = socat pty -> /dev/null; client: BusClient",
+            f"floor: a bare AF_UNIX 1-byte ping-pong between two processes, p50 {floor_us:.1f} us",
+        ],
     )
-    print(json_line("bus", figures, writes_per_run=args.writes, reads_per_run=args.reads))
+    print(
+        json_line(
+            "bus", figures, writes_per_run=args.writes, reads_per_run=args.reads,
+            socket_ping_pong_p50_us=round(floor_us, 1),
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -521,3 +521,36 @@ def test_stale_socket_replaced_and_live_socket_refused() -> None:
         run_async(main)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_thr_bursts_lose_nothing_when_the_wire_takes_everything() -> None:
+    """WRITE_N and runs of posted WRITEs to THR, far past 16 bytes, all reach the wire in order."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        guest = await RawGuest.open(path)
+        data = bytes(range(256)) * 2
+        guest.send(Write(FCR, 0x07), WriteN(THR, data))
+        guest.send(*[Write(THR, b) for b in data])
+        guest.send(Write(FCR, 0x00), *[Write(THR, b) for b in data[:40]])  # without FIFOs too
+        assert (await read_reg(guest, LSR))[1] == 0x60
+        assert bytes(wire.sent) == data + data + data[:40]
+        assert uart.statistics().tx_overwrites == 0
+        await guest.close()
+
+    serve(body)
+
+
+def test_read_n_goes_on_while_the_port_refills_the_fifo() -> None:
+    """READ_N from RBR drains the FIFO, lets the port refill it, and returns the whole run."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        guest = await RawGuest.open(path)
+        guest.send(Write(FCR, 0x87))  # trigger 8: the port fills the FIFO 8 bytes at a time
+        assert (await read_reg(guest, LSR))[1] == 0x60
+        wire.feed(bytes(range(100)))
+        assert uart.state().rx_fifo == bytes(range(8))
+        guest.send(ReadN(RBR, 256))
+        assert (await guest.recv_until(ReadNReply))[-1] == ReadNReply(RBR, bytes(range(100)))
+        await guest.close()
+
+    serve(body)

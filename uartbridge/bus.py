@@ -37,6 +37,7 @@ import contextlib
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from typing import Any
 import structlog
 
 from .errors import BusError
-from .registers import FIFO_SIZE, LCR, RBR, Lcr
+from .registers import FIFO_SIZE, LCR, RBR, THR, Lcr
 from .sockets import PeerCredentials, bind_unix, peer_credentials
 from .uart import Clock, Uart16550
 
@@ -654,6 +655,7 @@ class _Connection(asyncio.BufferedProtocol):
         # Output of the frames being executed by _run, written with one transport.write
         # (one send: IRQ frames and the reply reach the guest together); None outside _run.
         self._out: bytearray | None = None
+        self._unsettled = False  # posted writes not yet followed by a settle
         self._rbuf = bytearray(_READ_SIZE)
         self._rview = memoryview(self._rbuf)
 
@@ -781,6 +783,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._out = bytearray()
         try:
             self._run_frames()
+            if self._unsettled:
+                self._settle()  # posted writes of this batch reach the wire in this step
+        except Exception:
+            self._internal_error()
         finally:
             self._flush()
             self._out = None
@@ -803,9 +809,8 @@ class _Connection(asyncio.BufferedProtocol):
             except FrameError as exc:
                 self._fail(exc.code, exc.message)
                 return
-            except Exception as exc:
-                self._server.log.exception("bus.internal_error", uart=self._server.name)
-                self._fail(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+            except Exception:
+                self._internal_error()
                 return
             self.frames_executed += 1
 
@@ -827,24 +832,29 @@ class _Connection(asyncio.BufferedProtocol):
                 encode(HelloReply(PROTOCOL_VERSION, SERVER_CAPABILITIES, uart.irq, server.name))
             )
             return
+        # Posted writes are settled lazily: before anything that observes the device (a
+        # reply), before a THR write that would overwrite an unsent byte, and at the end of
+        # the batch. The guest cannot tell (every observation comes after a settle), and a
+        # burst of THR writes leaves in one os.write (see docs/bus-protocol.md, "Settling").
         if isinstance(frame, Write):
-            uart.write(frame.offset, frame.value)
-            self._settle()
+            self._write_register(frame.offset, frame.value)
         elif isinstance(frame, Read):
+            if self._unsettled:
+                self._settle()
             value = uart.read(frame.offset)
             self._settle()
             self._send(_frame(FrameType.READ_REPLY, bytes((frame.offset, value))))
         elif isinstance(frame, WriteN):
             offset = frame.offset
-            write = uart.write
             for value in frame.data:
-                write(offset, value)
-            self._settle()
+                self._write_register(offset, value)
         elif isinstance(frame, ReadN):
-            data = _read_n(uart, frame.offset, frame.count)
+            data = self._read_n(frame.offset, frame.count)
             self._settle()
             self._send(_frame(FrameType.READ_N_REPLY, bytes((frame.offset,)) + data))
         elif isinstance(frame, Sync):
+            if self._unsettled:
+                self._settle()
             self._send(_frame(FrameType.SYNC_REPLY, _U32.pack(frame.token)))
         elif isinstance(frame, Hello):
             raise FrameError(ErrorCode.PROTOCOL, "HELLO sent twice")
@@ -853,7 +863,52 @@ class _Connection(asyncio.BufferedProtocol):
                 ErrorCode.PROTOCOL, f"{type(frame).__name__} is not sent by a guest"
             )
 
+    def _internal_error(self) -> None:
+        """Our own bug (or the daemon's settle failed): log it, tell the guest, disconnect."""
+        exc = sys.exc_info()[1]
+        self._server.log.exception("bus.internal_error", uart=self._server.name)
+        self._unsettled = False
+        self._fail(ErrorCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    def _write_register(self, offset: int, value: int) -> None:
+        """A posted write. Only THR writes are left unsettled: any other register write may
+        flush, loop back or re-time what waits, so the wire takes it first; so it does
+        before a THR write that would overwrite an unsent byte."""
+        uart = self._server.uart
+        if self._unsettled and (
+            offset != THR or uart.read(LCR) & Lcr.DLAB or uart.tx_full()
+        ):
+            self._settle()
+        uart.write(offset, value)
+        self._unsettled = True
+
+    def _read_n(self, offset: int, count: int) -> bytes:
+        """READ_N: ``count`` reads of ``offset``; RBR reads stop at DR=0 or a pending error.
+
+        For RBR (offset 0, DLAB=0) the stop rule is evaluated on LSR as it stands, without
+        LSR's read side effects. When the RX FIFO runs dry the burst settles once, so the
+        port can refill it from what it already read (as a back end delivers input between
+        two guest reads), and goes on while data keeps coming.
+        """
+        uart = self._server.uart
+        read = uart.read
+        if self._unsettled:
+            self._settle()
+        if offset != RBR or read(LCR) & Lcr.DLAB:
+            return bytes([read(offset) for _ in range(count)])
+        data = bytearray()
+        while len(data) < count:
+            available = uart.rx_readable()
+            if not available:
+                self._settle()
+                available = uart.rx_readable()
+                if not available:
+                    break
+            data += bytes([read(RBR) for _ in range(min(count - len(data), available))])
+        return bytes(data)
+
     def _settle(self) -> None:
+        self._unsettled = False
         self.send_irq(self._server.settle())
 
     def send_irq(self, levels: Sequence[bool]) -> None:
@@ -922,23 +977,6 @@ _OUT_BATCH = 16 * 1024
 _READ_SIZE = 64 * 1024
 _IRQ_HIGH = _frame(FrameType.IRQ, b"\x01")
 _IRQ_LOW = _frame(FrameType.IRQ, b"\x00")
-
-
-def _read_n(uart: Uart16550, offset: int, count: int) -> bytes:
-    """READ_N: ``count`` reads of ``offset``; RBR reads stop at DR=0 or a pending error bit.
-
-    For RBR (offset 0, DLAB=0) the stop rule is evaluated before each read, on LSR as it
-    stands, without LSR's read side effects. Within one burst only the RBR reads themselves
-    change LSR (DR falls when the FIFO empties, BI with it), so one look at the state up
-    front tells how many reads the rule allows.
-    """
-    read = uart.read
-    if offset != RBR or read(LCR) & Lcr.DLAB:
-        return bytes([read(offset) for _ in range(count)])
-    available = uart.rx_readable()
-    if not available:
-        return b""
-    return bytes([read(RBR) for _ in range(min(count, available))])
 
 
 class BusServer:

@@ -836,6 +836,12 @@ class Uart16550:
             return self._trigger - count if count <= self._trigger else 1
         return 0 if self._lsr & Lsr.DR else 1
 
+    def tx_full(self) -> bool:
+        """A THR write now would overwrite an unsent byte (TX FIFO full, or THR holding one)."""
+        if self._fcr & Fcr.FE:
+            return len(self._tx) >= FIFO_SIZE
+        return not self._lsr & Lsr.THRE
+
     def rx_readable(self) -> int:
         """How many RBR reads find a character with no line error pending, as LSR stands now.
 
