@@ -48,7 +48,7 @@ from typing import Any
 import structlog
 
 from .errors import BusError
-from .registers import FIFO_SIZE, LCR, RBR, THR, Lcr
+from .registers import FIFO_SIZE, RBR, THR
 from .sockets import PeerCredentials, bind_unix, peer_credentials
 from .uart import Clock, Uart16550
 
@@ -876,7 +876,7 @@ class _Connection(asyncio.BufferedProtocol):
         before a THR write that would overwrite an unsent byte."""
         uart = self._server.uart
         if self._unsettled and (
-            offset != THR or uart.read(LCR) & Lcr.DLAB or uart.tx_full()
+            offset != THR or uart.dlab or uart.tx_full()
         ):
             self._settle()
         uart.write(offset, value)
@@ -894,7 +894,7 @@ class _Connection(asyncio.BufferedProtocol):
         read = uart.read
         if self._unsettled:
             self._settle()
-        if offset != RBR or read(LCR) & Lcr.DLAB:
+        if offset != RBR or uart.dlab:
             return bytes([read(offset) for _ in range(count)])
         data = bytearray()
         while len(data) < count:

@@ -836,6 +836,11 @@ class Uart16550:
             return self._trigger - count if count <= self._trigger else 1
         return 0 if self._lsr & Lsr.DR else 1
 
+    @property
+    def dlab(self) -> bool:
+        """LCR.DLAB: offsets 0 and 1 address the divisor latch."""
+        return bool(self._lcr & Lcr.DLAB)
+
     def tx_full(self) -> bool:
         """A THR write now would overwrite an unsent byte (TX FIFO full, or THR holding one)."""
         if self._fcr & Fcr.FE:
