@@ -1070,3 +1070,12 @@ def test_encode_refuses_integers_a_reader_could_not_read() -> None:
     )
     with pytest.raises(CheckpointError, match=r"statistics\.bytes_received: must fit"):
         encode(make_checkpoint(state))
+
+
+def test_keep_previous_false_leaves_the_previous_file_alone(tmp_path: Path) -> None:
+    """write_checkpoint(keep_previous=False) replaces the current file and keeps no previous."""
+    path = checkpoint_path(tmp_path, "uart0")
+    write_checkpoint(path, make_checkpoint(generation=1), keep_previous=False)
+    write_checkpoint(path, make_checkpoint(generation=2), keep_previous=False)
+    assert read_checkpoint(path).meta.generation == 2
+    assert not previous_path(path).exists()

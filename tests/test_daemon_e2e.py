@@ -11,10 +11,11 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from procs import REPO, Socat, daemon, require_program, socat_pair, wait_for
+from procs import REPO, Daemon, Socat, daemon, require_program, socat_pair, wait_for
 from streams import FarEnd, GuestRunner, assert_exact, sequence_stream, wait_streams
 
 from uartbridge.checkpoint import checkpoint_path, read_checkpoint
@@ -89,8 +90,8 @@ def test_run_without_config_serves_a_pty_and_a_bus(tmp_path: Path) -> None:
             proc.wait()
 
 
-def test_checkpoint_stop_and_resume_mid_transfer_lose_nothing(tmp_path: Path) -> None:
-    """`checkpoint --stop` then `resume` mid-transfer: both streams arrive whole and in order."""
+def _transfer_across(tmp_path: Path, restart: Callable[[Daemon, int], None]) -> None:
+    """Streams both ways while ``restart(daemon, cycle)`` runs 3 times, the guest paused."""
     guest_tx = sequence_stream(6000, b"g")
     far_tx = sequence_stream(6000, b"f")
     with (
@@ -106,17 +107,7 @@ def test_checkpoint_stop_and_resume_mid_transfer_lose_nothing(tmp_path: Path) ->
             for cycle in range(3):
                 time.sleep(0.3)
                 guest.pause()
-                output = tmp_path / f"cycle{cycle}.json"
-                result = d.cli(
-                    "checkpoint", "--stop", "--output", str(output), "--config", str(d.config_path)
-                )
-                assert result.returncode == 0, result.stderr + d.log()
-                assert d.wait_exit() == 0
-                d.proc = None
-                # The state directory holds the same state, so a plain `run` would resume it too.
-                in_state_dir = read_checkpoint(checkpoint_path(d.state_dir, "uart0"))
-                assert in_state_dir == read_checkpoint(output)
-                d.start("resume", str(output))
+                restart(d, cycle)
                 guest.resume()
             wait_streams(guest, far)
             assert_exact(bytes(far.received), guest_tx, "guest → far end")
@@ -124,35 +115,35 @@ def test_checkpoint_stop_and_resume_mid_transfer_lose_nothing(tmp_path: Path) ->
         finally:
             guest.stop()
             far.stop()
+
+
+def test_checkpoint_stop_and_resume_mid_transfer_lose_nothing(tmp_path: Path) -> None:
+    """`checkpoint --stop` then `resume` mid-transfer: both streams arrive whole and in order."""
+
+    def restart(d: Daemon, cycle: int) -> None:
+        output = tmp_path / f"cycle{cycle}.json"
+        result = d.cli(
+            "checkpoint", "--stop", "--output", str(output), "--config", str(d.config_path)
+        )
+        assert result.returncode == 0, result.stderr + d.log()
+        assert d.wait_exit() == 0
+        d.proc = None
+        # The state directory holds the same state, so a plain `run` would resume it too.
+        assert read_checkpoint(checkpoint_path(d.state_dir, "uart0")) == read_checkpoint(output)
+        d.start("resume", str(output))
+
+    _transfer_across(tmp_path, restart)
 
 
 def test_sigterm_then_run_again_loses_nothing(tmp_path: Path) -> None:
     """SIGTERM and `run` again (the systemctl restart path): both streams whole and in order."""
-    guest_tx = sequence_stream(6000, b"g")
-    far_tx = sequence_stream(6000, b"f")
-    with (
-        socat_pair(tmp_path) as pair,
-        daemon(tmp_path / "d", [_socat_uart(pair.a)], interval_s=0) as d,
-    ):
+
+    def restart(d: Daemon, cycle: int) -> None:
+        assert d.stop(signal.SIGTERM) == 0, d.log()
         d.start()
-        guest = GuestRunner(d.bus(), guest_tx)
-        far = FarEnd(pair.b, far_tx, rate_bytes_per_s=40_000)
-        guest.start()
-        far.start()
-        try:
-            for _ in range(3):
-                time.sleep(0.3)
-                guest.pause()
-                assert d.stop(signal.SIGTERM) == 0, d.log()
-                d.start()
-                assert "resumed from checkpoint" in d.log()
-                guest.resume()
-            wait_streams(guest, far)
-            assert_exact(bytes(far.received), guest_tx, "guest → far end")
-            assert_exact(bytes(guest.received), far_tx, "far end → guest")
-        finally:
-            guest.stop()
-            far.stop()
+        assert "resumed from checkpoint" in d.log()
+
+    _transfer_across(tmp_path, restart)
 
 
 def test_second_guest_is_refused_and_first_keeps_working(tmp_path: Path) -> None:

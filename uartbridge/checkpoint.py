@@ -749,15 +749,15 @@ def _is_valid(path: Path) -> bool:
     return True
 
 
-def write_checkpoint(path: Path | str, ckpt: Checkpoint) -> None:
+def write_checkpoint(path: Path | str, ckpt: Checkpoint, *, keep_previous: bool = True) -> None:
     """Write ``ckpt`` to ``path`` atomically (mode 0600), keeping the previous one.
 
     The previous file at ``path`` is kept as ``previous_path(path)`` if it is a valid
     checkpoint (an invalid one is not allowed to push out a good previous one); a file this
     process wrote and that is unchanged since (same inode, size, mtime) is known valid, any
-    other is read and validated first. At every
-    instant ``path`` holds a whole checkpoint, old or new. Raises ``CheckpointError`` for a
-    checkpoint that is not valid or a file that cannot be written.
+    other is read and validated first. With ``keep_previous=False`` the previous file is left
+    alone. At every instant ``path`` holds a whole checkpoint, old or new. Raises
+    ``CheckpointError`` for a checkpoint that is not valid or a file that cannot be written.
     """
     path = Path(path)
     data = encode(ckpt)
@@ -766,9 +766,9 @@ def write_checkpoint(path: Path | str, ckpt: Checkpoint) -> None:
         _remove_stale_temps(path)
         temp, identity = _write_temp(path, data)
         try:
-            if _is_valid(path):
+            if keep_previous and _is_valid(path):
                 _keep_previous(path)
-            elif path.exists():
+            elif keep_previous and path.exists():
                 log.warning("checkpoint %s is not valid; not keeping it as previous", path)
             os.replace(temp, path)
         except BaseException:

@@ -90,6 +90,7 @@ class Daemon:
             service = UartService(
                 uart_cfg,
                 state_dir=daemon_cfg.state_dir,
+                keep_previous=self.config.checkpoint.keep_previous,
                 log=self.log,
                 peer_allowed=peer_allowed,
                 resume_from=ckpt,

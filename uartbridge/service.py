@@ -9,7 +9,9 @@ the IRQ level changes for the bus to push, in order, before any reply that obser
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from .logs import TraceFile
 from .port import PortLink
 from .portstate import ReaderState
 from .registers import REGISTER_BITS, Lsr, decode_bits
+from .sockets import PeerCredentials
 from .uart import NO_EVENTS, Uart16550
 
 NS_PER_S = 1_000_000_000
@@ -40,14 +43,16 @@ class UartService:
         config: UartConfig,
         *,
         state_dir: Path,
+        keep_previous: bool = True,
         log: Any,
-        peer_allowed: Any = None,
+        peer_allowed: Callable[[PeerCredentials], bool] | None = None,
         resume_from: Checkpoint | None = None,
         resumed_path: Path | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.state_dir = state_dir
+        self.keep_previous = keep_previous
         self.log = log.bind(uart=config.name)
         if resume_from is not None:
             self.uart = Uart16550.from_state(resume_from.uart, clock=time.monotonic_ns)
@@ -83,7 +88,6 @@ class UartService:
         self.port_open = False
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline_ns: int | None = None
-        self._settling = False
 
     # -- the glue ---------------------------------------------------------------------------
 
@@ -182,9 +186,9 @@ class UartService:
         ckpt = self.snapshot()
         default = checkpoint_path(self.state_dir, self.name)
         path = output if output is not None else default
-        write_checkpoint(path, ckpt)
+        write_checkpoint(path, ckpt, keep_previous=self.keep_previous)
         if also_state_dir and path != default:
-            write_checkpoint(default, ckpt)
+            write_checkpoint(default, ckpt, keep_previous=self.keep_previous)
         self.last_checkpoint_path = path
         self.last_checkpoint_unix_ns = ckpt.meta.created_unix_ns
         return path
@@ -200,12 +204,12 @@ class UartService:
     def status(self) -> dict[str, Any]:
         """What ``uartbridge status`` shows for this UART."""
         state = self.uart.state()
-        registers = {
-            name: {"value": f"{getattr(state, name):#04x}"}
-            for name in ("ier", "iir", "lcr", "mcr", "lsr", "msr", "scr", "fcr")
-        }
-        for name, flags in REGISTER_BITS.items():
-            registers[name]["bits"] = decode_bits(getattr(state, name), flags)  # type: ignore[assignment]
+        registers: dict[str, dict[str, Any]] = {}
+        for name in ("ier", "iir", "lcr", "mcr", "lsr", "msr", "scr", "fcr"):
+            value = getattr(state, name)
+            registers[name] = {"value": f"{value:#04x}"}
+            if name in REGISTER_BITS:
+                registers[name]["bits"] = decode_bits(value, REGISTER_BITS[name])
         port_status = self.link.status()
         now_ns = time.time_ns()
         last_ckpt = None
@@ -239,9 +243,7 @@ class UartService:
             "tsr_busy": state.tsr_busy,
             "tsr_retry": state.tsr_retry,
             "temt": bool(state.lsr & Lsr.TEMT),
-            "counters": {
-                f: getattr(state.statistics, f) for f in state.statistics.__dataclass_fields__
-            },
+            "counters": dataclasses.asdict(state.statistics),
             "link": port_status,
             "last_checkpoint": last_ckpt,
             "resumed_from": resumed,
