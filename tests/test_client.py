@@ -48,6 +48,18 @@ def test_tcp_targets() -> None:
             assert client.read(SCR) == 1
 
 
+def test_read_regs_is_reads_in_order_in_one_round_trip() -> None:
+    """read_regs(a, b, …) returns what read(a), read(b), … would, side effects in order."""
+    with ServerThread() as srv, BusClient(srv.path) as client:
+        client.write(IER, Ier.THRI)
+        # IIR shows THRI and its read acknowledges it; the following LSR read sees THRE.
+        assert client.read_regs(IIR, IIR, LSR, SCR) == [0x02, 0x01, 0x60, 0x00]
+        client.write(FCR, 0x07)
+        client.write(MCR, Mcr.LOOP)
+        client.write_many(THR, b"ab")
+        assert client.read_regs(RBR, LSR, RBR, LSR) == [ord("a"), 0x61, ord("b"), 0x60]
+
+
 def test_bursts_and_sync() -> None:
     """write_many reaches the wire in order; read_many drains the RX FIFO and stops at empty."""
     with ServerThread() as srv, BusClient(srv.path) as client:

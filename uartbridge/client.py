@@ -243,6 +243,19 @@ class BusClient:
         assert isinstance(reply, ReadReply)
         return reply.value
 
+    def read_regs(self, *offsets: int) -> list[int]:
+        """Read several registers in order, in one round trip (the READs are pipelined).
+
+        Exactly ``read(a); read(b); …`` as the device sees it; only the waiting is shared.
+        """
+        self._send(b"".join(encode(Read(offset)) for offset in offsets))
+        values = []
+        for _ in offsets:
+            reply = self._expect(ReadReply)
+            assert isinstance(reply, ReadReply)
+            values.append(reply.value)
+        return values
+
     def write(self, offset: int, value: int) -> None:
         """Write ``value`` to the register at ``offset`` (posted: returns without a reply)."""
         self._send(encode(Write(offset, value)))

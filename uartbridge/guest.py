@@ -320,12 +320,28 @@ class Guest8250:
         c = self.client
         handled = False
         for _ in range(SERVICE_PASSES):
-            iir = c.read(IIR)
+            if self._ier & Ier.RLSI:
+                # IIR then LSR in one round trip. Reading LSR first-hand would only differ
+                # when IIR says NO_INT, and then (RLSI enabled) LSR holds no error bit for
+                # that read to clear: the device sees the same accesses as Linux makes.
+                iir, lsr = c.read_regs(IIR, LSR)
+            else:
+                iir = c.read(IIR)
+                lsr = -1
             if iir & Iir.NO_INT:
+                if lsr >= 0 and lsr & LSR_ERRORS:
+                    # A line error arrived between the two reads (they can straddle two
+                    # batches): this LSR read cleared it, so take it now.
+                    handled = True
+                    if lsr & (Lsr.DR | Lsr.BI):
+                        self._rx_chars(lsr)
+                    else:
+                        self._account_errors(lsr)
                 break
             handled = True
             self._count_interrupt(iir & 0x0F)
-            lsr = c.read(LSR)
+            if lsr < 0:
+                lsr = c.read(LSR)
             if lsr & (Lsr.DR | Lsr.BI) and iir & IIR_RX_BIT:
                 lsr = self._rx_chars(lsr)
             if iir & 0x0F == Iir.MSI:
