@@ -4,29 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
+from procs import require_program
 
 from uartbridge.port import PortLink
 from uartbridge.portstate import PortSettings
 from uartbridge.registers import Lsr
 from uartbridge.uart import NO_EVENTS, Uart16550
 
-
-def need(tool: str) -> str:
-    """The tool's path; skip without it (fail when CI is set)."""
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{tool} is required when CI is set")
-        pytest.skip(f"{tool} not installed")
-    return path
+need = require_program  # the tool's path; skip without it (fail when CI is set)
 
 
 class Guest:

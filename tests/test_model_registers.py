@@ -597,3 +597,12 @@ def test_state_exposes_modem_inputs() -> None:
     uart = Uart16550(clock=FakeClock())
     uart.set_modem_inputs(cts=False, dsr=True, ri=True, dcd=False)
     assert uart.state().modem_inputs == {"cts": False, "dsr": True, "ri": True, "dcd": False}
+
+
+def test_line_settings_summary() -> None:
+    """LineSettings.summary() is the usual short form, with "break" when LCR.SBC is set."""
+    uart = Uart16550(clock=FakeClock())
+    uart.write(3, 0x80)
+    uart.write(0, 0x0C)
+    uart.write(3, 0x1E | 0x40)  # 7 data bits, even parity, 2 stop bits, break
+    assert uart.line_settings.summary() == "9600 7E2 break"

@@ -18,7 +18,7 @@ import json
 import sys
 import textwrap
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from enum import IntFlag
 from pathlib import Path
 
@@ -102,11 +102,6 @@ def _register(value: int, flags: type[IntFlag] | None = None, width: int = 2) ->
     return entry
 
 
-def _line_text(settings: LineSettings) -> str:
-    stop = f"{settings.stop_bits:g}"
-    return f"{settings.baud} {settings.data_bits}{settings.parity}{stop}"
-
-
 def _line_report(settings: LineSettings | None) -> dict[str, object] | None:
     if settings is None:
         return None
@@ -116,7 +111,7 @@ def _line_report(settings: LineSettings | None) -> dict[str, object] | None:
         "parity": settings.parity,
         "stop_bits": settings.stop_bits,
         "break_on": settings.break_on,
-        "summary": _line_text(settings),
+        "summary": replace(settings, break_on=False).summary(),
     }
 
 

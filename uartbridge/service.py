@@ -236,7 +236,7 @@ class UartService:
             "guest_connected": self.bus.guest_connected,
             "irq": self.uart.irq,
             "divisor": state.divisor,
-            "line": _line_summary(self.uart),
+            "line": self.uart.line_settings.summary(),
             "registers": registers,
             "rx_fifo": len(state.rx_fifo),
             "tx_fifo": len(state.tx_fifo),
@@ -249,8 +249,3 @@ class UartService:
             "resumed_from": resumed,
         }
 
-
-def _line_summary(uart: Uart16550) -> str:
-    s = uart.line_settings
-    stop = f"{s.stop_bits:g}"
-    return f"{s.baud} {s.data_bits}{s.parity}{stop}" + (" break" if s.break_on else "")

@@ -160,6 +160,11 @@ class LineSettings:
     stop_bits: float
     break_on: bool
 
+    def summary(self) -> str:
+        """The usual short form, e.g. ``115200 8N1`` (``9600 7E1.5``), plus ``break`` if on."""
+        text = f"{self.baud} {self.data_bits}{self.parity}{self.stop_bits:g}"
+        return text + " break" if self.break_on else text
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModemOutputs:
