@@ -51,6 +51,7 @@ class Daemon:
         self.log = get_logger()
         self.explicit_resume = resume or {}
         self.services: dict[str, UartService] = {}
+        self.control: ControlServer | None = None
         self.stop_event = asyncio.Event()
         self.stopped_by_request = False
         self.crashed_before = False
@@ -233,7 +234,7 @@ class Daemon:
         }
 
     async def _close_all(self) -> None:
-        if hasattr(self, "control"):
+        if self.control is not None:
             await self.control.close()
         for service in self.services.values():
             await service.stop()
