@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 
-from tests.vectors import SLOW, FakeClock, run
+from tests.vectors import REGISTER_VECTORS, SLOW, FakeClock, run
 from uartbridge import InvalidStateError, Uart16550, UartState
 from uartbridge.registers import Fcr, Lsr
 
@@ -59,54 +59,10 @@ class StalledWire:
 
 # -- register-level vectors (V1–V29, V36), straight §13 notation --------------------------
 
-SCRIPTS = {
-    "V1": "R(0)→00 R(1)→00 R(2)→01 R(3)→00 R(4)→08 R(5)→60 R(6)→B0 R(7)→00",
-    "V2": "W(3,0x80) R(0)→0C R(1)→00 W(0,0x01) W(1,0x00) R(0)→01 R(1)→00 R(5)→60 "
-    "W(3,0x03) R(3)→03 R(1)→00 R(5)→60",
-    "V3": "W(7,0xA5) R(7)→A5 W(7,0x5A) R(7)→5A",
-    "V5": "W(1,0x0F) R(2)→02 R(2)→01 W(1,0x0F) R(2)→01 W(1,0x0D) R(2)→01 W(1,0x0F) R(2)→02",
-    "V6": "W(2,0x07) R(2)→C1 W(2,0x00) R(2)→01",
-    "V7": "W(1,0x02) R(2)→02 R(2)→01 W(2,0x07) R(2)→C2 R(2)→C1 W(2,0x01) R(2)→C1 "
-    "W(2,0x05) R(2)→C2",
-    "V8": "W(4,0x1A) R(6)→90 W(4,0x11) R(6)→20 W(4,0x12) R(6)→10 W(4,0x14) R(6)→40 "
-    "W(4,0x18) R(6)→80 W(4,0x1F) R(6)→F0 W(4,0x10) R(6)→00 W(4,0x08) R(6)→B0 "
-    "W(4,0xFF) R(4)→1F",
-    "V9": "W(4,0x10) W(0,0x41) R(5)→61 R(0)→41 R(5)→60 R(0)→41 R(5)→60",
-    "V10": "W(4,0x10) W(1,0x05) W(0,0x41) R(2)→04 W(0,0x42) R(2)→06 R(5)→63 R(2)→04 "
-    "R(5)→61 R(0)→42 R(2)→01 R(5)→60",
-    "V11": SLOW + " W(2,0x07) W(4,0x10) W(0,'A') W(0,'B') W(0,'C') R(5)→61 R(0)→41 R(0)→42 "
-    "R(5)→61 R(0)→43 R(5)→60 R(0)→00",
-    "V12": SLOW + " W(2,0x07) W(4,0x10) "
-    + " ".join(f"W(0,0x{i:02X})" for i in range(17))
-    + " R(5)→63 R(5)→61 "
-    + " ".join(f"R(0)→{i:02X}" for i in range(16))
-    + " R(5)→60",
-    "V13": SLOW + " W(2,0x81) W(1,0x01) W(4,0x10) "
-    + " ".join(f"W(0,0x{0x30 + i:02X})" for i in range(7))
-    + " R(2)→C1 R(5)→61 W(0,0x37) R(2)→C4 R(0)→30 R(2)→C1",
-    "V16": SLOW + " W(2,0x07) W(4,0x10) W(1,0x03) W(0,0x58) R(2)→C4 R(2)→C4 R(0)→58 "
-    "R(2)→C2 R(2)→C1",
-    "V18": SLOW + " W(2,0x01) W(4,0x10) W(0,0x41) W(0,0x42) R(5)→61 W(2,0x03) R(5)→60 "
-    "R(2)→C1 R(0)→00",
-    "V19": SLOW + " W(2,0x01) W(4,0x10) W(0,0x41) W(2,0xC1) R(5)→61 R(0)→41",
-    "V20": SLOW + " W(2,0x01) W(4,0x10) W(0,0x41) W(2,0x00) R(5)→60 R(2)→01 R(0)→00",
-    "V21": "W(2,0x01) W(3,0xBF) R(3)→BF R(2)→C1 W(2,0x00) W(3,0x00) R(2)→01",
-    "V22": "W(4,0xEF) R(4)→0F W(5,0x00) R(5)→60 W(6,0xFF) R(6)→B0",
-    "V23": SLOW + " W(2,0x01) W(4,0x10) W(0,0x41) W(3,0x80) R(0)→FF W(0,0x01) W(3,0x00) "
-    "R(5)→61 R(0)→41 R(5)→60 W(3,0x80) R(0)→01",
-    "V24": "W(1,0x40) R(1)→00 R(2)→01",
-    "V25": "W(3,0xBF) W(2,0x00) W(3,0x00) W(2,0x01) R(2)→C1",
-    "V26": "W(2,0x01) W(2,0x21) R(2)→C1 W(3,0x80) W(2,0x21) R(2)→C1 W(2,0x01) W(3,0x00)",
-    "V28": "W(1,0x02) R(2)→02 W(1,0x00) W(1,0x02) R(2)→02 W(1,0x00) R(2)→01",
-    "V29": "W(1,0x02) R(5)→60 R(2)→02 W(1,0x00)",
-    "V36": SLOW + " W(4,0x10) W(1,0x01) W(0,0x5A) R(2)→04 W(2,0x07) R(5)→60 R(2)→C1",
-}
-
-
-@pytest.mark.parametrize("name", sorted(SCRIPTS, key=lambda n: int(n[1:])))
+@pytest.mark.parametrize("name", sorted(REGISTER_VECTORS, key=lambda n: int(n[1:])))
 def test_register_vector(name: str) -> None:
     """Each plain §13 register sequence reads back exactly the values the reference lists."""
-    run(p0(), SCRIPTS[name])
+    run(p0(), REGISTER_VECTORS[name])
 
 
 def test_v1_irq_low_at_power_on() -> None:
