@@ -274,6 +274,26 @@ def test_second_guest_refused_busy() -> None:
     serve(body)
 
 
+@pytest.mark.parametrize(
+    "opening", [b"", b"\x00\x40\x01\x00"], ids=["silent", "half-frame-promising-more"]
+)
+def test_peer_without_hello_is_dropped_and_frees_the_slot(opening: bytes) -> None:
+    """A peer that never completes HELLO gets ERROR PROTOCOL after the timeout; a guest follows."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        squatter = await RawGuest.open(path, hello=False)
+        squatter.send_raw(opening)
+        error = await squatter.expect_error_and_close()
+        assert error.code == ErrorCode.PROTOCOL
+        assert "HELLO" in error.message
+        await wait_for(lambda: not server.guest_connected)
+        guest = await RawGuest.open(path)
+        assert (await read_reg(guest, LSR))[1] == 0x60
+        await guest.close()
+
+    serve(body, hello_timeout_s=0.3)
+
+
 def test_reconnect_leaves_device_state() -> None:
     """A guest that disconnects leaves the device as it was, and may reconnect."""
 
@@ -333,8 +353,9 @@ def test_hostile_clients_do_not_disturb_another_uart() -> None:
     directory = short_tmp_dir()
 
     async def main() -> None:
+        # hello_timeout_s: random garbage may start with a length that promises more bytes.
         s0, _uart0, wire0, path0 = await started_server(
-            directory, "uart0", high_water=4096, stall_timeout_s=0.2
+            directory, "uart0", high_water=4096, stall_timeout_s=0.2, hello_timeout_s=0.5
         )
         s1, _uart1, wire1, path1 = await started_server(directory, "uart1")
         try:

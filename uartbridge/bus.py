@@ -649,6 +649,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._stall_timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self._claim_timer: asyncio.TimerHandle | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
         self._claim_deadline = 0.0
         self._peer = "?"
         self.frames_executed = 0
@@ -702,6 +703,11 @@ class _Connection(asyncio.BufferedProtocol):
             server._guest = self
             self._is_guest = True
             server.log.info("bus.guest_connected", uart=server.name, peer=self._peer)
+            # A peer holding the slot without ever completing HELLO (silent, or a garbage
+            # length promising more bytes) would lock the UART's real guest out for good.
+            self._hello_timer = asyncio.get_running_loop().call_later(
+                server.hello_timeout_s, self._no_hello
+            )
             transport.resume_reading()
             self._run()
             return
@@ -737,10 +743,10 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        for timer in (self._stall_timer, self._abort_timer, self._claim_timer):
+        for timer in (self._stall_timer, self._abort_timer, self._claim_timer, self._hello_timer):
             if timer is not None:
                 timer.cancel()
-        self._stall_timer = self._abort_timer = self._claim_timer = None
+        self._stall_timer = self._abort_timer = self._claim_timer = self._hello_timer = None
         server = self._server
         server._connections.discard(self)
         if self._is_guest and server._guest is self:
@@ -827,6 +833,9 @@ class _Connection(asyncio.BufferedProtocol):
                     f"this server speaks {PROTOCOL_VERSION}",
                 )
             self._hello = True
+            if self._hello_timer is not None:
+                self._hello_timer.cancel()
+                self._hello_timer = None
             self._irq_sent = uart.irq
             self._send(
                 encode(HelloReply(PROTOCOL_VERSION, SERVER_CAPABILITIES, uart.irq, server.name))
@@ -948,6 +957,15 @@ class _Connection(asyncio.BufferedProtocol):
             self._closing = True
             transport.abort()
 
+    def _no_hello(self) -> None:
+        self._hello_timer = None
+        if self._hello or self._closing:
+            return
+        self._server.log.warning("bus.no_hello", uart=self._server.name, peer=self._peer)
+        self._fail(
+            ErrorCode.PROTOCOL, f"no complete HELLO within {self._server.hello_timeout_s:g} s"
+        )
+
     def _stalled(self) -> None:
         self._stall_timer = None
         if self._transport is None or self._closing:
@@ -994,6 +1012,7 @@ class BusServer:
         stall_timeout_s: float = 30.0,
         close_grace_s: float = 1.0,
         busy_grace_s: float = 0.25,
+        hello_timeout_s: float = 5.0,
     ) -> None:
         """A server for ``uart`` named ``name`` (≤ 255 UTF-8 bytes; sent in HELLO_REPLY).
 
@@ -1004,6 +1023,8 @@ class BusServer:
         executing its frames; a guest that does not drain it for ``stall_timeout_s`` is
         dropped. A connection finding the guest slot taken waits up to ``busy_grace_s`` for
         it (a guest reconnecting may race its own hang-up) before it is refused with BUSY.
+        A guest that has not completed HELLO ``hello_timeout_s`` after taking the slot is
+        refused with PROTOCOL and closed, freeing the slot.
         """
         if len(name.encode()) > MAX_NAME_LEN:
             raise ValueError(f"UART name longer than {MAX_NAME_LEN} bytes: {name!r}")
@@ -1018,6 +1039,7 @@ class BusServer:
         self.stall_timeout_s = stall_timeout_s
         self.close_grace_s = close_grace_s
         self.busy_grace_s = busy_grace_s
+        self.hello_timeout_s = hello_timeout_s
         self.closing = False
         self._guest: _Connection | None = None
         self._connections: set[_Connection] = set()
