@@ -36,6 +36,30 @@ def test_hello_and_register_access() -> None:
         assert client.read(LSR) == 0x60
 
 
+@pytest.mark.parametrize("spin_us", [0.0, 100.0, 1e6])
+def test_busy_poll_setting_changes_nothing_but_the_waiting(spin_us: float) -> None:
+    """With any spin_us (0: poll() at once) replies, IRQ and a server's close behave the same."""
+    with ServerThread() as srv:
+        client = BusClient(srv.path, spin_us=spin_us)
+        try:
+            client.write(IER, Ier.THRI)
+            assert client.read_regs(IIR, LSR) == [0x02, 0x60]
+            client.write(SCR, 0x5A)
+            assert client.read(SCR) == 0x5A
+            srv.run(srv.server.close())
+            with pytest.raises(BusError):  # EOF ends the spin; it does not wait it out
+                client.read(LSR)
+            assert client.closed
+        finally:
+            client.close()
+
+
+def test_negative_spin_is_refused() -> None:
+    """spin_us below zero is a ValueError naming it."""
+    with ServerThread() as srv, pytest.raises(ValueError, match="spin_us"):
+        BusClient(srv.path, spin_us=-1)
+
+
 def test_tcp_targets() -> None:
     """The client connects over TCP given "tcp:host:port" or a tuple."""
     with ServerThread() as srv:

@@ -87,10 +87,21 @@ def _chunks(data: bytes) -> list[bytes]:
 class BusClient:
     """A blocking bus client; one request in flight at a time. Not thread-safe."""
 
-    def __init__(self, target: Target, *, timeout_s: float | None = 10.0) -> None:
-        """Connect to ``target`` and exchange HELLO; ``timeout_s`` bounds every wait for a reply."""
+    def __init__(
+        self, target: Target, *, timeout_s: float | None = 10.0, spin_us: float = 100.0
+    ) -> None:
+        """Connect to ``target`` and exchange HELLO; ``timeout_s`` bounds every wait for a reply.
+
+        While waiting for a reply the client first busy-polls the socket for up to ``spin_us``
+        (0: never), as QEMU's ``poll-max-ns`` does: a reply usually comes within tens of µs,
+        and sleeping in ``poll()`` instead lets the CPU idle, whose wake-up (on a VM an
+        inter-processor interrupt) can double the round trip. See bench/README.md.
+        """
+        if spin_us < 0:
+            raise ValueError(f"spin_us must be >= 0, not {spin_us}")
         self._target = parse_target(target)
         self._timeout_s = timeout_s
+        self._spin_ns = int(spin_us * 1000)
         self._decoder = FrameDecoder()
         self._irq = False
         self._closed = False
@@ -207,6 +218,24 @@ class BusClient:
         self._decoder.feed(data)
         return True
 
+    def _spin(self) -> bool:
+        """Busy-poll for data up to ``spin_us``; True if some came in."""
+        recv = self._sock.recv
+        clock = time.perf_counter_ns
+        deadline = clock() + self._spin_ns
+        while clock() < deadline:
+            try:
+                data = recv(_RECV_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return False  # _fill reports it
+            if not data:
+                return False
+            self._decoder.feed(data)
+            return True
+        return False
+
     def _next_frame(self) -> Frame | None:
         try:
             return self._decoder.next_frame()
@@ -229,6 +258,8 @@ class BusClient:
                 return reply
             if self._closed:
                 raise BusError("bus connection is closed")
+            if self._spin_ns and self._spin():
+                continue
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not self._fill(remaining) and deadline is not None and time.monotonic() >= deadline:
                 self.close()
