@@ -115,7 +115,8 @@ def main() -> None:
         figures,
         [
             "daemon: separate process, port = socat pty -> /dev/null; client: BusClient",
-            f"floor: a bare AF_UNIX 1-byte ping-pong between two processes, p50 {floor_us:.1f} us",
+            "floor: a bare AF_UNIX 1-byte ping-pong between two processes sleeping in recv"
+            f" (BusClient spins instead), p50 {floor_us:.1f} us",
         ],
     )
     print(

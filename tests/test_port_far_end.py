@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _port_support import Guest, need, open_raw, read_available, socat_pair, wait_for
 
 from uartbridge.portstate import PortSettings, ReaderState
@@ -157,7 +156,7 @@ async def _open_when_listening(g: Guest, url: str) -> Guest:
 
 
 def test_socket_url_both_ways_and_reconnect_with_buffer(tmp_path: Path) -> None:
-    """socket:// to a TCP socat: bytes both ways; socat gone → disconnected; back → backlog replayed."""
+    """socket:// to TCP socat: both ways; socat gone → disconnected; back → backlog replayed."""
 
     async def run() -> None:
         port = _free_port()
