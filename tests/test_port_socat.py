@@ -150,3 +150,42 @@ def test_disconnect_hold_backpressures(tmp_path: Path) -> None:
             await g.link.close()
 
     asyncio.run(run())
+
+
+def test_xoff_under_xonxoff_stalls_and_xon_resumes_losslessly(tmp_path: Path) -> None:
+    """xonxoff: an XOFF from the far end stalls the UART at once (TEMT=0, tsr_retry>0); XON: all."""
+
+    async def run() -> None:
+        with socat_pair(tmp_path, "xo") as s:
+            peer = open_raw(str(s.b))
+            try:
+                g = Guest(PortSettings(url=str(s.a), xonxoff=True))
+                await g.link.open()
+                g.setup()
+                assert await g.send(b"before") == 6
+                got = bytearray()
+                assert await wait_for(lambda: got.extend(read_available(peer)) or
+                                      got == b"before")
+                os.write(peer, b"\x13")  # XOFF
+                await asyncio.sleep(0.1)
+                payload = bytes(range(0x20, 0x7F)) * 4
+                sent = await g.send(payload, timeout_s=0.5)
+                assert sent < len(payload)  # the guest was held back, not the bytes dropped
+                assert g.link.reader_state is ReaderState.STALLED
+                st = g.uart.state()
+                assert not st.lsr & Lsr.TEMT and st.tsr_retry > 0
+                assert read_available(peer) == b""
+                os.write(peer, b"\x11")  # XON
+                sender = asyncio.create_task(g.send(payload[sent:], timeout_s=10.0))
+                got = bytearray()
+                assert await wait_for(lambda: got.extend(read_available(peer)) or
+                                      len(got) >= len(payload), 10)
+                await sender
+                assert bytes(got) == payload
+                assert await wait_for(lambda: g.link.reader_state is ReaderState.CONNECTED)
+                assert g.read_all() == b""  # the kernel consumed XOFF and XON
+                await g.link.close()
+            finally:
+                os.close(peer)
+
+    asyncio.run(run())

@@ -10,11 +10,16 @@ from __future__ import annotations
 import asyncio
 import os
 import termios
+import threading
 import tty
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
-from _port_support import Guest, wait_for
+import pytest
+from _port_support import Guest, read_available, wait_for
 
+import uartbridge.port
 from uartbridge.port_termios import (
     CMSPAR,
     TIOCM_CD,
@@ -26,7 +31,7 @@ from uartbridge.port_termios import (
     RealTermiosOps,
     nearest_baud,
 )
-from uartbridge.portstate import PortSettings
+from uartbridge.portstate import PortSettings, ReaderState
 from uartbridge.registers import Ier, Lsr, Msr
 
 
@@ -68,6 +73,8 @@ class FakeOps(RealTermiosOps):
         self.refuse_mask = 0
         self.flow: list[int] = []
         self.drains = 0
+        self.modem_reads = 0
+        self.drain_gate: threading.Event | None = None  # tcdrain blocks until it is set
 
     def tcgetattr(self, fd: int) -> list[Any]:
         if self.attrs is None:
@@ -80,6 +87,7 @@ class FakeOps(RealTermiosOps):
         self.attrs = [*attrs[:6], list(attrs[6])]
 
     def modem_get(self, fd: int) -> int:
+        self.modem_reads += 1
         return self.modem
 
     def modem_set(self, fd: int, *, set_bits: int, clear_bits: int) -> None:
@@ -93,18 +101,26 @@ class FakeOps(RealTermiosOps):
 
     def tcdrain(self, fd: int) -> None:
         self.drains += 1
+        if self.drain_gate is not None:
+            self.drain_gate.wait(10)
+
+    def output_queued(self, fd: int) -> int:
+        return 123 if self.drain_gate is not None and not self.drain_gate.is_set() else 0
 
 
-def _with_fake(test: Any) -> None:
+def _on_fake_with(settings: PortSettings, test: Callable[[Guest, FakeOps, int], Awaitable[None]],
+                  fake: FakeOps | None = None) -> None:
+    """Run ``test(guest, fake, master)`` on a real pty whose modem ioctls are faked."""
+
     async def run() -> None:
         master, slave = os.openpty()
         tty.setraw(slave)
         os.set_blocking(master, False)
-        fake = FakeOps()
+        ops = fake or FakeOps()
         try:
-            g = Guest(PortSettings(url=os.ttyname(slave)), termios_ops=fake)
+            g = Guest(replace(settings, url=os.ttyname(slave)), termios_ops=ops)
             await g.link.open()
-            await test(g, fake, master)
+            await test(g, ops, master)
             await g.link.close()
         finally:
             os.close(master)
@@ -112,6 +128,9 @@ def _with_fake(test: Any) -> None:
 
     asyncio.run(run())
 
+
+def _with_fake(test: Any) -> None:
+    _on_fake_with(PortSettings(url=""), test)
 
 def test_fake_port_gets_data_bits_parity_stop_bits_baud_and_break() -> None:
     """LCR/divisor become CS7, mark parity, CSTOPB and B9600 (TCSANOW); LCR.SBC drives break."""
@@ -218,3 +237,50 @@ def test_quiesce_holds_the_peer_back_and_drains() -> None:
             os.close(slave)
 
     asyncio.run(run())
+
+
+def test_cts_low_under_rtscts_stalls_at_once_and_cts_high_delivers_in_order() -> None:
+    """rtscts: CTS low holds every byte in the UART (TEMT=0, tsr_retry>0) without spinning."""
+
+    async def body(g: Guest, fake: FakeOps, master: int) -> None:
+        g.setup()
+        fake.modem &= ~TIOCM_CTS
+        payload = bytes(range(40))
+        sent = await g.send(payload, timeout_s=0.3)
+        assert sent == 16  # TSR + 15 in the FIFO, then the guest is held back
+        assert g.link.reader_state is ReaderState.STALLED
+        st = g.uart.state()
+        assert not st.lsr & Lsr.TEMT and st.tsr_retry > 0
+        assert read_available(master) == b""  # nothing parked in the kernel's buffer
+        reads = fake.modem_reads
+        await asyncio.sleep(0.3)
+        # CTS is re-read on a 10 ms timer while it holds data back (about 30 reads here);
+        # a writable fd left on the loop would make that thousands.
+        assert fake.modem_reads - reads < 200
+        fake.modem |= TIOCM_CTS
+        sender = asyncio.create_task(g.send(payload[sent:], timeout_s=5))
+        got = bytearray()
+        assert await wait_for(lambda: got.extend(read_available(master)) or
+                              len(got) >= len(payload), 5)
+        await sender
+        assert bytes(got) == payload
+        assert await wait_for(lambda: g.link.reader_state is ReaderState.CONNECTED)
+
+    _on_fake_with(PortSettings(url="", rtscts=True), body)
+
+
+def test_quiesce_gives_up_on_a_drain_the_peer_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tcdrain held up by the peer's flow control ends quiesce after DRAIN_TIMEOUT_S."""
+    monkeypatch.setattr(uartbridge.port, "DRAIN_TIMEOUT_S", 0.2)
+    fake = FakeOps()
+    fake.drain_gate = threading.Event()
+
+    async def body(g: Guest, ops: FakeOps, master: int) -> None:
+        g.setup()
+        try:
+            await asyncio.wait_for(g.link.quiesce(), 5)
+            assert ops.drains == 1
+        finally:
+            ops.drain_gate.set()  # type: ignore[union-attr]
+
+    _on_fake_with(PortSettings(url=""), body, fake)

@@ -47,6 +47,7 @@ import errno
 import os
 import socket
 import termios
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any, Protocol
@@ -75,6 +76,8 @@ from .portstate import PortCounters, PortSettings, PortState, ReaderState
 from .uart import LineSettings, ModemOutputs, Uart16550, UartEvents
 
 MSI_POLL_S = 0.010
+CTS_POLL_S = 0.010  # CTS is re-read this often only while it holds the transmitter back
+DRAIN_TIMEOUT_S = 5.0  # quiesce waits this long for the OS to send what it accepted
 OWNED_PTY_POLL_S = 1.0
 WRITE_STALL_S = 1.0
 _GONE_ERRNOS = frozenset(
@@ -238,6 +241,7 @@ class PortLink:
         self._refresh_handle: asyncio.TimerHandle | None = None
         self._owned_poll_handle: asyncio.TimerHandle | None = None
         self._stall_handle: asyncio.TimerHandle | None = None
+        self._cts_handle: asyncio.TimerHandle | None = None
         self._opened = False
 
     # -- public API ------------------------------------------------------------------------
@@ -354,18 +358,51 @@ class PortLink:
             if self._settings.xonxoff:
                 with contextlib.suppress(OSError):
                     self._ops.tcflow(fd, termios.TCIOFF)
-            if self._kind == "tty" and self._loop is not None:
-                with contextlib.suppress(OSError):
-                    await self._loop.run_in_executor(None, self._ops.tcdrain, fd)
+            if self._kind == "tty":
+                await self._drain(fd)
         elif isinstance(io, Rfc2217Io):
             await io.wait_writes()
             self._transmit_backlog_or_model_count(io)
+
+    def _os_queued(self, fd: int) -> int | None:
+        """Bytes the OS accepted and has not sent yet, or None if it cannot say."""
+        try:
+            return self._ops.output_queued(fd)
+        except OSError:
+            return None
+
+    async def _drain(self, fd: int) -> None:
+        """tcdrain, bounded by DRAIN_TIMEOUT_S: a peer holding flow control (XOFF, CTS low)
+        must not hang a checkpoint. On a daemon thread, which exit never waits for."""
+        loop = asyncio.get_running_loop()
+        drained: asyncio.Future[None] = loop.create_future()
+
+        def finish() -> None:
+            if not drained.done():
+                drained.set_result(None)
+
+        def run() -> None:
+            with contextlib.suppress(OSError):
+                self._ops.tcdrain(fd)
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by now
+                loop.call_soon_threadsafe(finish)
+
+        threading.Thread(target=run, name="uartbridge-tcdrain", daemon=True).start()
+        try:
+            await asyncio.wait_for(drained, DRAIN_TIMEOUT_S)
+        except TimeoutError:
+            self._log.warning(
+                "port.drain_timeout",
+                seconds=DRAIN_TIMEOUT_S,
+                os_queued_bytes=self._os_queued(fd),
+                hint="the peer holds flow control; the OS keeps what it accepted",
+            )
 
     async def close(self) -> None:
         """Close the port and stop every timer and watch."""
         self._closed = True
         for handle in (self._reconnect_handle, self._msi_handle, self._refresh_handle,
-                       self._owned_poll_handle, self._stall_handle):
+                       self._owned_poll_handle, self._stall_handle, self._cts_handle):
             if handle is not None:
                 handle.cancel()
         if self._reconnect_task is not None:
@@ -623,6 +660,16 @@ class PortLink:
             return self._apply_disconnect_policy()
         uart = self._uart
         changed = False
+        if self._held_by_cts():
+            # DESIGN.md, reader states: CTS low under rtscts is a stalled reader. Writing on
+            # would park the bytes in the kernel's buffer, out of any checkpoint's sight.
+            if uart.tx_pending():
+                uart.tx_blocked()
+                changed = True
+            self._set_state(ReaderState.STALLED)
+            self._set_writing(False)  # the fd stays writable: wait for CTS, not for POLLOUT
+            self._schedule_cts_poll()
+            return changed
         try:
             # Replay the backlog first, in order, before anything newer.
             # A thread-backed port returns the count of a write that finished: start the next.
@@ -668,6 +715,29 @@ class PortLink:
             self._error("write failed", exc)
             self._lost(str(exc))
             return True
+
+    def _held_by_cts(self) -> bool:
+        """Under ``rtscts`` on a port with modem lines: is CTS low while there is data to send?"""
+        io = self._io
+        if not (self._settings.rtscts and self._has_modem_lines) or io is None or io.fd is None:
+            return False
+        if not (self._tx_backlog or self._uart.tx_pending()):
+            return False
+        try:
+            return not self._ops.modem_get(io.fd) & TIOCM_CTS
+        except OSError:
+            return False  # the write that follows reports what is wrong with the port
+
+    def _schedule_cts_poll(self) -> None:
+        if self._cts_handle is not None or self._loop is None:
+            return
+
+        def tick() -> None:
+            self._cts_handle = None
+            if not self._closed and self._transmit():
+                self._notify()
+
+        self._cts_handle = self._loop.call_later(CTS_POLL_S, tick)
 
     def _write(self, io: _Io, data: bytes) -> int:
         try:
@@ -909,9 +979,8 @@ class PortLink:
             cts=cts, dsr=bool(bits & TIOCM_DSR), ri=bool(bits & TIOCM_RI),
             dcd=bool(bits & TIOCM_CD),
         )
-        if self._settings.rtscts and self._state is ReaderState.CONNECTED and not cts:
-            self._set_state(ReaderState.STALLED)
-            self._set_writing(True)
+        if self._settings.rtscts and self._state is not ReaderState.DISCONNECTED:
+            self._transmit()  # CTS gates the transmitter (_held_by_cts)
         self._notify()
 
     def _schedule_refresh(self, delay_s: float) -> None:

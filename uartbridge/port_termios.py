@@ -77,6 +77,10 @@ class TermiosOps(Protocol):
         """Wait until the OS has sent what it accepted."""
         ...
 
+    def output_queued(self, fd: int) -> int:
+        """TIOCOUTQ: bytes the OS accepted and has not sent yet."""
+        ...
+
     def tcflow(self, fd: int, action: int) -> None:
         """termios.tcflow (TCIOFF sends XOFF)."""
         ...
@@ -127,6 +131,12 @@ class RealTermiosOps:
             termios.tcdrain(fd)
         except termios.error as exc:
             raise _os_error(exc) from exc
+
+    def output_queued(self, fd: int) -> int:
+        """TIOCOUTQ."""
+        raw = fcntl.ioctl(fd, termios.TIOCOUTQ, struct.pack("i", 0))
+        value: int = struct.unpack("i", raw)[0]
+        return value
 
     def tcflow(self, fd: int, action: int) -> None:
         """termios.tcflow."""
