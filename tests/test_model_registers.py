@@ -606,3 +606,21 @@ def test_line_settings_summary() -> None:
     uart.write(0, 0x0C)
     uart.write(3, 0x1E | 0x40)  # 7 data bits, even parity, 2 stop bits, break
     assert uart.line_settings.summary() == "9600 7E2 break"
+
+
+def test_rx_count_and_rx_readable_have_no_side_effects() -> None:
+    """rx_count() is the RX fill (1/0 without FIFOs), rx_readable() stops at a pending error."""
+    uart = Uart16550(clock=FakeClock())
+    assert uart.rx_count() == 0
+    assert uart.receive(b"a") == 1
+    assert (uart.rx_count(), uart.rx_readable()) == (1, 1)
+    assert uart.read(0) == ord("a") and uart.rx_count() == 0
+    uart.write(2, 0xC7)  # FIFOs on, trigger 14
+    assert uart.receive(b"bcd") == 3
+    before = uart.state()
+    assert (uart.rx_count(), uart.rx_readable()) == (3, 3)
+    assert uart.state() == before
+    uart.receive_line_error(parity=True)
+    assert (uart.rx_count(), uart.rx_readable()) == (3, 0)
+    assert uart.read(5) & 0x04  # PE, cleared by this read
+    assert uart.rx_readable() == 3

@@ -191,23 +191,56 @@ def test_fake_port_modem_lines_reach_msr_with_deltas() -> None:
 
 
 def test_fake_port_line_error_and_break_reach_lsr() -> None:
-    """A PARMRK-marked error and break on the input set LSR.FE and LSR.BI in the model."""
+    """A PARMRK-marked error and break set LSR.FE / LSR.BI when their own character is next."""
 
     async def body(g: Guest, fake: FakeOps, master: int) -> None:
         g.setup(ier=Ier.RLSI)
         # The pty cannot generate marks; write them as the kernel would put them in the queue.
         os.write(master, b"A\xff\x00Q")
+        assert await wait_for(lambda: g.uart.state().lsr & Lsr.DR, 1.0)
+        # "A" came first and is clean; the error belongs to "Q" and shows when "Q" is next.
+        assert not g.uart.irq and not g.uart.read(5) & Lsr.FE
+        assert g.uart.read(0) == ord("A")
+        g.pump()
         assert await wait_for(lambda: g.uart.irq, 1.0)
         assert g.uart.read(5) & Lsr.FE
-        assert g.read_all() == b"AQ"
+        assert g.uart.read(0) == ord("Q")
         os.write(master, b"\xff\x00\x00")
         assert await wait_for(lambda: g.uart.irq, 1.0)
         assert g.uart.read(5) & Lsr.BI
+        assert g.uart.read(0) == 0  # the break's NUL
         counters = g.link.status()["counters"]
         assert counters["framing_errors"] == 1 and counters["breaks_received"] == 1  # type: ignore[index]
 
     _with_fake(body)
 
+
+def test_error_and_break_behind_a_full_fifo_keep_their_place_in_the_stream() -> None:
+    """With the FIFO full and bytes waiting, a parity error and a break reach the guest in order."""
+
+    async def body(g: Guest, fake: FakeOps, master: int) -> None:
+        g.setup(lcr=0x1B, ier=Ier.RLSI)  # 8E1: a marked character is a parity error
+        head = bytes(range(0x41, 0x41 + 16))
+        os.write(master, head + b"bcd" + b"\xff\x00X" + b"e" + b"\xff\x00\x00" + b"f")
+        # The FIFO takes what the model offers (QEMU's can_receive rule); the rest, with the
+        # error's and the break's places in it, waits in the link's backlog.
+        assert await wait_for(lambda: g.link.state().rx_backlog.endswith(b"bcdXef"), 1.0)
+        seen: list[tuple[int, int]] = []  # (LSR error bits, character), as a driver reads them
+        deadline = asyncio.get_running_loop().time() + 5
+        while len(seen) < 16 + 3 + 1 + 1 + 1 + 1 and asyncio.get_running_loop().time() < deadline:
+            lsr = g.uart.read(5)
+            if lsr & Lsr.DR:
+                seen.append((lsr & (Lsr.PE | Lsr.FE | Lsr.BI), g.uart.read(0)))
+                g.pump()
+            else:
+                await asyncio.sleep(0.005)
+        expected = [(0, c) for c in head + b"bcd"]
+        expected += [(Lsr.PE, ord("X")), (0, ord("e")), (Lsr.BI, 0), (0, ord("f"))]
+        assert seen == expected
+        counters = g.link.status()["counters"]
+        assert counters["parity_errors"] == 1 and counters["breaks_received"] == 1  # type: ignore[index]
+
+    _with_fake(body)
 
 def test_quiesce_holds_the_peer_back_and_drains() -> None:
     """quiesce: RTS drops under rtscts, XOFF goes out under xonxoff, tcdrain runs, reads stop."""

@@ -48,6 +48,7 @@ import os
 import socket
 import termios
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any, Protocol
@@ -217,6 +218,8 @@ class PortLink:
         self._inotify: Inotify | None = None
         self._state = ReaderState.DISCONNECTED
         self._rx_backlog = bytearray()
+        # Breaks and line errors read from the port: (backlog bytes before it, kind).
+        self._rx_marks: deque[tuple[int, str]] = deque()
         self._tx_backlog = bytearray()
         self._counters: dict[str, int] = asdict(PortCounters())
         self._line: LineSettings | None = None
@@ -827,16 +830,41 @@ class PortLink:
         self._set_reading(want)
 
     def _pump_rx(self) -> bool:
-        """Move rx_backlog into the model as far as it takes; True if anything moved."""
+        """Move rx_backlog into the model as far as it takes; True if anything moved.
+
+        A break or line error read from the port waits at its place in the stream until the
+        guest has read every character before it, so that it reaches LSR with its own
+        character at the head of the FIFO (the chip keeps error bits per FIFO entry, the model
+        like QEMU only in LSR): the guest's LSR-then-RBR read pairs them as a 16550 would.
+        """
         moved = False
         uart = self._uart
-        while self._rx_backlog:
-            n = uart.receive(bytes(self._rx_backlog[:64]))
+        marks = self._rx_marks
+        backlog = self._rx_backlog
+        while True:
+            if marks and marks[0][0] == 0:
+                if uart.rx_count():
+                    break
+                self._apply_rx_mark(marks.popleft()[1])
+                moved = True
+                continue
+            if not backlog:
+                break
+            limit = marks[0][0] if marks else 64
+            n = uart.receive(bytes(backlog[: min(64, limit)]))
             if not n:
                 break
-            del self._rx_backlog[:n]
+            del backlog[:n]
+            for i, (position, kind) in enumerate(marks):
+                marks[i] = (position - n, kind)
             moved = True
         return moved
+
+    def _apply_rx_mark(self, kind: str) -> None:
+        if kind == "break":
+            self._uart.receive_break()
+        else:
+            self._uart.receive_line_error(parity=kind == "parity", framing=kind == "framing")
 
     def _on_readable(self) -> None:
         if self._closed or self._io is None:
@@ -873,29 +901,25 @@ class PortLink:
             self._counters["bytes_read"] += len(raw)
             self._pump_rx()
             return True
-        uart = self._uart
         parity_on = self._line is not None and self._line.parity != "N"
+        backlog = self._rx_backlog
         for kind, value in self._decoder.feed(raw):
             if kind == "data":
                 assert isinstance(value, bytes)
-                self._rx_backlog += value
+                backlog += value
                 self._counters["bytes_read"] += len(value)
             elif kind == "break":
-                self._pump_rx()
-                uart.receive_break()
+                self._rx_marks.append((len(backlog), "break"))
                 self._counters["breaks_received"] += 1
             else:
                 assert isinstance(value, int)
-                self._pump_rx()
-                if parity_on:
-                    uart.receive_line_error(parity=True)
-                    self._counters["parity_errors"] += 1
-                else:
-                    uart.receive_line_error(framing=True)
-                    self._counters["framing_errors"] += 1
-                self._rx_backlog.append(value)
+                # PARMRK does not say which error: parity if the line has parity, else framing.
+                error = "parity" if parity_on else "framing"
+                self._rx_marks.append((len(backlog), error))
+                self._counters[f"{error}_errors"] += 1
+                backlog.append(value)
                 self._counters["bytes_read"] += 1
-            self._pump_rx()
+        self._pump_rx()
         return True
 
     # -- line settings and modem lines ----------------------------------------------------------

@@ -852,6 +852,12 @@ class Uart16550:
             return len(self._tx) >= FIFO_SIZE
         return not self._lsr & Lsr.THRE
 
+    def rx_count(self) -> int:
+        """Characters waiting in the RX FIFO (or 1 if RBR holds one); no side effects."""
+        if self._fcr & Fcr.FE:
+            return len(self._rx)
+        return 1 if self._lsr & Lsr.DR else 0
+
     def rx_readable(self) -> int:
         """How many RBR reads find a character with no line error pending, as LSR stands now.
 
