@@ -172,9 +172,12 @@ def test_xoff_under_xonxoff_stalls_and_xon_resumes_losslessly(tmp_path: Path) ->
                 sent = await g.send(payload, timeout_s=0.5)
                 assert sent < len(payload)  # the guest was held back, not the bytes dropped
                 assert g.link.reader_state is ReaderState.STALLED
+                assert g.link.status()["held_by_peer"] == "xoff"
                 st = g.uart.state()
                 assert not st.lsr & Lsr.TEMT and st.tsr_retry > 0
                 assert read_available(peer) == b""
+                # The held bytes are the device's (TSR + FIFO), none parked in the kernel.
+                assert g.uart.tx_pending() == payload[:sent]
                 os.write(peer, b"\x11")  # XON
                 sender = asyncio.create_task(g.send(payload[sent:], timeout_s=10.0))
                 got = bytearray()

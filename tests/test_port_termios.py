@@ -317,3 +317,23 @@ def test_quiesce_gives_up_on_a_drain_the_peer_blocks(monkeypatch: pytest.MonkeyP
             ops.drain_gate.set()  # type: ignore[union-attr]
 
     _on_fake_with(PortSettings(url=""), body, fake)
+
+
+def test_xonxoff_is_read_by_the_link_not_by_ixon() -> None:
+    """xonxoff: IXOFF on, IXON off; XOFF/XON leave the data stream, an error on 0x13 stays."""
+
+    async def body(g: Guest, fake: FakeOps, master: int) -> None:
+        g.setup(lcr=0x1B)  # 8E1
+        assert fake.attrs is not None
+        assert fake.attrs[0] & termios.IXOFF and not fake.attrs[0] & termios.IXON
+        os.write(master, b"a\x13b\xff\x00\x13c")  # XOFF, then a parity error on a 0x13 byte
+        assert await g.receive(4) == b"ab\x13c"
+        assert await g.send(b"held", timeout_s=0.2) == 4  # into the device: TSR + FIFO
+        assert g.link.status()["held_by_peer"] == "xoff"
+        assert read_available(master) == b""
+        os.write(master, b"\x11")
+        got = bytearray()
+        assert await wait_for(lambda: got.extend(read_available(master)) or got == b"held", 2)
+        assert g.link.status()["held_by_peer"] is None
+
+    _on_fake_with(PortSettings(url="", xonxoff=True), body)

@@ -202,7 +202,9 @@ def status_command(args: argparse.Namespace) -> int:
     if reply.get("resumed_after_crash"):
         print("  (resumed after a crash: see each UART's resumed_from age)")
     for u in reply["uarts"]:
-        print(f"{u['name']}: {u['reader_state']}  port {u['port']}  line {u['line']}")
+        held = (u.get("link") or {}).get("held_by_peer")
+        state = f"{u['reader_state']} (held by {held})" if held else u["reader_state"]
+        print(f"{u['name']}: {state}  port {u['port']}  line {u['line']}")
         if u.get("pty"):
             print(f"  pty         {u['pty']}")
         guest = "attached" if u["guest_connected"] else "none"

@@ -76,6 +76,7 @@ from .port_termios import (
 from .portstate import PortCounters, PortSettings, PortState, ReaderState
 from .uart import LineSettings, ModemOutputs, Uart16550, UartEvents
 
+_XON, _XOFF = b"\x11", b"\x13"
 MSI_POLL_S = 0.010
 CTS_POLL_S = 0.010  # CTS is re-read this often only while it holds the transmitter back
 DRAIN_TIMEOUT_S = 5.0  # quiesce waits this long for the OS to send what it accepted
@@ -245,6 +246,8 @@ class PortLink:
         self._owned_poll_handle: asyncio.TimerHandle | None = None
         self._stall_handle: asyncio.TimerHandle | None = None
         self._cts_handle: asyncio.TimerHandle | None = None
+        self._soft_flow = False  # xonxoff on a tty: XON/XOFF handled here, not by IXON
+        self._xoff = False  # the peer sent XOFF and no XON since
         self._opened = False
 
     # -- public API ------------------------------------------------------------------------
@@ -293,6 +296,7 @@ class PortLink:
             "counters": dict(self._counters),
             "settings_refused": list(self._refused),
             "modem_lines": "port" if self._has_modem_lines else "synthesized",
+            "held_by_peer": self._held_by_peer() if self._io is not None else None,
             "last_error": self._last_error,
         }
 
@@ -528,6 +532,8 @@ class PortLink:
             self._parmrk = False
         self._io = io
         self._decoder = ParmrkDecoder()
+        self._soft_flow = self._settings.xonxoff and io.is_tty
+        self._xoff = False  # a new connection starts with the peer ready, as IXON would
         self._configure_port()
         self._connected()
 
@@ -663,15 +669,18 @@ class PortLink:
             return self._apply_disconnect_policy()
         uart = self._uart
         changed = False
-        if self._held_by_cts():
-            # DESIGN.md, reader states: CTS low under rtscts is a stalled reader. Writing on
-            # would park the bytes in the kernel's buffer, out of any checkpoint's sight.
+        held_by = self._held_by_peer()
+        if held_by is not None:
+            # DESIGN.md, reader states: CTS low under rtscts, XOFF under xonxoff is a stalled
+            # reader. Writing on would park the bytes in the kernel's buffer (a UART driver
+            # takes 4 KiB while its transmitter is stopped), out of any checkpoint's sight.
             if uart.tx_pending():
                 uart.tx_blocked()
                 changed = True
             self._set_state(ReaderState.STALLED)
-            self._set_writing(False)  # the fd stays writable: wait for CTS, not for POLLOUT
-            self._schedule_cts_poll()
+            self._set_writing(False)  # the fd stays writable: wait for CTS / XON, not POLLOUT
+            if held_by == "cts":
+                self._schedule_cts_poll()  # XON comes in as input and calls _transmit itself
             return changed
         try:
             # Replay the backlog first, in order, before anything newer.
@@ -719,17 +728,21 @@ class PortLink:
             self._lost(str(exc))
             return True
 
-    def _held_by_cts(self) -> bool:
-        """Under ``rtscts`` on a port with modem lines: is CTS low while there is data to send?"""
+    def _held_by_peer(self) -> str | None:
+        """While there is data to send: "xoff" after the peer's XOFF under ``xonxoff``, "cts"
+        for CTS low under ``rtscts`` on a port with modem lines, else None."""
+        if not (self._tx_backlog or self._uart.tx_pending()):
+            return None
+        if self._xoff:
+            return "xoff"
         io = self._io
         if not (self._settings.rtscts and self._has_modem_lines) or io is None or io.fd is None:
-            return False
-        if not (self._tx_backlog or self._uart.tx_pending()):
-            return False
+            return None
         try:
-            return not self._ops.modem_get(io.fd) & TIOCM_CTS
+            cts = bool(self._ops.modem_get(io.fd) & TIOCM_CTS)
         except OSError:
-            return False  # the write that follows reports what is wrong with the port
+            return None  # the write that follows reports what is wrong with the port
+        return None if cts else "cts"
 
     def _schedule_cts_poll(self) -> None:
         if self._cts_handle is not None or self._loop is None:
@@ -895,8 +908,35 @@ class PortLink:
         if changed:
             self._notify()
 
+    def _take_flow_chars(self, data: bytes) -> bytes:
+        """Under ``xonxoff``, as the kernel's IXON would but in sight of a checkpoint: XOFF
+        (DC3) holds the transmitter, XON (DC1) lets it go; neither is data for the guest."""
+        last = max(data.rfind(_XOFF), data.rfind(_XON))
+        if last < 0:
+            return data
+        xoff = data[last] == _XOFF[0]
+        if xoff != self._xoff:
+            self._xoff = xoff
+            self._log.debug("port.flow", xoff=xoff)
+            if not xoff:
+                self._schedule_release()
+        return data.replace(_XON, b"").replace(_XOFF, b"")
+
+    def _schedule_release(self) -> None:
+        """After XON: transmit again in a step of its own (we are inside the port's reader)."""
+        if self._loop is None:
+            return
+
+        def release() -> None:
+            if not self._closed and self._transmit():
+                self._notify()
+
+        self._loop.call_soon(release)
+
     def _receive_raw(self, raw: bytes) -> bool:
         if not self._parmrk:
+            if self._soft_flow:
+                raw = self._take_flow_chars(raw)
             self._rx_backlog += raw
             self._counters["bytes_read"] += len(raw)
             self._pump_rx()
@@ -906,6 +946,8 @@ class PortLink:
         for kind, value in self._decoder.feed(raw):
             if kind == "data":
                 assert isinstance(value, bytes)
+                if self._soft_flow:  # after PARMRK decoding: ff 00 13 is an error, not XOFF
+                    value = self._take_flow_chars(value)
                 backlog += value
                 self._counters["bytes_read"] += len(value)
             elif kind == "break":
@@ -1004,7 +1046,7 @@ class PortLink:
             dcd=bool(bits & TIOCM_CD),
         )
         if self._settings.rtscts and self._state is not ReaderState.DISCONNECTED:
-            self._transmit()  # CTS gates the transmitter (_held_by_cts)
+            self._transmit()  # CTS gates the transmitter (_held_by_peer)
         self._notify()
 
     def _schedule_refresh(self, delay_s: float) -> None:

@@ -169,10 +169,13 @@ def raw_attrs(attrs: Attrs, *, parmrk: bool, rtscts: bool, xonxoff: bool) -> Att
         iflag |= termios.PARMRK | termios.INPCK
     else:
         iflag &= ~(termios.PARMRK | termios.INPCK)
+    # IXON stays off: the link reads XON/XOFF itself (PortLink._take_flow_chars), so that
+    # bytes an XOFF holds back stay in the device and its checkpoint, not in the kernel.
+    iflag &= ~termios.IXON
     if xonxoff:
-        iflag |= termios.IXON | termios.IXOFF
+        iflag |= termios.IXOFF
     else:
-        iflag &= ~(termios.IXON | termios.IXOFF)
+        iflag &= ~termios.IXOFF
     if rtscts:
         cflag |= termios.CRTSCTS
     else:
