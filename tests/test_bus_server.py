@@ -35,6 +35,7 @@ from uartbridge.bus import (
 )
 from uartbridge.errors import BusError
 from uartbridge.registers import FCR, IER, IIR, LCR, LSR, MCR, RBR, SCR, THR, Ier, Mcr
+from uartbridge.sockets import PeerCredentials
 
 Body = Callable[[BusServer, Uart16550, VirtualWire, Path], Awaitable[None]]
 
@@ -481,6 +482,24 @@ def test_tcp_listener_on_loopback() -> None:
         await guest.close()
 
     serve(body)
+
+
+def test_tcp_peer_is_checked_by_the_uid_owning_its_socket() -> None:
+    """Over loopback TCP peer_allowed sees the peer's uid (from /proc/net/tcp) and can refuse."""
+    seen: list[PeerCredentials] = []
+
+    def refuse(peer: PeerCredentials) -> bool:
+        seen.append(peer)
+        return False
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        host, port = await server.start_tcp()
+        reader, writer = await asyncio.open_connection(host, port)
+        error = await RawGuest(reader, writer).expect_error_and_close()
+        assert error.code == ErrorCode.NOT_PERMITTED
+        assert [peer.uid for peer in seen] == [os.geteuid()]
+
+    serve(body, peer_allowed=refuse)
 
 
 def test_settle_failure_is_internal_error_and_server_survives() -> None:

@@ -49,7 +49,7 @@ import structlog
 
 from .errors import BusError
 from .registers import FIFO_SIZE, RBR, THR
-from .sockets import PeerCredentials, bind_unix, peer_credentials
+from .sockets import PeerCredentials, bind_unix, peer_credentials, tcp_peer_credentials
 from .uart import Clock, Uart16550
 
 PROTOCOL_VERSION = 1
@@ -683,8 +683,23 @@ class _Connection(asyncio.BufferedProtocol):
                 self._fail(ErrorCode.NOT_PERMITTED, "peer credentials refused")
                 return
         else:
-            peer = transport.get_extra_info("peername")
-            self._peer = str(peer)
+            self._peer = str(transport.get_extra_info("peername"))
+            if server.peer_allowed is not None and sock is not None:
+                try:
+                    creds = tcp_peer_credentials(sock)
+                except BusError:
+                    creds = None
+                    allowed = False
+                else:
+                    # None: a peer on another host, possible only on a non-loopback address
+                    # the operator configured; there is nothing to check it against.
+                    allowed = creds is None or server.peer_allowed(creds)
+                if creds is not None:
+                    self._peer += f" uid={creds.uid}"
+                if not allowed:
+                    server.log.warning("bus.peer_refused", uart=server.name, peer=self._peer)
+                    self._fail(ErrorCode.NOT_PERMITTED, "peer credentials refused")
+                    return
         if server.closing:
             self._fail(ErrorCode.SHUTTING_DOWN, "server is shutting down")
             return
@@ -1072,7 +1087,8 @@ class BusServer:
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen on TCP (loopback unless told otherwise); returns the bound (host, port).
 
-        TCP carries no peer credentials: anyone who can reach the port is admitted.
+        A peer on this host is checked with ``peer_allowed`` by the uid that owns its socket
+        (``/proc/net/tcp``); a peer on another host (a non-loopback ``host``) is admitted.
         """
         loop = asyncio.get_running_loop()
         try:
