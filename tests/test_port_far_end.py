@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import subprocess
 import termios
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from _port_support import Guest, need, open_raw, read_available, socat_pair, wait_for
 
+from uartbridge.port_rfc2217 import QUEUE_BYTES, Rfc2217Io
 from uartbridge.portstate import PortSettings, ReaderState
 
 
@@ -55,35 +60,53 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextmanager
+def _ser2net_serving(tmp_path: Path, device: Path) -> Iterator[int]:
+    """ser2net serving ``device`` as RFC 2217 on a free loopback port; stopped by PID."""
+    port = _free_port()
+    conf = tmp_path / "ser2net.yaml"
+    conf.write_text(
+        "connection: &c1\n"
+        f"  accepter: telnet(rfc2217),tcp,127.0.0.1,{port}\n"
+        f"  connector: serialdev,{device},115200n81,local\n"
+    )
+    proc = subprocess.Popen([need("ser2net"), "-n", "-d", "-c", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _open_rfc2217(port: int, **kwargs: Any) -> Guest:
+    """A guest on ``rfc2217://`` once ser2net listens (it needs a moment to bind)."""
+    url = f"rfc2217://127.0.0.1:{port}?ign_set_control"
+    deadline = time.monotonic() + 5
+    while True:
+        g = Guest(PortSettings(url=url), **kwargs)
+        try:
+            await g.link.open()
+            return g
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 def test_rfc2217_through_real_ser2net(tmp_path: Path) -> None:
-    """rfc2217:// via ser2net: bytes both ways, and the guest's baud reaches the pty's termios."""
-    ser2net = need("ser2net")
+    """rfc2217:// via ser2net: bytes both ways, traced, and the guest's baud reaches the pty."""
 
     async def run() -> None:
-        with socat_pair(tmp_path, "rfc") as s:
-            port = _free_port()
-            conf = tmp_path / "ser2net.yaml"
-            conf.write_text(
-                "connection: &c1\n"
-                f"  accepter: telnet(rfc2217),tcp,127.0.0.1,{port}\n"
-                f"  connector: serialdev,{s.a},115200n81,local\n"
-            )
-            proc = subprocess.Popen([ser2net, "-n", "-d", "-c", str(conf)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with socat_pair(tmp_path, "rfc") as s, _ser2net_serving(tmp_path, s.a) as port:
             peer = open_raw(str(s.b))
             try:
-                url = f"rfc2217://127.0.0.1:{port}?ign_set_control"
-                g = Guest(PortSettings(url=url))
-                deadline = time.monotonic() + 5
-                while True:
-                    try:
-                        await g.link.open()
-                        break
-                    except Exception:
-                        if time.monotonic() > deadline:
-                            raise
-                        g = Guest(PortSettings(url=url))
-                        await asyncio.sleep(0.1)
+                traced: list[tuple[str, bytes]] = []
+                g = await _open_rfc2217(port, trace=lambda d, b: traced.append((d, b)))
                 g.setup()
                 assert await g.send(b"to-the-far-end") == 14
                 got = bytearray()
@@ -91,6 +114,8 @@ def test_rfc2217_through_real_ser2net(tmp_path: Path) -> None:
                                       got == b"to-the-far-end", 5)
                 os.write(peer, b"\xffback\xff")
                 assert await g.receive(6) == b"\xffback\xff"
+                for direction, expected in (("tx", b"to-the-far-end"), ("rx", b"\xffback\xff")):
+                    assert b"".join(d for k, d in traced if k == direction) == expected
                 # guest sets 9600 baud: divisor 12
                 g.uart.write(3, 0x83)
                 g.uart.write(0, 12)
@@ -105,15 +130,45 @@ def test_rfc2217_through_real_ser2net(tmp_path: Path) -> None:
                 await g.link.close()
             finally:
                 os.close(peer)
-                proc.terminate()
-                try:
-                    proc.wait(timeout=3)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
 
     asyncio.run(run())
 
+
+def test_rfc2217_input_is_bounded_while_the_guest_does_not_read(tmp_path: Path) -> None:
+    """rfc2217:// input the guest does not read stops at the bounds; then all of it arrives."""
+
+    async def run() -> None:
+        with socat_pair(tmp_path, "rfcb") as s, _ser2net_serving(tmp_path, s.a) as port:
+            peer = open_raw(str(s.b))
+            try:
+                g = await _open_rfc2217(port)
+                g.setup()
+                data = bytes(range(256)) * 160  # 40 KiB, 0xff included (telnet IAC)
+                written = 0
+                deadline = time.monotonic() + 3
+                while time.monotonic() < deadline:  # the guest reads nothing meanwhile
+                    with contextlib.suppress(BlockingIOError):
+                        written += os.write(peer, data[written : written + 4096])
+                    if written == len(data):
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.5)  # let everything that can move, move
+                assert isinstance(g.link._io, Rfc2217Io)
+                queued = g.link._io._queued()
+                backlog = g.link.status()["rx_backlog_bytes"]
+                assert queued <= QUEUE_BYTES and backlog <= 4096, (queued, backlog)
+                assert queued + backlog > 0  # input did wait there
+                while written < len(data):
+                    with contextlib.suppress(BlockingIOError):
+                        written += os.write(peer, data[written : written + 4096])
+                    g.read_all()
+                    await asyncio.sleep(0.002)
+                assert await g.receive(len(data), timeout_s=20) == data
+                await g.link.close()
+            finally:
+                os.close(peer)
+
+    asyncio.run(run())
 
 class _TcpSocat:
     """socat listening on a loopback TCP port, relaying to a pty at ``pty_link``; by PID."""

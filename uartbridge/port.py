@@ -73,7 +73,13 @@ from .port_termios import (
     apply_line_settings,
     nearest_baud,
 )
-from .portstate import PortCounters, PortSettings, PortState, ReaderState
+from .portstate import (
+    MAX_RX_BACKLOG_BYTES,
+    PortCounters,
+    PortSettings,
+    PortState,
+    ReaderState,
+)
 from .uart import LineSettings, ModemOutputs, Uart16550, UartEvents
 
 _XON, _XOFF = b"\x11", b"\x13"
@@ -274,7 +280,8 @@ class PortLink:
     def state(self) -> PortState:
         """The host path as a checkpoint sees it (take it with ``uart.state()``)."""
         if isinstance(self._io, Rfc2217Io):
-            self._rx_backlog += self._io.drain_all()
+            # Bounded by what a checkpoint may hold; the rest stays queued for the link.
+            self._rx_backlog += self._io.drain_all(MAX_RX_BACKLOG_BYTES - len(self._rx_backlog))
         return PortState(
             rx_backlog=bytes(self._rx_backlog),
             tx_backlog=bytes(self._tx_backlog),
@@ -771,8 +778,12 @@ class PortLink:
             return
         self._counters["bytes_written"] += k
         if self._tx_backlog:
+            if k and self._trace is not None:
+                self._trace("tx", bytes(self._tx_backlog[:k]))
             del self._tx_backlog[:k]
         elif k:
+            if self._trace is not None:
+                self._trace("tx", self._uart.tx_pending()[:k])
             self._uart.tx_sent(k)
             self._notify()
 

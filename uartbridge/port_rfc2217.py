@@ -7,9 +7,10 @@ pyserial's RFC 2217 ``Serial`` runs its own socket reader thread and blocks in `
   ``WriteInFlight``; when the worker's ``write`` returned, ``on_writable`` fires and the next
   ``write`` (whose data starts with the same bytes, since nothing left the model meanwhile)
   returns that count. So bytes leave the model only when the handler's write returned.
-- received bytes land in pyserial's queue, replaced here by one that wakes the loop.
-  pyserial reads the socket unbounded, so DESIGN rule 3's bound does not hold for this kind:
-  whatever pyserial queued is drained into ``rx_backlog`` at a checkpoint (``drain_all``).
+- received bytes land in pyserial's queue, replaced here by a bounded one (``QUEUE_BYTES``)
+  that wakes the loop: when it is full pyserial's reader stops reading the socket and TCP
+  holds the far end back. What it holds is drained into ``rx_backlog`` at a checkpoint
+  (``drain_all``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import serial.rfc2217
 from .uart import LineSettings
 
 CHUNK = 4096
+QUEUE_BYTES = 4096  # pyserial queues one byte per item
 
 
 class PortGone(Exception):
@@ -39,12 +41,26 @@ class WriteInFlight(Exception):
 
 
 class _WakingQueue(queue.Queue[Any]):
-    def __init__(self, wake: Callable[[], None]) -> None:
-        super().__init__()
+    """pyserial's read queue, bounded (DESIGN rule 3), waking the loop on every put.
+
+    When it is full, pyserial's socket reader waits here, stops reading the socket, and TCP
+    back-pressures the far end as a full tty input queue would. It gives up only once the
+    port is closing (pyserial's ``close`` joins that thread).
+    """
+
+    def __init__(self, wake: Callable[[], None], alive: Callable[[], bool]) -> None:
+        super().__init__(maxsize=QUEUE_BYTES)
         self._wake = wake
+        self._alive = alive
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
+        while True:
+            try:
+                super().put(item, True, 0.05)
+                break
+            except queue.Full:
+                if not self._alive():
+                    return
         self._wake()
 
 
@@ -59,7 +75,9 @@ class _WakingSerial(serial.rfc2217.Serial):  # type: ignore[misc]
 
     @_read_buffer.setter
     def _read_buffer(self, value: Any) -> None:
-        self.__dict__["_rb"] = None if value is None else _WakingQueue(lambda: self.wake())
+        self.__dict__["_rb"] = (
+            None if value is None else _WakingQueue(lambda: self.wake(), lambda: self.is_open)
+        )
 
 
 class Rfc2217Io:
@@ -145,10 +163,12 @@ class Rfc2217Io:
             raise PortGone("rfc2217 connection closed")
         raise BlockingIOError
 
-    def drain_all(self) -> bytes:
-        """Everything pyserial has queued (for a checkpoint)."""
+    def drain_all(self, limit: int) -> bytes:
+        """What pyserial has queued, up to ``limit`` bytes (for a checkpoint)."""
+        if limit <= 0:
+            return b""
         try:
-            return self.read(1 << 30)
+            return self.read(limit)
         except (BlockingIOError, PortGone):
             return b""
 
