@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from procs import require_program
+from procs import require_program, stop_process
 
 from uartbridge.port import PortLink
 from uartbridge.portstate import PortSettings
@@ -96,6 +97,16 @@ async def wait_for(predicate: object, timeout_s: float = 5.0) -> bool:
     return bool(predicate())  # type: ignore[operator]
 
 
+async def send_and_collect(g: Guest, rest: bytes, fd: int, total: int,
+                           timeout_s: float = 10.0) -> bytes:
+    """Send ``rest`` like a guest while reading ``fd`` until ``total`` bytes came; those."""
+    sender = asyncio.create_task(g.send(rest, timeout_s=timeout_s))
+    got = bytearray()
+    await wait_for(lambda: got.extend(read_available(fd)) or len(got) >= total, timeout_s)
+    await sender
+    return bytes(got)
+
+
 def read_available(fd: int, limit: int = 1 << 20) -> bytes:
     """Everything readable now on a non-blocking fd."""
     out = bytearray()
@@ -143,15 +154,7 @@ class Socat:
         if proc is None:
             return
         self.proc = None
-        if kill:
-            proc.kill()
-        else:
-            proc.terminate()
-        try:
-            proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, signal.SIGKILL if kill else signal.SIGTERM, timeout_s=3)
         for link in (self.a, self.b):
             if kill and link.is_symlink():
                 link.unlink()

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _port_support import Guest, need, open_raw, read_available, socat_pair, wait_for
+from _port_support import (
+    Guest,
+    need,
+    open_raw,
+    read_available,
+    send_and_collect,
+    socat_pair,
+    wait_for,
+)
+from procs import stop_process
 
 from uartbridge.port_rfc2217 import QUEUE_BYTES, Rfc2217Io
 from uartbridge.portstate import PortSettings, ReaderState
@@ -75,17 +84,11 @@ def _ser2net_serving(tmp_path: Path, device: Path) -> Iterator[int]:
     try:
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=3)
 
 
-async def _open_rfc2217(port: int, **kwargs: Any) -> Guest:
-    """A guest on ``rfc2217://`` once ser2net listens (it needs a moment to bind)."""
-    url = f"rfc2217://127.0.0.1:{port}?ign_set_control"
+async def _open_when_listening(url: str, **kwargs: Any) -> Guest:
+    """A guest on ``url`` once its server listens (ser2net and socat need a moment to bind)."""
     deadline = time.monotonic() + 5
     while True:
         g = Guest(PortSettings(url=url), **kwargs)
@@ -95,8 +98,11 @@ async def _open_rfc2217(port: int, **kwargs: Any) -> Guest:
         except Exception:
             if time.monotonic() > deadline:
                 raise
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.05)
 
+
+def _rfc2217_url(port: int) -> str:
+    return f"rfc2217://127.0.0.1:{port}?ign_set_control"
 
 def test_rfc2217_through_real_ser2net(tmp_path: Path) -> None:
     """rfc2217:// via ser2net: bytes both ways, traced, and the guest's baud reaches the pty."""
@@ -106,12 +112,12 @@ def test_rfc2217_through_real_ser2net(tmp_path: Path) -> None:
             peer = open_raw(str(s.b))
             try:
                 traced: list[tuple[str, bytes]] = []
-                g = await _open_rfc2217(port, trace=lambda d, b: traced.append((d, b)))
+                g = await _open_when_listening(
+                    _rfc2217_url(port), trace=lambda d, b: traced.append((d, b))
+                )
                 g.setup()
-                assert await g.send(b"to-the-far-end") == 14
-                got = bytearray()
-                assert await wait_for(lambda: got.extend(read_available(peer)) or
-                                      got == b"to-the-far-end", 5)
+                out = b"to-the-far-end"
+                assert await send_and_collect(g, out, peer, len(out)) == out
                 os.write(peer, b"\xffback\xff")
                 assert await g.receive(6) == b"\xffback\xff"
                 for direction, expected in (("tx", b"to-the-far-end"), ("rx", b"\xffback\xff")):
@@ -141,7 +147,7 @@ def test_rfc2217_input_is_bounded_while_the_guest_does_not_read(tmp_path: Path) 
         with socat_pair(tmp_path, "rfcb") as s, _ser2net_serving(tmp_path, s.a) as port:
             peer = open_raw(str(s.b))
             try:
-                g = await _open_rfc2217(port)
+                g = await _open_when_listening(_rfc2217_url(port))
                 g.setup()
                 data = bytes(range(256)) * 160  # 40 KiB, 0xff included (telnet IAC)
                 written = 0
@@ -186,29 +192,8 @@ class _TcpSocat:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-async def _open_when_listening(g: Guest, url: str) -> Guest:
-    """Open ``url`` once the listener is up (socat needs a moment to bind)."""
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            await g.link.open()
-            return g
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            g = Guest(PortSettings(url=url))
-            await asyncio.sleep(0.05)
-
+        if proc is not None:
+            stop_process(proc, timeout_s=3)
 
 def test_socket_url_both_ways_and_reconnect_with_buffer(tmp_path: Path) -> None:
     """socket:// to TCP socat: both ways; socat gone → disconnected; back → backlog replayed."""
@@ -221,14 +206,11 @@ def test_socket_url_both_ways_and_reconnect_with_buffer(tmp_path: Path) -> None:
         peer = -1
         try:
             url = f"socket://127.0.0.1:{port}"
-            g = await _open_when_listening(Guest(PortSettings(url=url)), url)
+            g = await _open_when_listening(url)
             g.setup()
             assert await wait_for(far.exists, 5)  # socat opens its pty once it accepted us
             peer = open_raw(str(far))
-            assert await g.send(b"guest-to-tcp") == 12
-            got = bytearray()
-            assert await wait_for(lambda: got.extend(read_available(peer)) or
-                                  got == b"guest-to-tcp", 5)
+            assert await send_and_collect(g, b"guest-to-tcp", peer, 12) == b"guest-to-tcp"
             os.write(peer, b"tcp-to-guest")
             assert await g.receive(12) == b"tcp-to-guest"
 

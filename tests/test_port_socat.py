@@ -7,7 +7,14 @@ import os
 import time
 from pathlib import Path
 
-from _port_support import Guest, open_raw, read_available, socat_pair, wait_for
+from _port_support import (
+    Guest,
+    open_raw,
+    read_available,
+    send_and_collect,
+    socat_pair,
+    wait_for,
+)
 
 from uartbridge.portstate import PortSettings, ReaderState
 from uartbridge.registers import Lsr
@@ -179,14 +186,9 @@ def test_xoff_under_xonxoff_stalls_and_xon_resumes_losslessly(tmp_path: Path) ->
                 # The held bytes are the device's (TSR + FIFO), none parked in the kernel.
                 assert g.uart.tx_pending() == payload[:sent]
                 os.write(peer, b"\x11")  # XON
-                sender = asyncio.create_task(g.send(payload[sent:], timeout_s=10.0))
-                got = bytearray()
-                assert await wait_for(lambda: got.extend(read_available(peer)) or
-                                      len(got) >= len(payload), 10)
-                await sender
-                assert bytes(got) == payload
+                assert await send_and_collect(g, payload[sent:], peer, len(payload)) == payload
                 assert await wait_for(lambda: g.link.reader_state is ReaderState.CONNECTED)
-                assert g.read_all() == b""  # the kernel consumed XOFF and XON
+                assert g.read_all() == b""  # XOFF and XON are flow control, not data
                 await g.link.close()
             finally:
                 os.close(peer)

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from _port_support import Guest, read_available, wait_for
+from _port_support import Guest, read_available, send_and_collect, wait_for
 
 import uartbridge.port
 from uartbridge.port_termios import (
@@ -291,12 +291,7 @@ def test_cts_low_under_rtscts_stalls_at_once_and_cts_high_delivers_in_order() ->
         # a writable fd left on the loop would make that thousands.
         assert fake.modem_reads - reads < 200
         fake.modem |= TIOCM_CTS
-        sender = asyncio.create_task(g.send(payload[sent:], timeout_s=5))
-        got = bytearray()
-        assert await wait_for(lambda: got.extend(read_available(master)) or
-                              len(got) >= len(payload), 5)
-        await sender
-        assert bytes(got) == payload
+        assert await send_and_collect(g, payload[sent:], master, len(payload)) == payload
         assert await wait_for(lambda: g.link.reader_state is ReaderState.CONNECTED)
 
     _on_fake_with(PortSettings(url="", rtscts=True), body)
