@@ -194,3 +194,26 @@ def test_xoff_under_xonxoff_stalls_and_xon_resumes_losslessly(tmp_path: Path) ->
                 os.close(peer)
 
     asyncio.run(run())
+
+
+def test_rx_fifo_reset_lets_waiting_input_in_without_new_input(tmp_path: Path) -> None:
+    """FCR's RX reset drops the FIFO's bytes only; what waits in rx_backlog comes in at once."""
+
+    async def run() -> None:
+        with socat_pair(tmp_path, "rfr") as s:
+            peer = open_raw(str(s.b))
+            try:
+                g = Guest(PortSettings(url=str(s.a)))
+                await g.link.open()
+                g.setup()  # FIFOs on, trigger 1: the FIFO takes 1 byte, the rest waits
+                os.write(peer, b"0123456789")
+                assert await wait_for(lambda: g.link.state().rx_backlog == b"123456789")
+                g.uart.write(2, 0x03)  # FE | RX FIFO reset: "0" is dropped
+                g.pump()
+                assert g.uart.state().rx_fifo == b"1"  # refilled in the same step
+                assert await g.receive(9) == b"123456789"
+                await g.link.close()
+            finally:
+                os.close(peer)
+
+    asyncio.run(run())

@@ -32,8 +32,13 @@ Choices worth knowing:
   termios through ``port_termios``; pyserial is used for the ``rfc2217://`` handler.
 - A byte marked ``ff 00 X`` is reported as a parity error when the port has parity enabled,
   else as a framing error (Linux marks both alike). The byte ``X`` is then received as data.
-- Breaks and line errors reach the model when they are parsed, even if older bytes still
-  wait in ``rx_backlog`` (they can overtake at most ``rx_backlog_bytes`` bytes).
+- Breaks and line errors keep their place in the received stream (``_rx_marks``): each
+  reaches the model once the guest has read every character before it, so LSR shows it
+  with its own character next in RBR. A mark still waiting at a checkpoint is not saved
+  (its character is, in ``rx_backlog``).
+- Under ``xonxoff`` the kernel's IXON is off and the link reads XON/XOFF itself; under
+  ``rtscts`` it reads CTS before writing. Either way bytes the peer holds back stay in the
+  device (and its checkpoint) instead of in the kernel's output buffer.
 
 Errors: ``PortUnavailableError`` from ``open()`` when the path is not there; every other
 ``OSError`` / ``termios.error`` / ``serial.SerialException`` is mapped where it enters.

@@ -738,6 +738,8 @@ class Uart16550:
             self._deadline_ns = None
             self._timeout_ipending = False
             self._rx.clear()
+            if not self._mcr & Mcr.LOOP:
+                self._rx_space = True  # the wire may refill it now (as after an RBR read)
         if value & Fcr.XFR:
             # The TSR byte survives (TEMT untouched); queued bytes are the guest's to discard.
             flushed = len(self._tx) if self._fcr & Fcr.FE else (0 if self._lsr & Lsr.THRE else 1)
