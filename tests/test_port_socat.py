@@ -196,8 +196,8 @@ def test_xoff_under_xonxoff_stalls_and_xon_resumes_losslessly(tmp_path: Path) ->
     asyncio.run(run())
 
 
-def test_rx_fifo_reset_lets_waiting_input_in_without_new_input(tmp_path: Path) -> None:
-    """FCR's RX reset drops the FIFO's bytes only; what waits in rx_backlog comes in at once."""
+def test_fcr_reset_or_trigger_lets_waiting_input_in_without_new_input(tmp_path: Path) -> None:
+    """An RX reset or a higher trigger lets what waits in rx_backlog in at once (no new input)."""
 
     async def run() -> None:
         with socat_pair(tmp_path, "rfr") as s:
@@ -211,6 +211,9 @@ def test_rx_fifo_reset_lets_waiting_input_in_without_new_input(tmp_path: Path) -
                 g.uart.write(2, 0x03)  # FE | RX FIFO reset: "0" is dropped
                 g.pump()
                 assert g.uart.state().rx_fifo == b"1"  # refilled in the same step
+                g.uart.write(2, 0xC1)  # trigger 14: the FIFO may take the rest now
+                g.pump()
+                assert g.uart.state().rx_fifo == b"123456789"
                 assert await g.receive(9) == b"123456789"
                 await g.link.close()
             finally:

@@ -738,8 +738,6 @@ class Uart16550:
             self._deadline_ns = None
             self._timeout_ipending = False
             self._rx.clear()
-            if not self._mcr & Mcr.LOOP:
-                self._rx_space = True  # the wire may refill it now (as after an RBR read)
         if value & Fcr.XFR:
             # The TSR byte survives (TEMT untouched); queued bytes are the guest's to discard.
             flushed = len(self._tx) if self._fcr & Fcr.FE else (0 if self._lsr & Lsr.THRE else 1)
@@ -753,6 +751,10 @@ class Uart16550:
             self._trigger = TRIGGER_LEVELS[self._fcr >> 6]
         else:
             self._iir &= ~IIR_FIFO_BITS
+        if not self._mcr & Mcr.LOOP:
+            # A reset or a new trigger level changes what can_receive() allows: the wire may
+            # move in what waits for room (as after an RBR read).
+            self._rx_space = True
         self._update_irq()
 
     def _write_lcr(self, value: int) -> None:
@@ -768,6 +770,8 @@ class Uart16550:
         # QEMU leaves the host lines alone in loopback (§3.8).
         if not value & Mcr.LOOP and old != self._mcr:
             self._modem_outputs_changed = True
+        if old & Mcr.LOOP and not value & Mcr.LOOP:
+            self._rx_space = True  # the wire is connected again
 
     def _write_scr(self, value: int) -> None:
         self._scr = value
