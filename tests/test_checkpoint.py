@@ -182,6 +182,62 @@ def test_golden_v1_files_still_load(name: str) -> None:
         assert _field(ckpt, dotted) == expected, dotted
 
 
+def test_golden_v2_file_loads_with_its_pending_line_events() -> None:
+    """The format-2 golden file carries the breaks and errors waiting in the RX backlog."""
+    path = DATA / "checkpoint-v2-line-events.json"
+    ckpt = read_checkpoint(path)
+    assert ckpt.meta.format_version == 2
+    assert ckpt.port.rx_backlog == b"bcdXef"
+    assert ckpt.port.rx_marks == ((3, "parity"), (5, "break"))
+    assert ckpt.uart.rx_fifo == b"a"
+    if FORMAT_VERSION == 2:
+        assert encode(decode(path.read_bytes())) == path.read_bytes()
+
+
+def test_v1_documents_load_with_no_pending_line_events() -> None:
+    """A version-1 file (no rx_marks) upgrades to exactly what it meant: nothing pending."""
+    ckpt = decode(rehashed(golden_doc("rx-timeout")))
+    assert ckpt.meta.format_version == 1
+    assert ckpt.port.rx_marks == ()
+    assert ckpt.port.rx_backlog == b"k brown fox."
+
+
+def test_rx_marks_in_a_version_1_document_are_refused() -> None:
+    """rx_marks came with version 2: a v1 document carrying it is refused, naming it."""
+    doc = golden_doc("rx-timeout")
+    doc["port"]["rx_marks"] = []
+    assert "port.rx_marks: unknown field in format version 1" in refused(rehashed(doc))
+
+
+RX_MARK_RULES = [
+    ({"rx_marks": {}}, "port.rx_marks: must be a list"),
+    ({"rx_marks": [{"at": 1}]}, "port.rx_marks[0].kind: missing"),
+    ({"rx_marks": [{"at": 1, "kind": "break", "x": 0}]}, "port.rx_marks[0].x: unknown field"),
+    ({"rx_marks": [{"at": -1, "kind": "break"}]}, "port.rx_marks[0].at: must be >= 0"),
+    ({"rx_marks": [{"at": 7, "kind": "break"}]}, "port.rx_marks[0].at: must be an integer"),
+    ({"rx_marks": [{"at": 4, "kind": "break"}, {"at": 2, "kind": "parity"}]},
+     "port.rx_marks[1].at: must be an integer from 4"),
+    ({"rx_marks": [{"at": 1, "kind": "overrun"}]}, "port.rx_marks[0].kind: must be one of"),
+    ({"rx_marks": [{"at": True, "kind": "break"}]}, "port.rx_marks[0].at: must be an integer"),
+]
+
+
+@pytest.mark.parametrize(("change", "fragment"), RX_MARK_RULES,
+                         ids=[r[1][:40] for r in RX_MARK_RULES])
+def test_each_rx_mark_rule_is_enforced_on_load(change: dict[str, Any], fragment: str) -> None:
+    """P5: marks are a list of {at, kind}, in stream order, within rx_backlog, of known kinds."""
+    doc: dict[str, Any] = json.loads((DATA / "checkpoint-v2-line-events.json").read_text())
+    doc["port"].update(change)
+    assert fragment in refused(rehashed(doc))
+
+
+def test_marks_that_do_not_fit_their_backlog_are_not_written() -> None:
+    """The writer checks P5 too: a mark beyond rx_backlog never reaches a file."""
+    ckpt = make_checkpoint(port=PortState(rx_backlog=b"ab", rx_marks=((3, "break"),)))
+    with pytest.raises(CheckpointError, match=r"port.rx_marks\[0\].at"):
+        encode(ckpt)
+
+
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.name)
 def test_golden_v1_files_reencode_byte_for_byte(path: Path) -> None:
     """While the format is version 1, decoding and re-encoding a golden file gives its bytes."""
@@ -662,7 +718,11 @@ def test_mutated_documents_raise_only_checkpoint_error(case: tuple[bytes, str]) 
         assert str(exc) and "\n" not in str(exc)
         return
     ckpt.uart.validate()  # whatever loads is a state the device can be in
-    assert decode(encode(ckpt)) == ckpt
+    # A writer writes only the newest version: an older file comes back upgraded, same state.
+    current = dataclasses.replace(
+        ckpt, meta=dataclasses.replace(ckpt.meta, format_version=FORMAT_VERSION)
+    )
+    assert decode(encode(current)) == current
 
 
 # -- round trip of every state the model reaches ---------------------------------------------

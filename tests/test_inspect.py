@@ -105,6 +105,19 @@ def test_every_golden_file_inspects_in_both_forms(
     assert code == 0 and json.loads(out)["valid"] is True
 
 
+def test_pending_line_events_are_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    """Breaks and errors waiting in the RX backlog appear in the text and in --json."""
+    path = str(DATA / "checkpoint-v2-line-events.json")
+    code, out, _ = run(capsys, path)
+    assert code == 0
+    assert "rx_marks     parity after 3 bytes, break after 5 bytes" in out
+    code, out, _ = run(capsys, path, "--json")
+    assert code == 0
+    assert json.loads(out)["port"]["rx_marks"] == [
+        {"at": 3, "kind": "parity"}, {"at": 5, "kind": "break"}
+    ]
+
+
 def test_json_output_is_machine_readable(capsys: pytest.CaptureFixture[str]) -> None:
     """--json prints one JSON document with the decoded registers, buffers and verdict."""
     code, out, _ = run(capsys, str(STUCK), "--json")
@@ -176,7 +189,7 @@ def test_invalid_file_with_json_reports_the_verdict(
         b"\x89PNG\r\n\x1a\n",
         b"{\n",
         b"[1, 2, 3]\n",
-        b'{"format": "uartbridge-checkpoint", "format_version": 2}',
+        b'{"format": "uartbridge-checkpoint", "format_version": 99}',
         (DATA / "checkpoint-v1-stuck-tx.json").read_bytes()[:700],
     ],
     ids=["empty", "garbage", "binary", "png", "open-brace", "array", "newer", "truncated"],

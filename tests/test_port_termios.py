@@ -31,7 +31,7 @@ from uartbridge.port_termios import (
     RealTermiosOps,
     nearest_baud,
 )
-from uartbridge.portstate import PortSettings, ReaderState
+from uartbridge.portstate import PortSettings, PortState, ReaderState
 from uartbridge.registers import Ier, Lsr, Msr
 
 
@@ -332,3 +332,35 @@ def test_xonxoff_is_read_by_the_link_not_by_ixon() -> None:
         assert g.link.status()["held_by_peer"] is None
 
     _on_fake_with(PortSettings(url="", xonxoff=True), body)
+
+
+def test_line_events_saved_in_a_checkpoint_come_back_in_their_place() -> None:
+    """A link restored with rx_marks delivers the error and the break where they were."""
+
+    async def run() -> None:
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        try:
+            g = Guest(PortSettings(url=os.ttyname(slave)), termios_ops=FakeOps())
+            # The device as restored: FIFOs on, 8E1, RLSI (the daemon restores the model first).
+            for offset, value in ((2, 0x07), (3, 0x1B), (4, 0x0B), (1, Ier.RLSI)):
+                g.uart.write(offset, value)
+            g.link.restore(PortState(rx_backlog=b"bcdXef", rx_marks=((3, "parity"), (5, "break"))))
+            await g.link.open()
+            g.pump()
+            seen = []
+            for _ in range(7):
+                lsr = g.uart.read(5)
+                assert lsr & Lsr.DR
+                seen.append((lsr & (Lsr.PE | Lsr.BI), g.uart.read(0)))
+                g.pump()
+            assert seen == [(0, ord("b")), (0, ord("c")), (0, ord("d")), (Lsr.PE, ord("X")),
+                            (0, ord("e")), (Lsr.BI, 0), (0, ord("f"))]
+            assert g.link.state().rx_marks == ()
+            await g.link.close()
+        finally:
+            os.close(master)
+            os.close(slave)
+
+    asyncio.run(run())

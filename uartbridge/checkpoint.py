@@ -45,6 +45,7 @@ from .errors import CheckpointError, CheckpointMissingError, InvalidStateError
 from .portstate import (
     MAX_RX_BACKLOG_BYTES,
     MAX_TX_BACKLOG_BYTES,
+    RX_MARK_KINDS,
     PortCounters,
     PortState,
     ReaderState,
@@ -55,7 +56,7 @@ from .uart import Clock, LineSettings, Parity, Uart16550, UartState, UartStatist
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "uartbridge-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: Host-path bounds (format limits; the config's backlog sizes must stay below them).
 #: A bigger file is refused before it is parsed (two hex backlogs plus a few KiB).
 MAX_DOCUMENT_BYTES = 2 * (MAX_RX_BACKLOG_BYTES + MAX_TX_BACKLOG_BYTES) + (1 << 20)
@@ -99,7 +100,10 @@ _UART_KEYS = (
     "statistics",
 )
 _STATISTICS_KEYS = tuple(f.name for f in fields(UartStatistics))
-_PORT_KEYS = ("reader_state", "rx_backlog", "tx_backlog", "line_settings", "counters")
+_PORT_KEYS = (
+    "reader_state", "rx_backlog", "tx_backlog", "line_settings", "counters", "rx_marks"
+)
+_MARK_KEYS = ("at", "kind")
 _LINE_KEYS = ("baud", "data_bits", "parity", "stop_bits", "break_on")
 _COUNTER_KEYS = tuple(f.name for f in fields(PortCounters))
 
@@ -235,6 +239,7 @@ def to_document(ckpt: Checkpoint) -> dict[str, object]:
             "tx_backlog": port.tx_backlog.hex(),
             "line_settings": _line_settings_doc(port.line_settings),
             "counters": {name: getattr(port.counters, name) for name in _COUNTER_KEYS},
+            "rx_marks": [{"at": at, "kind": kind} for at, kind in port.rx_marks],
         },
     }
     document["sha256"] = content_hash(document)
@@ -331,10 +336,39 @@ def _check_port(port: PortState) -> None:
         if len(value) > limit:
             raise _error(f"port.{name}", f"holds {len(value)} bytes, more than the {limit} allowed")
     _check_line_settings(port.line_settings)
+    _check_rx_marks(port.rx_marks, len(port.rx_backlog))
     for name in _COUNTER_KEYS:
         value = getattr(port.counters, name)
         if type(value) is not int or not 0 <= value <= INT64_MAX:
             raise _error(f"port.counters.{name}", f"must be an integer 0..2**63-1, got {value!r}")
+
+
+def _check_rx_marks(marks: object, backlog_bytes: int) -> None:
+    """P5: marks in stream order, each within rx_backlog, of a known kind, bounded in number."""
+    if not isinstance(marks, tuple):
+        raise _error("port.rx_marks", "must be a sequence of (at, kind)")
+    if len(marks) > MAX_RX_BACKLOG_BYTES:
+        raise _error(
+            "port.rx_marks",
+            f"holds {len(marks)} marks, more than the {MAX_RX_BACKLOG_BYTES} allowed",
+        )
+    previous = 0
+    for i, mark in enumerate(marks):
+        path = f"port.rx_marks[{i}]"
+        if not (isinstance(mark, tuple) and len(mark) == 2):
+            raise _error(path, "must be (at, kind)")
+        at, kind = mark
+        if type(at) is not int or not previous <= at <= backlog_bytes:
+            raise _error(
+                f"{path}.at",
+                f"must be an integer from {previous} (the mark before) to {backlog_bytes} "
+                f"(the rx_backlog length), got {_show(at)}",
+            )
+        if kind not in RX_MARK_KINDS:
+            raise _error(
+                f"{path}.kind", f"must be one of {', '.join(RX_MARK_KINDS)}, got {_show(kind)}"
+            )
+        previous = at
 
 
 def _check_uart(uart: UartState) -> None:
@@ -574,6 +608,14 @@ def _read_port(document: dict[str, object]) -> PortState:
             f"must be one of connected, stalled, disconnected, got {_show(reader)}",
         ) from exc
     counters_section = _section(section["counters"], f"{path}.counters", _COUNTER_KEYS)
+    marks = section["rx_marks"]
+    if not isinstance(marks, list):
+        raise _error(f"{path}.rx_marks", f"must be a list, got {_show(marks)}")
+    rx_marks = []
+    for i, mark in enumerate(marks):
+        mark_path = f"{path}.rx_marks[{i}]"
+        item = _section(mark, mark_path, _MARK_KEYS)
+        rx_marks.append((_count(item, "at", mark_path), _str(item, "kind", mark_path)))
     port = PortState(
         rx_backlog=_hex(section, "rx_backlog", path, MAX_RX_BACKLOG_BYTES),
         tx_backlog=_hex(section, "tx_backlog", path, MAX_TX_BACKLOG_BYTES),
@@ -582,9 +624,21 @@ def _read_port(document: dict[str, object]) -> PortState:
         counters=PortCounters(
             **{key: _count(counters_section, key, f"{path}.counters") for key in _COUNTER_KEYS}
         ),
+        rx_marks=tuple(rx_marks),
     )
     _check_port(port)
     return port
+
+
+def _upgrade_v1(document: dict[str, object]) -> dict[str, object]:
+    """Version 1 had no ``port.rx_marks``: a v1 writer delivered breaks and line errors at
+    once, so none was ever pending."""
+    port = document.get("port")
+    if not isinstance(port, dict):
+        return document  # the checks below name what is wrong
+    if "rx_marks" in port:
+        raise _error("port.rx_marks", "unknown field in format version 1 (it came with 2)")
+    return {**document, "port": {**port, "rx_marks": []}}
 
 
 def from_document(document: object) -> Checkpoint:
@@ -606,7 +660,6 @@ def from_document(document: object) -> Checkpoint:
         )
     if version < 1:
         raise _error("format_version", f"unknown format version {version}")
-    # Older versions would be upgraded here, one step at a time, before the checks below.
     if "sha256" not in document:
         raise _error("sha256", "missing: every checkpoint carries its hash")
     claimed = document["sha256"]
@@ -619,6 +672,10 @@ def from_document(document: object) -> Checkpoint:
             f"integrity check failed: content hashes to {actual[:12]}…, file says "
             f"{claimed[:12]}… (corrupt or edited)",
         )
+    # Older versions are upgraded here, once their hash is checked, one step at a time, to
+    # exactly what they meant (docs/checkpoint-format.md, §6).
+    if version == 1:
+        document = _upgrade_v1(document)
     for key in document:
         if key not in _TOP_KEYS:
             raise CheckpointError(f"unknown section {_key(key)} (written by a newer uartbridge?)")

@@ -188,6 +188,7 @@ def describe(ckpt: Checkpoint, path: Path, *, now_unix_ns: int) -> dict[str, obj
             "reader_state": str(port.reader_state.value),
             "line_settings": _line_report(port.line_settings),
             "rx_backlog": buffer_report(port.rx_backlog),
+            "rx_marks": [{"at": at, "kind": kind} for at, kind in port.rx_marks],
             "tx_backlog": buffer_report(port.tx_backlog),
         },
         "counters": {
@@ -335,6 +336,11 @@ def render_text(report: dict[str, object]) -> str:
     rx_backlog, tx_backlog = port["rx_backlog"], port["tx_backlog"]
     assert isinstance(rx_backlog, dict) and isinstance(tx_backlog, dict)
     out += _buffer_lines("rx_backlog", rx_backlog)
+    marks = port["rx_marks"]
+    assert isinstance(marks, list)
+    if marks:
+        text = ", ".join(f"{m['kind']} after {m['at']} bytes" for m in marks)
+        out += textwrap.wrap(text, 96, initial_indent="  rx_marks     ", subsequent_indent=" " * 15)
     out += _buffer_lines("tx_backlog", tx_backlog)
     out += ["", "counters"]
     for side in ("uart", "port"):

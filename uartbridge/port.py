@@ -32,10 +32,9 @@ Choices worth knowing:
   termios through ``port_termios``; pyserial is used for the ``rfc2217://`` handler.
 - A byte marked ``ff 00 X`` is reported as a parity error when the port has parity enabled,
   else as a framing error (Linux marks both alike). The byte ``X`` is then received as data.
-- Breaks and line errors keep their place in the received stream (``_rx_marks``): each
-  reaches the model once the guest has read every character before it, so LSR shows it
-  with its own character next in RBR. A mark still waiting at a checkpoint is not saved
-  (its character is, in ``rx_backlog``).
+- Breaks and line errors keep their place in the received stream (``_rx_marks``, saved in
+  checkpoints with ``rx_backlog``): each reaches the model once the guest has read every
+  character before it, so LSR shows it with its own character next in RBR.
 - Under ``xonxoff`` the kernel's IXON is off and the link reads XON/XOFF itself; under
   ``rtscts`` it reads CTS before writing. Either way bytes the peer holds back stay in the
   device (and its checkpoint) instead of in the kernel's output buffer.
@@ -278,6 +277,7 @@ class PortLink:
         if self._opened:
             raise PortError("restore() must come before open()")
         self._rx_backlog = bytearray(state.rx_backlog)
+        self._rx_marks = deque(state.rx_marks)
         self._tx_backlog = bytearray(state.tx_backlog)
         self._counters = asdict(state.counters)
         self._line = state.line_settings
@@ -293,6 +293,7 @@ class PortLink:
             reader_state=self._state,
             line_settings=self._line,
             counters=PortCounters(**self._counters),
+            rx_marks=tuple(self._rx_marks),
         )
 
     def status(self) -> dict[str, object]:
@@ -840,9 +841,9 @@ class PortLink:
             io.want_read(self._on_readable if on else None)
 
     def _rx_room(self) -> int:
-        return self._uart.can_receive() + max(
-            0, self._settings.rx_backlog_bytes - len(self._rx_backlog)
-        )
+        # A mark counts as a byte: a peer sending nothing but breaks is bounded too.
+        waiting = len(self._rx_backlog) + len(self._rx_marks)
+        return self._uart.can_receive() + max(0, self._settings.rx_backlog_bytes - waiting)
 
     def _update_reading(self) -> None:
         # Hysteresis: once the reader is off for lack of room, it comes back when half the

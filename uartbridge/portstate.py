@@ -16,6 +16,7 @@ DisconnectPolicy = Literal["buffer", "hold", "discard"]
 
 # Bounds of the host buffers: the config refuses more, and so does a checkpoint reader.
 MAX_RX_BACKLOG_BYTES = 1 << 20
+RX_MARK_KINDS = ("break", "parity", "framing")
 MAX_TX_BACKLOG_BYTES = 16 << 20
 
 
@@ -50,6 +51,9 @@ class PortState:
     ``tx_backlog``: bytes the device sent while the reader was disconnected
     (``on_disconnect = "buffer"``), to be replayed in order on reconnect.
     ``line_settings``: what was last applied to the port (None: nothing applied yet).
+    ``rx_marks``: breaks and line errors read from the port that wait for the guest to read
+    the bytes before them: ``(bytes of rx_backlog before it, kind)``, in order; kind is one of
+    ``RX_MARK_KINDS``.
     """
 
     rx_backlog: bytes = b""
@@ -57,6 +61,7 @@ class PortState:
     reader_state: ReaderState = ReaderState.CONNECTED
     line_settings: LineSettings | None = None
     counters: PortCounters = field(default_factory=PortCounters)
+    rx_marks: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
