@@ -744,12 +744,15 @@ class PortLink:
     def _held_by_peer(self) -> str | None:
         """While there is data to send: "xoff" after the peer's XOFF under ``xonxoff``, "cts"
         for CTS low under ``rtscts`` on a port with modem lines, else None."""
+        cts_gate = self._settings.rtscts and self._has_modem_lines
+        if not (self._xoff or cts_gate):
+            return None  # the common case, decided without looking at the data
         if not (self._tx_backlog or self._uart.tx_pending()):
             return None
         if self._xoff:
             return "xoff"
         io = self._io
-        if not (self._settings.rtscts and self._has_modem_lines) or io is None or io.fd is None:
+        if io is None or io.fd is None:
             return None
         try:
             cts = bool(self._ops.modem_get(io.fd) & TIOCM_CTS)
