@@ -58,6 +58,38 @@ def stop_process(
     return proc.returncode
 
 
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def stop_tmux(tmux: str, env: dict[str, str]) -> None:
+    """Stop a test's tmux server: its pane processes by PID first, then the server.
+
+    ``kill-server`` alone only sends SIGHUP, which some programs (tio) outlive, and the
+    orphan is then nobody's to reap.
+    """
+    listed = subprocess.run(
+        [tmux, "list-panes", "-a", "-F", "#{pane_pid}"],
+        env=env, capture_output=True, text=True, timeout=5,
+    )
+    pids = [int(line) for line in listed.stdout.split() if line.isdigit()]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 3
+    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the tmux server reaps its panes
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    subprocess.run([tmux, "kill-server"], env=env, capture_output=True, timeout=5)
+
+
 @dataclass
 class Socat:
     """A socat virtual null-modem: two pty links, ``a`` and ``b``."""

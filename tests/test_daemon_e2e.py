@@ -15,7 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from procs import REPO, Daemon, Socat, daemon, require_program, socat_pair, wait_for
+from procs import (
+    REPO,
+    Daemon,
+    Socat,
+    daemon,
+    require_program,
+    socat_pair,
+    stop_tmux,
+    wait_for,
+)
 from streams import FarEnd, GuestRunner, assert_exact, sequence_stream, wait_streams
 
 from uartbridge.checkpoint import checkpoint_path, read_checkpoint
@@ -372,4 +381,4 @@ def test_console_under_tmux_passes_keys_and_output(tmp_path: Path) -> None:
             )
         finally:
             os.close(far)
-            subprocess.run([tmux, "kill-server"], env=env, capture_output=True)
+            stop_tmux(tmux, env)

@@ -24,7 +24,7 @@ from _port_support import (
     socat_pair,
     wait_for,
 )
-from procs import stop_process
+from procs import stop_process, stop_tmux
 
 from uartbridge.port_rfc2217 import QUEUE_BYTES, Rfc2217Io
 from uartbridge.portstate import PortSettings, ReaderState
@@ -58,7 +58,7 @@ def test_terminal_under_tmux_sees_guest_and_types_to_it(tmp_path: Path, terminal
                 assert await g.receive(17) == b"typed-in-terminal"
                 await g.link.close()
             finally:
-                subprocess.run([tmux, "kill-server"], env=env, capture_output=True, timeout=5)
+                stop_tmux(tmux, env)
 
     asyncio.run(run())
 
