@@ -130,6 +130,16 @@ def open_raw(path: str) -> int:
     return fd
 
 
+@contextmanager
+def raw_peer(path: Path | str) -> Iterator[int]:
+    """The far end: ``path`` opened raw and non-blocking (``open_raw``), closed on exit."""
+    fd = open_raw(str(path))
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 class Socat:
     """A socat virtual null-modem, stopped by PID."""
 

@@ -19,6 +19,7 @@ from _port_support import (
     Guest,
     need,
     open_raw,
+    raw_peer,
     read_available,
     send_and_collect,
     socat_pair,
@@ -104,38 +105,39 @@ async def _open_when_listening(url: str, **kwargs: Any) -> Guest:
 def _rfc2217_url(port: int) -> str:
     return f"rfc2217://127.0.0.1:{port}?ign_set_control"
 
+
 def test_rfc2217_through_real_ser2net(tmp_path: Path) -> None:
     """rfc2217:// via ser2net: bytes both ways, traced, and the guest's baud reaches the pty."""
 
     async def run() -> None:
-        with socat_pair(tmp_path, "rfc") as s, _ser2net_serving(tmp_path, s.a) as port:
-            peer = open_raw(str(s.b))
+        with (
+            socat_pair(tmp_path, "rfc") as s,
+            _ser2net_serving(tmp_path, s.a) as port,
+            raw_peer(s.b) as peer,
+        ):
+            traced: list[tuple[str, bytes]] = []
+            g = await _open_when_listening(
+                _rfc2217_url(port), trace=lambda d, b: traced.append((d, b))
+            )
+            g.setup()
+            out = b"to-the-far-end"
+            assert await send_and_collect(g, out, peer, len(out)) == out
+            os.write(peer, b"\xffback\xff")
+            assert await g.receive(6) == b"\xffback\xff"
+            for direction, expected in (("tx", b"to-the-far-end"), ("rx", b"\xffback\xff")):
+                assert b"".join(d for k, d in traced if k == direction) == expected
+            # guest sets 9600 baud: divisor 12
+            g.uart.write(3, 0x83)
+            g.uart.write(0, 12)
+            g.uart.write(1, 0)
+            g.uart.write(3, 0x03)
+            g.pump()
+            fd = os.open(s.a, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
             try:
-                traced: list[tuple[str, bytes]] = []
-                g = await _open_when_listening(
-                    _rfc2217_url(port), trace=lambda d, b: traced.append((d, b))
-                )
-                g.setup()
-                out = b"to-the-far-end"
-                assert await send_and_collect(g, out, peer, len(out)) == out
-                os.write(peer, b"\xffback\xff")
-                assert await g.receive(6) == b"\xffback\xff"
-                for direction, expected in (("tx", b"to-the-far-end"), ("rx", b"\xffback\xff")):
-                    assert b"".join(d for k, d in traced if k == direction) == expected
-                # guest sets 9600 baud: divisor 12
-                g.uart.write(3, 0x83)
-                g.uart.write(0, 12)
-                g.uart.write(1, 0)
-                g.uart.write(3, 0x03)
-                g.pump()
-                fd = os.open(s.a, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-                try:
-                    assert await wait_for(lambda: termios.tcgetattr(fd)[5] == termios.B9600, 5)
-                finally:
-                    os.close(fd)
-                await g.link.close()
+                assert await wait_for(lambda: termios.tcgetattr(fd)[5] == termios.B9600, 5)
             finally:
-                os.close(peer)
+                os.close(fd)
+            await g.link.close()
 
     asyncio.run(run())
 
@@ -144,35 +146,35 @@ def test_rfc2217_input_is_bounded_while_the_guest_does_not_read(tmp_path: Path) 
     """rfc2217:// input the guest does not read stops at the bounds; then all of it arrives."""
 
     async def run() -> None:
-        with socat_pair(tmp_path, "rfcb") as s, _ser2net_serving(tmp_path, s.a) as port:
-            peer = open_raw(str(s.b))
-            try:
-                g = await _open_when_listening(_rfc2217_url(port))
-                g.setup()
-                data = bytes(range(256)) * 160  # 40 KiB, 0xff included (telnet IAC)
-                written = 0
-                deadline = time.monotonic() + 3
-                while time.monotonic() < deadline:  # the guest reads nothing meanwhile
-                    with contextlib.suppress(BlockingIOError):
-                        written += os.write(peer, data[written : written + 4096])
-                    if written == len(data):
-                        break
-                    await asyncio.sleep(0.01)
-                await asyncio.sleep(0.5)  # let everything that can move, move
-                assert isinstance(g.link._io, Rfc2217Io)
-                queued = g.link._io._queued()
-                backlog = g.link.status()["rx_backlog_bytes"]
-                assert queued <= QUEUE_BYTES and backlog <= 4096, (queued, backlog)
-                assert queued + backlog > 0  # input did wait there
-                while written < len(data):
-                    with contextlib.suppress(BlockingIOError):
-                        written += os.write(peer, data[written : written + 4096])
-                    g.read_all()
-                    await asyncio.sleep(0.002)
-                assert await g.receive(len(data), timeout_s=20) == data
-                await g.link.close()
-            finally:
-                os.close(peer)
+        with (
+            socat_pair(tmp_path, "rfcb") as s,
+            _ser2net_serving(tmp_path, s.a) as port,
+            raw_peer(s.b) as peer,
+        ):
+            g = await _open_when_listening(_rfc2217_url(port))
+            g.setup()
+            data = bytes(range(256)) * 160  # 40 KiB, 0xff included (telnet IAC)
+            written = 0
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:  # the guest reads nothing meanwhile
+                with contextlib.suppress(BlockingIOError):
+                    written += os.write(peer, data[written : written + 4096])
+                if written == len(data):
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.5)  # let everything that can move, move
+            assert isinstance(g.link._io, Rfc2217Io)
+            queued = g.link._io._queued()
+            backlog = g.link.status()["rx_backlog_bytes"]
+            assert queued <= QUEUE_BYTES and backlog <= 4096, (queued, backlog)
+            assert queued + backlog > 0  # input did wait there
+            while written < len(data):
+                with contextlib.suppress(BlockingIOError):
+                    written += os.write(peer, data[written : written + 4096])
+                g.read_all()
+                await asyncio.sleep(0.002)
+            assert await g.receive(len(data), timeout_s=20) == data
+            await g.link.close()
 
     asyncio.run(run())
 
