@@ -667,39 +667,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = transport
         server = self._server
         transport.set_write_buffer_limits(high=server.high_water, low=server.high_water // 4)
-        sock = transport.get_extra_info("socket")
-        if self._unix and sock is not None:
-            try:
-                creds = peer_credentials(sock)
-            except BusError:
-                creds = None
-            self._peer = (
-                f"pid={creds.pid} uid={creds.uid} gid={creds.gid}" if creds else "unknown"
-            )
-            if server.peer_allowed is not None and (
-                creds is None or not server.peer_allowed(creds)
-            ):
-                server.log.warning("bus.peer_refused", uart=server.name, peer=self._peer)
-                self._fail(ErrorCode.NOT_PERMITTED, "peer credentials refused")
-                return
-        else:
-            self._peer = str(transport.get_extra_info("peername"))
-            if server.peer_allowed is not None and sock is not None:
-                try:
-                    creds = tcp_peer_credentials(sock)
-                except BusError:
-                    creds = None
-                    allowed = False
-                else:
-                    # None: a peer on another host, possible only on a non-loopback address
-                    # the operator configured; there is nothing to check it against.
-                    allowed = creds is None or server.peer_allowed(creds)
-                if creds is not None:
-                    self._peer += f" uid={creds.uid}"
-                if not allowed:
-                    server.log.warning("bus.peer_refused", uart=server.name, peer=self._peer)
-                    self._fail(ErrorCode.NOT_PERMITTED, "peer credentials refused")
-                    return
+        if not self._vet_peer(transport, transport.get_extra_info("socket")):
+            server.log.warning("bus.peer_refused", uart=server.name, peer=self._peer)
+            self._fail(ErrorCode.NOT_PERMITTED, "peer credentials refused")
+            return
         if server.closing:
             self._fail(ErrorCode.SHUTTING_DOWN, "server is shutting down")
             return
@@ -707,6 +678,32 @@ class _Connection(asyncio.BufferedProtocol):
         # poll batch): give the slot a short grace before answering BUSY.
         self._claim_deadline = asyncio.get_running_loop().time() + server.busy_grace_s
         self._try_claim()
+
+    def _vet_peer(self, transport: asyncio.Transport, sock: socket.socket | None) -> bool:
+        """Name the peer for the logs; False if ``peer_allowed`` refuses it (by SO_PEERCRED on
+        the Unix socket; on TCP, by the uid owning the peer's socket when it is on this host)."""
+        check = self._server.peer_allowed
+        if self._unix and sock is not None:
+            try:
+                creds = peer_credentials(sock)
+            except BusError:
+                self._peer = "unknown"
+                return check is None
+            self._peer = f"pid={creds.pid} uid={creds.uid} gid={creds.gid}"
+            return check is None or check(creds)
+        self._peer = str(transport.get_extra_info("peername"))
+        if check is None or sock is None:
+            return True
+        try:
+            tcp_creds = tcp_peer_credentials(sock)
+        except BusError:
+            return False
+        if tcp_creds is None:
+            # A peer on another host, possible only on a non-loopback address the operator
+            # configured: there is nothing to check it against.
+            return True
+        self._peer += f" uid={tcp_creds.uid}"
+        return check(tcp_creds)
 
     def _try_claim(self) -> None:
         self._claim_timer = None

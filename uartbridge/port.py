@@ -286,7 +286,7 @@ class PortLink:
         """The host path as a checkpoint sees it (take it with ``uart.state()``)."""
         if isinstance(self._io, Rfc2217Io):
             # Bounded by what a checkpoint may hold; the rest stays queued for the link.
-            self._rx_backlog += self._io.drain_all(MAX_RX_BACKLOG_BYTES - len(self._rx_backlog))
+            self._rx_backlog += self._io.drain(MAX_RX_BACKLOG_BYTES - len(self._rx_backlog))
         return PortState(
             rx_backlog=bytes(self._rx_backlog),
             tx_backlog=bytes(self._tx_backlog),
@@ -766,8 +766,7 @@ class PortLink:
 
         def tick() -> None:
             self._cts_handle = None
-            if not self._closed and self._transmit():
-                self._notify()
+            self._on_writable()
 
         self._cts_handle = self._loop.call_later(CTS_POLL_S, tick)
 
@@ -938,20 +937,10 @@ class PortLink:
         if xoff != self._xoff:
             self._xoff = xoff
             self._log.debug("port.flow", xoff=xoff)
-            if not xoff:
-                self._schedule_release()
+            if not xoff and self._loop is not None:
+                # Transmit again in a step of its own: we are inside the port's reader.
+                self._loop.call_soon(self._on_writable)
         return data.replace(_XON, b"").replace(_XOFF, b"")
-
-    def _schedule_release(self) -> None:
-        """After XON: transmit again in a step of its own (we are inside the port's reader)."""
-        if self._loop is None:
-            return
-
-        def release() -> None:
-            if not self._closed and self._transmit():
-                self._notify()
-
-        self._loop.call_soon(release)
 
     def _receive_raw(self, raw: bytes) -> bool:
         if not self._parmrk:

@@ -10,7 +10,7 @@ pyserial's RFC 2217 ``Serial`` runs its own socket reader thread and blocks in `
 - received bytes land in pyserial's queue, replaced here by a bounded one (``QUEUE_BYTES``)
   that wakes the loop: when it is full pyserial's reader stops reading the socket and TCP
   holds the far end back. What it holds is drained into ``rx_backlog`` at a checkpoint
-  (``drain_all``).
+  (``drain``).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class Rfc2217Io:
             raise PortGone("rfc2217 connection closed")
         raise BlockingIOError
 
-    def drain_all(self, limit: int) -> bytes:
+    def drain(self, limit: int) -> bytes:
         """What pyserial has queued, up to ``limit`` bytes (for a checkpoint)."""
         if limit <= 0:
             return b""
