@@ -30,7 +30,7 @@ from uartbridge.checkpoint import (
     restore,
     write_checkpoint,
 )
-from uartbridge.portstate import PortState, ReaderState
+from uartbridge.port.state import PortState, ReaderState
 from uartbridge.uart import Uart16550
 
 

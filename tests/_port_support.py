@@ -14,7 +14,7 @@ from pathlib import Path
 from procs import require_program, stop_process
 
 from uartbridge.port import PortLink
-from uartbridge.portstate import PortSettings
+from uartbridge.port.state import PortSettings
 from uartbridge.registers import Lsr
 from uartbridge.uart import NO_EVENTS, Uart16550
 

@@ -39,7 +39,7 @@ from uartbridge.checkpoint import (
     write_checkpoint,
 )
 from uartbridge.errors import CheckpointError, CheckpointMissingError, InvalidStateError
-from uartbridge.portstate import PortCounters, PortState, ReaderState
+from uartbridge.port.state import PortCounters, PortState, ReaderState
 from uartbridge.uart import LineSettings, Uart16550, UartState, UartStatistics
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -1036,7 +1036,7 @@ import os, sys
 from pathlib import Path
 from uartbridge.checkpoint import (Checkpoint, CheckpointMeta, checkpoint_path,
     latest_checkpoint, write_checkpoint)
-from uartbridge.portstate import PortState, ReaderState
+from uartbridge.port.state import PortState, ReaderState
 from uartbridge.uart import Uart16550
 exec(sys.argv[2])
 state_dir = Path(sys.argv[1])

@@ -23,7 +23,7 @@ from uartbridge.config import (
     parse_config,
 )
 from uartbridge.errors import EX_CONFIG, EX_NOINPUT, ConfigError, ConfigMissingError
-from uartbridge.portstate import PortSettings
+from uartbridge.port.state import PortSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config.example.toml"

@@ -22,7 +22,7 @@ from uartbridge.checkpoint import (
     read_checkpoint,
 )
 from uartbridge.cli import main
-from uartbridge.portstate import PortState, ReaderState
+from uartbridge.port.state import PortState, ReaderState
 from uartbridge.uart import Uart16550
 
 DATA = Path(__file__).parent / "data"

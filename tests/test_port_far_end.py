@@ -27,8 +27,8 @@ from _port_support import (
 )
 from procs import stop_process, stop_tmux
 
-from uartbridge.port_rfc2217 import QUEUE_BYTES, Rfc2217Io
-from uartbridge.portstate import PortSettings, ReaderState
+from uartbridge.port.rfc2217 import QUEUE_BYTES, Rfc2217Io
+from uartbridge.port.state import PortSettings, ReaderState
 
 
 @pytest.mark.parametrize("terminal", ["picocom", "tio"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from _port_support import Guest, read_available, wait_for
 
-from uartbridge.portstate import PortSettings, ReaderState
+from uartbridge.port.state import PortSettings, ReaderState
 from uartbridge.registers import Lsr
 
 
@@ -114,7 +114,7 @@ def test_owned_pty_client_comes_stalls_and_goes(tmp_path: Path) -> None:
 
 def test_restore_replays_tx_backlog_and_feeds_rx_backlog_then_quiesce_keeps_input() -> None:
     """restore(): tx_backlog goes out first, rx_backlog reaches RBR; quiesce reads nothing."""
-    from uartbridge.portstate import PortState
+    from uartbridge.port.state import PortState
 
     async def run() -> None:
         master, slave = os.openpty()

@@ -16,7 +16,7 @@ from _port_support import (
     wait_for,
 )
 
-from uartbridge.portstate import PortSettings, ReaderState
+from uartbridge.port.state import PortSettings, ReaderState
 from uartbridge.registers import Lsr
 
 PATTERN = bytes(range(256)) * 200  # 51200 bytes, includes 0xff (PARMRK-escaped on input)

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 from _port_support import Guest, read_available, send_and_collect, wait_for
 
-import uartbridge.port
-from uartbridge.port_termios import (
+import uartbridge.port.link
+from uartbridge.port.state import PortSettings, PortState, ReaderState
+from uartbridge.port.termios_ops import (
     CMSPAR,
     TIOCM_CD,
     TIOCM_CTS,
@@ -31,7 +32,6 @@ from uartbridge.port_termios import (
     RealTermiosOps,
     nearest_baud,
 )
-from uartbridge.portstate import PortSettings, PortState, ReaderState
 from uartbridge.registers import Ier, Lsr, Msr
 
 
@@ -299,7 +299,7 @@ def test_cts_low_under_rtscts_stalls_at_once_and_cts_high_delivers_in_order() ->
 
 def test_quiesce_gives_up_on_a_drain_the_peer_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tcdrain held up by the peer's flow control ends quiesce after DRAIN_TIMEOUT_S."""
-    monkeypatch.setattr(uartbridge.port, "DRAIN_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(uartbridge.port.link, "DRAIN_TIMEOUT_S", 0.2)
     fake = FakeOps()
     fake.drain_gate = threading.Event()
 

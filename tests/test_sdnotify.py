@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from uartbridge import _sdnotify
+from uartbridge.daemon import sdnotify as _sdnotify
 
 
 @pytest.fixture(autouse=True)

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CheckpointError, CheckpointMissingError, InvalidStateError
-from .portstate import (
+from .port.state import (
     MAX_RX_BACKLOG_BYTES,
     MAX_TX_BACKLOG_BYTES,
     RX_MARK_KINDS,

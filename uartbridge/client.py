@@ -24,7 +24,7 @@ from collections import deque
 from types import TracebackType
 from typing import Self
 
-from .bus import (
+from .bus.codec import (
     HEADER_SIZE,
     MAX_BURST,
     MAX_FRAME_LEN,

@@ -33,7 +33,7 @@ from typing import Literal, NoReturn, cast
 
 from . import paths
 from .errors import EX_OK, ConfigError, ConfigMissingError
-from .portstate import (
+from .port.state import (
     MAX_RX_BACKLOG_BYTES,
     MAX_TX_BACKLOG_BYTES,
     DisconnectPolicy,

@@ -20,7 +20,7 @@ The link owns the host port and moves bytes between it and the model with exact 
   ``discard`` → dropped and counted), and the path is reopened with backoff
   (``reconnect_min_s`` doubling to ``reconnect_max_s``). A pty the daemon owns (``pty:``)
   keeps its master; its clients are seen through inotify on the slave.
-- **Line settings and modem lines** go through ``port_termios.TermiosOps`` (TCSANOW, never a
+- **Line settings and modem lines** go through ``termios_ops.TermiosOps`` (TCSANOW, never a
   flush; refused settings are logged once, counted and shown). Modem inputs are polled every
   10 ms only while the guest enabled MSI, plus once a character time after an MCR change.
   Ports without modem ioctls (ptys, sockets, RFC 2217 here) report DSR/DCD from the
@@ -29,7 +29,7 @@ The link owns the host port and moves bytes between it and the model with exact 
 Choices worth knowing:
 - pyserial 3.5 flushes the input queue at open and clears PARMRK/INPCK when it configures, so
   for tty paths the link opens the fd itself (``O_RDWR|O_NOCTTY|O_NONBLOCK``) and configures
-  termios through ``port_termios``; pyserial is used for the ``rfc2217://`` handler.
+  termios through ``termios_ops``; pyserial is used for the ``rfc2217://`` handler.
 - A byte marked ``ff 00 X`` is reported as a parity error when the port has parity enabled,
   else as a framing error (Linux marks both alike). The byte ``X`` is then received as data.
 - Breaks and line errors keep their place in the received stream (``_rx_marks``, saved in
@@ -61,10 +61,18 @@ from urllib.parse import urlsplit
 import serial
 import structlog
 
-from .errors import PortError, PortUnavailableError
-from .port_pty import Inotify, OwnedPty, create_pty, master_hung_up
-from .port_rfc2217 import PortGone, Rfc2217Io, WriteInFlight
-from .port_termios import (
+from ..errors import PortError, PortUnavailableError
+from ..uart import LineSettings, ModemOutputs, Uart16550, UartEvents
+from .owned_pty import Inotify, OwnedPty, create_pty, master_hung_up
+from .rfc2217 import PortGone, Rfc2217Io, WriteInFlight
+from .state import (
+    MAX_RX_BACKLOG_BYTES,
+    PortCounters,
+    PortSettings,
+    PortState,
+    ReaderState,
+)
+from .termios_ops import (
     TIOCM_CD,
     TIOCM_CTS,
     TIOCM_DSR,
@@ -77,14 +85,6 @@ from .port_termios import (
     apply_line_settings,
     nearest_baud,
 )
-from .portstate import (
-    MAX_RX_BACKLOG_BYTES,
-    PortCounters,
-    PortSettings,
-    PortState,
-    ReaderState,
-)
-from .uart import LineSettings, ModemOutputs, Uart16550, UartEvents
 
 _XON, _XOFF = b"\x11", b"\x13"
 MSI_POLL_S = 0.010

@@ -21,19 +21,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import _sdnotify
-from .checkpoint import Checkpoint, latest_checkpoint
-from .config import Config
-from .control import ControlServer
-from .errors import (
+from ..checkpoint import Checkpoint, latest_checkpoint
+from ..config import Config
+from ..errors import (
     EX_OK,
     EX_SOFTWARE,
     CheckpointError,
     UartBridgeError,
 )
-from .logs import get_logger
+from ..logs import get_logger
+from ..sockets import default_peer_allowed, ensure_private_dir
+from . import sdnotify as _sdnotify
+from .control_server import ControlServer
 from .service import NS_PER_S, UartService
-from .sockets import default_peer_allowed, ensure_private_dir
 
 RUNNING_MARKER = "daemon.running"
 
@@ -250,13 +250,13 @@ def serve(config: Config, *, resume: dict[str, tuple[Checkpoint, Path]] | None =
 
 
 def _load_config(path: str | None) -> Config:
-    from .config import default_config, load_config
+    from ..config import default_config, load_config
 
     return load_config(path) if path else default_config()
 
 
 def _setup_logging(config: Config) -> None:
-    from .logs import configure_logging
+    from ..logs import configure_logging
 
     configure_logging(config.daemon.log_format, config.daemon.log_level)
 
@@ -272,8 +272,8 @@ def resume_command(args: Any) -> int:
     """``uartbridge resume FILE [--config FILE] [--port URL]``: run, starting from FILE."""
     import dataclasses
 
-    from .checkpoint import read_checkpoint
-    from .errors import ConfigError
+    from ..checkpoint import read_checkpoint
+    from ..errors import ConfigError
 
     ckpt = read_checkpoint(Path(args.file))
     config = _load_config(args.config)

@@ -15,22 +15,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .bus import BusServer
-from .checkpoint import (
+from .. import __version__
+from ..bus import BusServer
+from ..checkpoint import (
     FORMAT_VERSION,
     Checkpoint,
     CheckpointMeta,
     checkpoint_path,
     write_checkpoint,
 )
-from .config import UartConfig
-from .logs import TraceFile
-from .port import PortLink
-from .portstate import ReaderState
-from .registers import REGISTER_BITS, Lsr, decode_bits
-from .sockets import PeerCredentials
-from .uart import NO_EVENTS, Uart16550
+from ..config import UartConfig
+from ..logs import TraceFile
+from ..port import PortLink
+from ..port.state import ReaderState
+from ..registers import REGISTER_BITS, Lsr, decode_bits
+from ..sockets import PeerCredentials
+from ..uart import NO_EVENTS, Uart16550
 
 NS_PER_S = 1_000_000_000
 

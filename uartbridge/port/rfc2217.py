@@ -26,7 +26,7 @@ from typing import Any
 import serial
 import serial.rfc2217
 
-from .uart import LineSettings
+from ..uart import LineSettings
 
 CHUNK = 4096
 QUEUE_BYTES = 4096  # pyserial queues one byte per item

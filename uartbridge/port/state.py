@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from .uart import LineSettings
+from ..uart import LineSettings
 
 DisconnectPolicy = Literal["buffer", "hold", "discard"]
 

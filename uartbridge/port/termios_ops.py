@@ -23,7 +23,7 @@ import termios
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from .uart import LineSettings
+from ..uart import LineSettings
 
 # Linux ioctl numbers not exported by the termios module (the values pyserial uses too).
 TIOCSBRK: int = getattr(termios, "TIOCSBRK", 0x5427)
