@@ -142,8 +142,9 @@ def _pip_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("PIP_")}
 
 
-def pip_local_dirs() -> list[Path]:
-    """Local directories the host's pip configuration reads (find-links, file:// indexes…)."""
+def _pip_local_paths() -> tuple[list[Path], list[Path]]:
+    """(directories, files) the host's pip configuration names: find-links, file:// indexes,
+    constraints, CA files."""
     values: list[str] = []
     for path in PIP_CONFIG_FILES:
         if not path.is_file():
@@ -158,18 +159,34 @@ def pip_local_dirs() -> list[Path]:
         if key.removeprefix("PIP_").lower().replace("_", "-") in PIP_PATH_OPTIONS:
             values += value.split()
     dirs: list[Path] = []
+    files: list[Path] = []
     for value in values:
         local = value.removeprefix("file://")
         if not local.startswith("/"):
             continue
         path = Path(local)
         if path.is_file():
-            path = path.parent
+            files.append(path)
+            continue
         if path.name == "simple":
             path = path.parent  # a PEP 503 index links to ../../files/…
         if path.is_dir() and not any(path.is_relative_to(d) for d in dirs):
             dirs = [d for d in dirs if not d.is_relative_to(path)] + [path]
-    return dirs
+    return dirs, files
+
+
+def pip_local_dirs() -> list[Path]:
+    """Local directories the host's pip configuration reads, to bind-mount into a root."""
+    return _pip_local_paths()[0]
+
+
+def _copy_in(src: Path, dest: Path) -> None:
+    """Copy a host file to ``dest`` in a root, never through a symlink there (which could
+    point at the host's own file)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_symlink():
+        dest.unlink()
+    shutil.copyfile(src, dest)
 
 
 def configure_like_host(root: Path, suite: str, homes: Sequence[Path] = (Path("/root"),)) -> None:
@@ -180,15 +197,14 @@ def configure_like_host(root: Path, suite: str, homes: Sequence[Path] = (Path("/
     (apt / "sources.list.d").mkdir(parents=True, exist_ok=True)
     (apt / "sources.list.d/debian.sources").write_text(sources, encoding="utf-8")
     for conf in _apt_network_conf():
-        dest = root / conf.relative_to("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(conf, dest)
+        _copy_in(conf, root / conf.relative_to("/"))
     # This machine's CAs: the local ones survive update-ca-certificates inside the root.
     if LOCAL_CAS.is_dir():
-        shutil.copytree(LOCAL_CAS, root / LOCAL_CAS.relative_to("/"), dirs_exist_ok=True)
+        for ca in LOCAL_CAS.rglob("*"):
+            if ca.is_file():
+                _copy_in(ca, root / ca.relative_to("/"))
     if CA_BUNDLE.is_file():
-        (root / CA_BUNDLE.parent.relative_to("/")).mkdir(parents=True, exist_ok=True)
-        shutil.copy2(CA_BUNDLE, root / CA_BUNDLE.relative_to("/"))
+        _copy_in(CA_BUNDLE, root / CA_BUNDLE.relative_to("/"))
     for conf in PIP_CONFIG_FILES:
         if not conf.is_file():
             continue
@@ -196,16 +212,10 @@ def configure_like_host(root: Path, suite: str, homes: Sequence[Path] = (Path("/
             targets = [h / conf.relative_to(Path.home()) for h in homes]
         else:
             targets = [conf]
-            # Files named beside a system config (a constraints file) go along with it.
-            for sibling in conf.parent.iterdir():
-                if sibling.is_file():
-                    dest = root / sibling.relative_to("/")
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(sibling, dest)
         for target in targets:
-            dest = root / target.relative_to("/")
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(conf, dest)
+            _copy_in(conf, root / target.relative_to("/"))
+    for named in _pip_local_paths()[1]:  # a constraints file, a CA file
+        _copy_in(named, root / named.relative_to("/"))
     hosts = root / "etc/hosts"
     if not hosts.exists():
         hosts.write_text("127.0.0.1\tlocalhost\n::1\tlocalhost\n", encoding="ascii")
