@@ -23,6 +23,8 @@ from pathlib import Path
 
 # The debootstrap download cache (.debs only). CI may keep this directory between runs.
 CACHE_DIR = Path(os.environ.get("UARTBRIDGE_TEST_CACHE", "/var/cache/uartbridge-tests"))
+# Where roots and VM images are built (not under pytest's basetemp, which other sessions prune).
+WORK_DIR = os.environ.get("UARTBRIDGE_TEST_WORK", "/var/tmp")
 DEBOOTSTRAP_TIMEOUT_S = 900.0
 PIP_CONFIG_FILES = (
     Path("/etc/pip.conf"),

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,9 +84,10 @@ def root(
     """A fresh ``suite`` root (debootstrap, the host's configuration), mounted; removed after."""
     rootfs.require_root_tools()
     suite: str = request.param
-    base = tmp_path_factory.mktemp(f"fresh-{suite}")
-    path, logs = base / "root", base / "logs"
-    logs.mkdir()
+    logs = tmp_path_factory.mktemp(f"fresh-{suite}-logs")
+    # Outside pytest's basetemp, which other pytest sessions prune: this directory gets bind
+    # mounts, and only remove_root (which refuses while anything is mounted) deletes it.
+    path = Path(tempfile.mkdtemp(prefix=f"uartbridge-{suite}-", dir=rootfs.WORK_DIR)) / "root"
     dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"],
                            capture_output=True, text=True, timeout=30, check=False).stdout
     if dirty.strip():
@@ -94,25 +96,25 @@ def root(
     try:
         took_s = rootfs.debootstrap(path, suite, PACKAGES, log=logs / "debootstrap.log")
         print(f"[{suite}] debootstrap {took_s:.1f} s")
+        subprocess.run(["chroot", str(path), "useradd", "--create-home", "--shell",
+                        "/bin/bash", USER], check=True, timeout=60)
+        sudoers = path / "etc/sudoers.d" / USER
+        sudoers.write_text(f"{USER} ALL=(ALL) NOPASSWD: ALL\n", encoding="ascii")
+        sudoers.chmod(0o440)
+        entry = next(line for line in (path / "etc/passwd").read_text().splitlines()
+                     if line.startswith(f"{USER}:"))
+        uid, gid = (int(x) for x in entry.split(":")[2:4])
+        fresh = Root(suite, path, logs, uid, gid)
         rootfs.configure_like_host(path, suite, homes=(Path("/root"), Path(f"/home/{USER}")))
+        # The user's pip configuration was copied in as root.
+        subprocess.run(["chown", "-R", f"{uid}:{gid}", str(fresh.inside(f"/home/{USER}"))],
+                       check=True, timeout=60)
+        _clone(fresh, f"/home/{USER}", (uid, gid))
+        _clone(fresh, "/root", None)
         with rootfs.mounted(path, rootfs.pip_local_dirs()):
-            subprocess.run(["chroot", str(path), "useradd", "--create-home", "--shell",
-                            "/bin/bash", USER], check=True, timeout=60)
-            sudoers = path / "etc/sudoers.d" / USER
-            sudoers.write_text(f"{USER} ALL=(ALL) NOPASSWD: ALL\n", encoding="ascii")
-            sudoers.chmod(0o440)
-            entry = next(line for line in (path / "etc/passwd").read_text().splitlines()
-                         if line.startswith(f"{USER}:"))
-            uid, gid = (int(x) for x in entry.split(":")[2:4])
-            fresh = Root(suite, path, logs, uid, gid)
-            # The tester's pip configuration file was copied before it had a home.
-            subprocess.run(["chown", "-R", f"{uid}:{gid}", str(fresh.inside(f"/home/{USER}"))],
-                           check=True, timeout=60)
-            _clone(fresh, f"/home/{USER}", (uid, gid))
-            _clone(fresh, "/root", None)
             yield fresh
     finally:
-        rootfs.remove_root(path)  # refuses while anything is still mounted under it
+        rootfs.remove_root(path.parent)  # refuses while anything is still mounted under it
         print(f"[{suite}] root total {time.monotonic() - start:.1f} s")
 
 
