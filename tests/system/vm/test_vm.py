@@ -265,6 +265,15 @@ def test_install_service_in_the_guest(vm: Vm, installed: str) -> None:
 # -- the units start as shipped -------------------------------------------------------------
 
 
+def test_single_unit_starts_as_shipped(clean: Vm) -> None:
+    """uartbridge.service alone (one UART on /dev/ttyS2, first in a fresh boot) starts, is
+    ready when start returns, stays up, and has no permission error."""
+    vm = clean
+    start(vm, SINGLE, then=f"{GU} regs {bus(vm, SINGLE, 'uart2')}")
+    assert_steady(vm, SINGLE)
+    no_permission_errors(vm, SINGLE)
+
+
 def test_template_instance_starts_as_shipped(clean: Vm) -> None:
     """uartbridge@ttyS1 (config without paths) starts under DynamicUser and the sandbox:
     `systemctl start` returns only after READY=1 (the bus answers at once), it stays up
@@ -275,15 +284,6 @@ def test_template_instance_starts_as_shipped(clean: Vm) -> None:
     assert props == {"Type": "notify", "ActiveState": "active", "SubState": "running"}, props
     assert_steady(vm, TEMPLATE)
     no_permission_errors(vm, TEMPLATE)
-
-
-def test_single_unit_starts_as_shipped(clean: Vm) -> None:
-    """uartbridge.service (one UART on /dev/ttyS2) starts, is ready when start returns, stays
-    up, and has no permission error."""
-    vm = clean
-    start(vm, SINGLE, then=f"{GU} regs {bus(vm, SINGLE, 'uart2')}")
-    assert_steady(vm, SINGLE)
-    no_permission_errors(vm, SINGLE)
 
 
 def test_both_units_run_together_isolated(clean: Vm) -> None:
@@ -373,27 +373,37 @@ def test_bytes_both_ways_through_the_8250(clean: Vm) -> None:
     assert tx1 - tx0 >= 4000 and rx1 - rx0 >= 3000, (tx0, rx0, tx1, rx1)
 
 
+def _proc_modem_lines(vm: Vm, line: int = 1) -> set[str]:
+    """The modem lines the 8250 driver shows in /proc/tty/driver/serial (no open needed:
+    any open of the tty, even `stty -F` or a TIOCMGET probe, raises DTR and RTS itself)."""
+    text = vm.ok("cat /proc/tty/driver/serial")
+    row = next(r for r in text.splitlines() if r.startswith(f"{line}:"))
+    return set(row.split()[-1].split("|"))
+
+
 def test_line_settings_reach_the_tty(clean: Vm) -> None:
     """LCR/divisor from the guest become the tty's speed, size, parity and stop bits (stty and
-    tcgetattr); parity turns on PARMRK|INPCK; MCR DTR/RTS show in TIOCMGET; rtscts = true
-    sets CRTSCTS."""
+    tcgetattr); parity turns on PARMRK|INPCK; MCR DTR/RTS reach the line (the driver's view,
+    and TIOCMGET); rtscts = true sets CRTSCTS."""
     vm = clean
     start(vm, TEMPLATE)
     b = bus(vm, TEMPLATE)
-    gu(vm, f"init {b} --lcr 0x1a --divisor 12 --mcr 0x0b")  # 9600 7E1, DTR RTS OUT2
+    gu(vm, f"init {b} --lcr 0x1a --divisor 12 --mcr 0x08")  # 9600 7E1, OUT2 only
     time.sleep(1)
+    lines = _proc_modem_lines(vm)
+    assert not lines & {"DTR", "RTS"}, f"MCR has DTR and RTS off, the line has {lines}"
+    gu(vm, f"set {b} 4=0x0b")  # DTR RTS OUT2
+    time.sleep(1)
+    lines = _proc_modem_lines(vm)
+    assert {"DTR", "RTS"} <= lines, f"MCR has DTR and RTS on, the line has {lines}"
     tty = gu(vm, "tty /dev/ttyS1")
+    assert tty["dtr"] and tty["rts"], f"TIOCMGET: {tty}"
     stty = vm.ok("stty -F /dev/ttyS1 -a")
     assert "speed 9600 baud" in stty, stty
     line = (tty["csize"], tty["parenb"], tty["parodd"], tty["cstopb"])
     assert line == (7, True, False, False), tty
     assert tty["parmrk"] and tty["inpck"], f"parity without PARMRK|INPCK: {tty}\n{stty}"
-    assert tty["dtr"] and tty["rts"], tty
     assert not tty["icanon"] and not tty["echo"] and not tty["opost"], f"not raw: {stty}"
-    gu(vm, f"set {b} 4=0x08")  # OUT2 only: DTR and RTS drop
-    time.sleep(1)
-    tty = gu(vm, "tty /dev/ttyS1")
-    assert not tty["dtr"] and not tty["rts"], tty
     gu(vm, f"init {b} --lcr 0x07 --divisor 1 --mcr 0x0b")  # 115200 8N2
     time.sleep(1)
     tty = gu(vm, "tty /dev/ttyS1")
