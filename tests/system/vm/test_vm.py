@@ -665,3 +665,32 @@ def test_stop_with_an_undrained_wire_loses_nothing(clean: Vm) -> None:
     problem = same_bytes("guest -> far end across a stop with an undrained wire",
                          pattern("undrained", 4400), far(vm).wait_for(4400, timeout_s=180))
     assert not problem, f"{problem} (kernel output queue held {outq} at the stop)"
+
+
+# -- uninstall (last: it removes what the tests above use) ---------------------------------
+
+
+def test_uninstall_service(clean: Vm) -> None:
+    """scripts/uninstall-service stops the units (final checkpoint kept), removes the units,
+    the rule, the link and /opt/uartbridge, keeps /etc/uartbridge; --purge removes those too."""
+    vm = clean
+    # Whether the unit starts is other tests' business; if it runs, its checkpoint must stay.
+    ran = vm.sh(f"timeout 120 systemctl start {TEMPLATE}", timeout_s=180).rc == 0
+    vm.ok(f"systemctl enable {TEMPLATE}")
+    state = "/var/lib/" + show(vm, TEMPLATE, "StateDirectory")["StateDirectory"].split()[0]
+    vm.ok("cd /root/uartbridge && scripts/uninstall-service", timeout_s=300)
+    gone = ("/opt/uartbridge /usr/local/bin/uartbridge /etc/systemd/system/uartbridge.service "
+            "/etc/systemd/system/uartbridge@.service /etc/udev/rules.d/99-uartbridge.rules "
+            f"/etc/systemd/system/multi-user.target.wants/{TEMPLATE}")
+    left = vm.sh(f"for p in {gone}; do test -e $p -o -L $p && echo $p; done").stdout.split()
+    assert not left, f"left behind: {left}"
+    props = show(vm, TEMPLATE, "LoadState", "ActiveState")
+    assert props["ActiveState"] != "active" and props["LoadState"] != "loaded", props
+    vm.ok("test -f /etc/uartbridge/ttyS1.toml")
+    if ran:
+        kept = vm.sh(f"find -L {state} -name '*.json' | grep -q .")
+        assert kept.rc == 0, f"the final checkpoint is gone from {state}:\n{kept}"
+    vm.ok("cd /root/uartbridge && scripts/uninstall-service --purge", timeout_s=300)
+    purged = vm.sh("ls -d /etc/uartbridge /var/lib/uartbridge /var/lib/private/uartbridge* "
+                   "2>/dev/null").stdout.split()
+    assert not purged, f"--purge left {purged}"
