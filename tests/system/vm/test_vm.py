@@ -40,6 +40,7 @@ USB_CONF = '[[uart]]\nname = "uart0"\nport = "/dev/ttyUSB0"\n'
 PERMISSION_ERRORS = (
     "permission denied|permissionerror|eacces|operation not permitted|read-only file"
 )
+RESTART_LOOP = 3  # restarts that tell a loop from a crash being recovered
 SETTLE_S = 6.0  # longer than the units' RestartSec=2s: a restart loop shows in NRestarts
 
 
@@ -220,6 +221,8 @@ def wait_active(vm: Vm, unit: str, timeout_s: float = 120.0, not_pid: str = "") 
         props = show(vm, unit, "ActiveState", "SubState", "MainPID", "NRestarts")
         if props.get("ActiveState") == "active" and props.get("MainPID") not in ("0", not_pid):
             return props
+        if int(props.get("NRestarts") or 0) > RESTART_LOOP:
+            raise AssertionError(f"{unit} is in a restart loop: {props}\n{explain(vm, unit)}")
         if time.monotonic() > deadline:
             raise AssertionError(f"{unit} not active after {timeout_s:.0f} s: {props}\n"
                                  f"{explain(vm, unit)}")
