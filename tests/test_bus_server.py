@@ -8,11 +8,19 @@ import os
 import shutil
 import socket
 import stat
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from test_bus_support import RawGuest, run_async, short_tmp_dir, started_server, wait_for
+from test_bus_support import (
+    RawGuest,
+    read_reg,
+    run_async,
+    serve,
+    short_tmp_dir,
+    started_server,
+    sync,
+    wait_for,
+)
 
 from uartbridge import Uart16550
 from uartbridge.bus import (
@@ -26,8 +34,6 @@ from uartbridge.bus import (
     ReadN,
     ReadNReply,
     ReadReply,
-    Sync,
-    SyncReply,
     VirtualWire,
     Write,
     WriteN,
@@ -36,42 +42,6 @@ from uartbridge.bus import (
 from uartbridge.errors import BusError
 from uartbridge.registers import FCR, IER, IIR, LCR, LSR, MCR, RBR, SCR, THR, Ier, Mcr
 from uartbridge.sockets import PeerCredentials
-
-Body = Callable[[BusServer, Uart16550, VirtualWire, Path], Awaitable[None]]
-
-
-def serve(body: Body, **kwargs: object) -> None:
-    """Run ``body(server, uart, wire, path)`` with a started server; always clean up."""
-    directory = short_tmp_dir()
-
-    async def main() -> None:
-        server, uart, wire, path = await started_server(directory, "uart0", **kwargs)  # type: ignore[arg-type]
-        try:
-            await body(server, uart, wire, path)
-        finally:
-            wire.detach()
-            await server.close()
-
-    try:
-        run_async(main)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-async def read_reg(guest: RawGuest, offset: int) -> tuple[list[object], int]:
-    guest.send(Read(offset))
-    frames = await guest.recv_until(ReadReply)
-    reply = frames[-1]
-    assert isinstance(reply, ReadReply)
-    assert reply.offset == offset
-    return list(frames[:-1]), reply.value
-
-
-async def sync(guest: RawGuest, token: int = 7) -> list[object]:
-    guest.send(Sync(token))
-    frames = await guest.recv_until(SyncReply)
-    assert frames[-1] == SyncReply(token)
-    return list(frames[:-1])
 
 
 def test_hello_reports_version_capabilities_irq_and_name() -> None:
