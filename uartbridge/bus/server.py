@@ -14,8 +14,9 @@ neither file descriptors nor memory, and accept errors are logged at most once p
 **Fair share.** The frames a guest sent are executed back to back in ``_run``, in order, each
 to completion, but one call executes at most ``op_budget`` register operations (a burst
 counts its length) or runs for ``time_budget_s``; then the server stops reading that guest,
-settles, flushes, and continues with ``loop.call_soon`` — after every other ready callback
-(another UART's guest, port I/O, a checkpoint). A checkpoint therefore still falls between
+settles, flushes, and continues with ``loop.call_later(0, …)`` — after the I/O callbacks of
+the loop's next poll and every other ready callback (another UART's guest, port I/O, a
+checkpoint). A checkpoint therefore still falls between
 two bus operations, never inside one.
 
 **Ordering.** After an operation that touched the model the server calls the daemon's
@@ -432,7 +433,10 @@ class _Connection(asyncio.BufferedProtocol):
             self._flush()
             self._out = None
         if more and not self._closing and not self._write_paused:
-            self._continuation = asyncio.get_running_loop().call_soon(self._run)
+            # call_later(0), not call_soon: a timer that is due runs after the I/O callbacks
+            # of the loop's next poll, so whatever became ready during this turn (another
+            # UART's guest, a port) goes first; a call_soon would run before that poll.
+            self._continuation = asyncio.get_running_loop().call_later(0, self._run)
         self._update_reading()
 
     def _run_frames(self) -> bool:
