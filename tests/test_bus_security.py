@@ -229,6 +229,7 @@ def test_connect_storm_costs_no_fds_or_memory_and_the_guest_is_served(tmp_path: 
             assert _rss_kib(pid) - base_rss < 8 * 1024, (base_rss, _rss_kib(pid))
             assert guest.read(SCR) == value
         assert 1 <= len(_log_lines(d, "bus.too_many_pending")) <= 10
+        assert len(_log_lines(d, "bus.busy")) <= 10
 
 
 def test_accept_errors_at_the_fd_limit_are_rate_limited_and_the_guest_is_served(

@@ -297,7 +297,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._claim_timer = loop.call_later(0.01, self._try_claim)
             self._update_reading()
             return
-        server.log.warning("bus.busy", uart=server.name, peer=self._peer)
+        server.warn_limited("bus.busy", peer=self._peer)
         self._fail(ErrorCode.BUSY, f"UART {server.name} already has a guest")
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -404,7 +404,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         token = server.tcp_token
         if token is None or frame.token is None or not hmac.compare_digest(frame.token, token):
-            server._refused.hit(uart=server.name, peer=self._peer, reason="no valid token")
+            server.warn_limited("bus.peer_refused", peer=self._peer, reason="no valid token")
             self._fail(ErrorCode.NOT_PERMITTED, "peer not permitted (no valid token)")
             return
         server.log.info("bus.peer_authenticated", uart=server.name, peer=self._peer)
@@ -454,9 +454,7 @@ class _Connection(asyncio.BufferedProtocol):
                 try:
                     frame = decoder.next_frame()
                 except FrameError as exc:
-                    server.log.warning(
-                        "bus.bad_frame", uart=server.name, peer=self._peer, error=str(exc)
-                    )
+                    server.warn_limited("bus.bad_frame", peer=self._peer, error=str(exc))
                     self._fail(exc.code, exc.message)
                     return False
                 if frame is None:
@@ -647,7 +645,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._hello_timer = None
         if self._hello or self._closing:
             return
-        self._server.log.warning("bus.no_hello", uart=self._server.name, peer=self._peer)
+        self._server.warn_limited("bus.no_hello", peer=self._peer)
         self._fail(
             ErrorCode.PROTOCOL, f"no complete HELLO within {self._server.hello_timeout_s:g} s"
         )
@@ -769,8 +767,16 @@ class BusServer:
         self._rbuf = bytearray(_READ_SIZE)
         self._rview = memoryview(self._rbuf)
         self._rview_small = self._rview[:_SMALL_READ_SIZE]
-        self._refused = LogLimiter(self.log, "bus.peer_refused", interval_s=log_interval_s)
-        self._too_many = LogLimiter(self.log, "bus.too_many_pending", interval_s=log_interval_s)
+        self._limiters: dict[str, LogLimiter] = {}
+
+    def warn_limited(self, event: str, **fields: Any) -> None:
+        """A warning about one connection that any peer can provoke at will (refused, busy,
+        garbage): at most one line per ``log_interval_s`` per event, with a count."""
+        limiter = self._limiters.get(event)
+        if limiter is None:
+            limiter = LogLimiter(self.log, event, interval_s=self.log_interval_s)
+            self._limiters[event] = limiter
+        limiter.hit(uart=self.name, **fields)
 
     # -- listening --------------------------------------------------------------------------
 
@@ -854,14 +860,14 @@ class BusServer:
             return
         peer, vetted, refusal = self._vet(sock, unix=unix)
         if refusal:
-            self._refused.hit(uart=self.name, peer=peer, reason=refusal)
+            self.warn_limited("bus.peer_refused", peer=peer, reason=refusal)
             _refuse_now(sock, ErrorCode.NOT_PERMITTED, f"peer not permitted: {refusal}")
             return
         pending = sum(
             1 for c in self._connections if c.listener == listener and not c.attached
         )
         if pending >= self.max_pending:
-            self._too_many.hit(uart=self.name, peer=peer, pending=pending)
+            self.warn_limited("bus.too_many_pending", peer=peer, pending=pending)
             _refuse_now(sock, ErrorCode.BUSY, "too many connections waiting; try later")
             return
         conn = _Connection(self, peer=peer, vetted=vetted, listener=listener)
@@ -953,7 +959,7 @@ class BusServer:
                 await asyncio.wait_for(task, timeout=self.close_grace_s + 1)
         for conn in list(self._connections):
             conn.shutdown()
-        for limiter in (self._refused, self._too_many):
+        for limiter in self._limiters.values():
             limiter.close()
         if self._diag is not None:
             self._diag.close()
