@@ -688,3 +688,26 @@ def test_write_n_to_thr_asks_a_refusing_port_once_per_burst() -> None:
         await guest.close()
 
     serve(body)
+
+
+def test_on_turn_end_runs_once_per_turn_after_the_last_settle() -> None:
+    """on_turn_end is called once per turn of frames, after that turn's final settle."""
+    events: list[str] = []
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        def settle() -> list[bool]:
+            events.append("settle")
+            return wire()
+
+        server.settle = settle
+        server.on_turn_end = lambda: events.append("end")
+        guest = await RawGuest.open(path)
+        events.clear()
+        guest.send(*[WriteN(LCR, bytes([0x03, 0x07]) * 2047) for _ in range(3)], Sync(5))
+        await guest.recv_until(SyncReply)
+        assert events.count("end") == 3  # three maximal bursts: three turns
+        assert events[-2:] == ["settle", "end"]
+        assert all(events[i - 1] == "settle" for i, e in enumerate(events) if e == "end")
+        await guest.close()
+
+    serve(body)

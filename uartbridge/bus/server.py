@@ -427,6 +427,9 @@ class _Connection(asyncio.BufferedProtocol):
             more = self._run_frames()
             if self._unsettled:
                 self._settle()  # posted writes of this turn reach the wire in this turn
+            turn_end = self._server.on_turn_end
+            if turn_end is not None:
+                turn_end()
         except Exception:
             self._internal_error()
         finally:
@@ -714,6 +717,7 @@ class BusServer:
         op_budget: int = 4096,
         time_budget_s: float = 0.002,
         log_interval_s: float = 10.0,
+        on_turn_end: Callable[[], None] | None = None,
     ) -> None:
         """A server for ``uart`` named ``name`` (≤ 255 UTF-8 bytes; sent in HELLO_REPLY).
 
@@ -731,7 +735,9 @@ class BusServer:
         ``max_pending`` caps, per listening socket, the connections that are not the
         attached guest. ``op_budget`` register operations or ``time_budget_s`` end a
         guest's turn; ``log_interval_s`` is the least time between two log lines about
-        refused peers or failed accepts.
+        refused peers or failed accepts. ``on_turn_end`` is called at the end of every turn
+        of a guest's frames, after its last settle and before its output is sent: the place
+        for a port to apply, once, what the turn's register writes changed (line settings).
         """
         if len(name.encode()) > MAX_NAME_LEN:
             raise ValueError(f"UART name longer than {MAX_NAME_LEN} bytes: {name!r}")
@@ -754,6 +760,7 @@ class BusServer:
         self.op_budget = op_budget
         self.time_budget_ns = int(time_budget_s * 1e9)
         self.log_interval_s = log_interval_s
+        self.on_turn_end = on_turn_end
         self.closing = False
         self._guest: _Connection | None = None
         self._connections: set[_Connection] = set()
