@@ -710,4 +710,4 @@ def test_on_turn_end_runs_once_per_turn_after_the_last_settle() -> None:
         assert all(events[i - 1] == "settle" for i, e in enumerate(events) if e == "end")
         await guest.close()
 
-    serve(body)
+    serve(body, time_budget_s=60.0)  # turns end by the op budget alone here
