@@ -69,7 +69,10 @@ synced = [0]
 def reader():
     dec = FrameDecoder()
     while True:
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except OSError:  # closed by the main thread at the end
+            return
         if not chunk:
             return
         dec.feed(chunk)
