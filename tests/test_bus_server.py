@@ -711,3 +711,52 @@ def test_on_turn_end_runs_once_per_turn_after_the_last_settle() -> None:
         await guest.close()
 
     serve(body, time_budget_s=60.0)  # turns end by the op budget alone here
+
+
+def test_input_that_arrives_during_a_turn_is_served_before_the_next_turn() -> None:
+    """A READ that reaches another UART while a flood's turn runs is executed right after
+    that turn, before the flood's next one (the next turn waits for the loop's next poll)."""
+    directory = short_tmp_dir()
+
+    async def main() -> None:
+        s0, _uart0, wire0, path0 = await started_server(directory, "uart0", time_budget_s=60.0)
+        uart1 = Uart16550()
+        wire1 = VirtualWire(uart1)
+        at_read: list[int] = []
+        at_trigger: list[int] = []
+
+        def settle1() -> list[bool]:
+            conn = s0._guest
+            at_read.append(conn.frames_executed if conn is not None else -1)
+            return wire1()
+
+        s1 = BusServer(uart1, name="uart1", settle=settle1)
+        path1 = directory / "uart1.bus"
+        await s1.start_unix(path1)
+        try:
+            flood = await RawGuest.open(path0)
+            other = await RawGuest.open(path1)
+            at_read.clear()
+
+            def turn_end() -> None:
+                conn = s0._guest
+                if conn is not None and conn.slices == 3 and not at_trigger:
+                    at_trigger.append(conn.frames_executed)
+                    other.send(Read(SCR))  # reaches uart1's socket now, mid-flood
+
+            s0.on_turn_end = turn_end
+            flood.send(*[WriteN(SCR, bytes([i]) * 4094) for i in range(10)], Sync(1))
+            assert (await other.recv_until(ReadReply))[-1] == ReadReply(SCR, 0)
+            assert (await flood.recv_until(SyncReply))[-1] == SyncReply(1)
+            assert at_trigger and at_read[0] == at_trigger[0], (at_trigger, at_read)
+            await flood.close()
+            await other.close()
+        finally:
+            wire0.detach()
+            await s0.close()
+            await s1.close()
+
+    try:
+        run_async(main)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
