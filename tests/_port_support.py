@@ -44,6 +44,10 @@ class Guest:
         self.uart.write(1, ier)
         self.pump()
 
+    async def end_batch(self) -> None:
+        """Let the loop turn, as after a batch of bus operations: queued line settings apply."""
+        await asyncio.sleep(0)
+
     def lsr(self) -> int:
         return self.uart.read(5)
 
