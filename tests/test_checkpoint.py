@@ -280,7 +280,9 @@ RX_ESCAPE_RULES = [
 ]
 
 
-@pytest.mark.parametrize(("value", "fragment"), RX_ESCAPE_RULES, ids=[repr(r[0]) for r in RX_ESCAPE_RULES])
+@pytest.mark.parametrize(
+    ("value", "fragment"), RX_ESCAPE_RULES, ids=[repr(r[0]) for r in RX_ESCAPE_RULES]
+)
 def test_each_rx_escape_rule_is_enforced_on_load(value: object, fragment: str) -> None:
     """P6: rx_escape is the start of a PARMRK mark: "", "ff" or "ff00", nothing else."""
     doc = golden_doc(GOLDEN_V3.name)
@@ -291,7 +293,7 @@ def test_each_rx_escape_rule_is_enforced_on_load(value: object, fragment: str) -
 
 def test_a_half_mark_that_is_no_mark_is_not_written() -> None:
     """The writer checks P6 too: rx_escape "00" never reaches a file."""
-    with pytest.raises(CheckpointError, match="port.rx_escape"):
+    with pytest.raises(CheckpointError, match=r"port\.rx_escape"):
         encode(make_checkpoint(port=PortState(rx_escape=b"\x00")))
 
 

@@ -12,12 +12,10 @@ import os
 import termios
 import threading
 import tty
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 import pytest
-from _port_support import Guest, read_available, send_and_collect, wait_for
+from _port_support import FakeOps, Guest, on_fake_with, read_available, send_and_collect, wait_for
 
 import uartbridge.port.link
 from uartbridge.port.state import PortSettings, PortState, ReaderState
@@ -25,11 +23,9 @@ from uartbridge.port.termios_ops import (
     CMSPAR,
     TIOCM_CD,
     TIOCM_CTS,
-    TIOCM_DSR,
     TIOCM_DTR,
     TIOCM_RTS,
     ParmrkDecoder,
-    RealTermiosOps,
     nearest_baud,
 )
 from uartbridge.registers import Ier, Lsr, Msr
@@ -63,99 +59,9 @@ def test_nearest_standard_baud() -> None:
     assert nearest_baud(1) == 50
 
 
-class FakeOps(RealTermiosOps):
-    """A fake serial port (not a pty) for termios and modem ioctls; real calls for the rest
-    (TIOCINQ on the real pty's input queue)."""
-
-    def __init__(self) -> None:
-        self.attrs: list[Any] | None = None
-        self.modem = TIOCM_CTS | TIOCM_DSR | TIOCM_CD
-        self.breaks: list[bool] = []
-        self.refuse_mask = 0
-        self.flow: list[int] = []
-        self.drains = 0
-        self.modem_reads = 0
-        self.drain_gate: threading.Event | None = None  # tcdrain blocks until it is set
-        self.outq: int | None = None  # TIOCOUTQ, when a test sets it
-        self.flushes = 0
-        self.exclusive: list[bool] = []
-        self.tx_empty: bool | None = True
-        self.calls: list[tuple[str, object]] = []  # tcsetattr/break/flow, in order
-
-    def is_pty(self, fd: int) -> bool:
-        return False
-
-    def set_exclusive(self, fd: int, on: bool) -> None:
-        self.exclusive.append(on)
-
-    def flush_output(self, fd: int) -> None:
-        self.flushes += 1
-        self.calls.append(("flush", self.outq))
-        self.outq = 0
-
-    def transmitter_empty(self, fd: int) -> bool | None:
-        return self.tx_empty
-
-    def tcgetattr(self, fd: int) -> list[Any]:
-        if self.attrs is None:
-            self.attrs = super().tcgetattr(fd)
-        return [*self.attrs[:6], list(self.attrs[6])]
-
-    def tcsetattr(self, fd: int, attrs: list[Any]) -> None:
-        self.calls.append(("tcsetattr", attrs[2]))
-        if attrs[2] & self.refuse_mask:
-            raise OSError(22, "Invalid argument")
-        self.attrs = [*attrs[:6], list(attrs[6])]
-
-    def modem_get(self, fd: int) -> int:
-        self.modem_reads += 1
-        return self.modem
-
-    def modem_set(self, fd: int, *, set_bits: int, clear_bits: int) -> None:
-        self.modem = (self.modem | set_bits) & ~clear_bits
-
-    def set_break(self, fd: int, on: bool) -> None:
-        self.breaks.append(on)
-        self.calls.append(("break", on))
-
-    def tcflow(self, fd: int, action: int) -> None:
-        self.flow.append(action)
-        self.calls.append(("tcflow", action))
-
-    def tcdrain(self, fd: int) -> None:
-        self.drains += 1
-        if self.drain_gate is not None:
-            self.drain_gate.wait(10)
-
-    def output_queued(self, fd: int) -> int:
-        if self.outq is not None:
-            return self.outq
-        return 123 if self.drain_gate is not None and not self.drain_gate.is_set() else 0
-
-
-def _on_fake_with(settings: PortSettings, test: Callable[[Guest, FakeOps, int], Awaitable[None]],
-                  fake: FakeOps | None = None) -> None:
-    """Run ``test(guest, fake, master)`` on a real pty whose modem ioctls are faked."""
-
-    async def run() -> None:
-        master, slave = os.openpty()
-        tty.setraw(slave)
-        os.set_blocking(master, False)
-        ops = fake or FakeOps()
-        try:
-            g = Guest(replace(settings, url=os.ttyname(slave)), termios_ops=ops)
-            await g.link.open()
-            await test(g, ops, master)
-            await g.link.close()
-        finally:
-            os.close(master)
-            os.close(slave)
-
-    asyncio.run(run())
-
-
 def _with_fake(test: Any) -> None:
-    _on_fake_with(PortSettings(url=""), test)
+    on_fake_with(PortSettings(url=""), test)
+
 
 def test_fake_port_gets_data_bits_parity_stop_bits_baud_and_break() -> None:
     """LCR/divisor become CS7, mark parity, CSTOPB and B9600 (TCSANOW); LCR.SBC drives break."""
@@ -326,7 +232,7 @@ def test_cts_low_under_rtscts_stalls_at_once_and_cts_high_delivers_in_order() ->
         assert await send_and_collect(g, payload[sent:], master, len(payload)) == payload
         assert await wait_for(lambda: g.link.reader_state is ReaderState.CONNECTED)
 
-    _on_fake_with(PortSettings(url="", rtscts=True), body)
+    on_fake_with(PortSettings(url="", rtscts=True), body)
 
 
 def test_quiesce_gives_up_on_a_drain_the_peer_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -343,7 +249,7 @@ def test_quiesce_gives_up_on_a_drain_the_peer_blocks(monkeypatch: pytest.MonkeyP
         finally:
             ops.drain_gate.set()  # type: ignore[union-attr]
 
-    _on_fake_with(PortSettings(url=""), body, fake)
+    on_fake_with(PortSettings(url=""), body, fake)
 
 
 def test_xonxoff_is_read_by_the_link_not_by_ixon() -> None:
@@ -364,7 +270,7 @@ def test_xonxoff_is_read_by_the_link_not_by_ixon() -> None:
         assert await wait_for(lambda: got.extend(read_available(master)) or got == b"held", 2)
         assert g.link.status()["held_by_peer"] is None
 
-    _on_fake_with(PortSettings(url="", xonxoff=True), body)
+    on_fake_with(PortSettings(url="", xonxoff=True), body)
 
 
 def test_line_events_saved_in_a_checkpoint_come_back_in_their_place() -> None:
