@@ -364,24 +364,23 @@ def _permission_hint(path: str) -> str:
     try:
         info = os.stat(path)
     except OSError:
-        return f"{user} may not open {path}: check its permissions"
-    owner = _user_name(info.st_uid)
+        return f"user {user} may not open {path}: check its permissions"
     try:
         group = grp.getgrgid(info.st_gid).gr_name
     except KeyError:
         group = str(info.st_gid)
-    where = f"{path} is {owner}:{group} {stat.S_IMODE(info.st_mode):04o}"
+    where = f"{path} is {_user_name(info.st_uid)}:{group} {stat.S_IMODE(info.st_mode):04o}"
     in_group = info.st_gid == os.getegid() or info.st_gid in os.getgroups()
     if info.st_mode & stat.S_IRGRP and info.st_mode & stat.S_IWGRP and not in_group:
         return (
-            f"{where} and {user} is not in group {group}: add it "
+            f"{where} and user {user} is not in group {group}: add it "
             f"(usermod -aG {group} {user}; under systemd: SupplementaryGroups={group})"
         )
-    return f"{where}; {user} may not open it for reading and writing"
+    return f"{where}; user {user} may not open it for reading and writing"
 
 
 def _user_name(uid: int) -> str:
     try:
-        return f"user {pwd.getpwuid(uid).pw_name}"
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"uid {uid}"
+        return str(uid)
