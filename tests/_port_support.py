@@ -274,8 +274,9 @@ class FakeOps(RealTermiosOps):
 
 
 def on_fake_with(settings: PortSettings, test: Callable[[Guest, FakeOps, int], Awaitable[None]],
-                  fake: FakeOps | None = None) -> None:
-    """Run ``test(guest, fake, master)`` on a real pty whose modem ioctls are faked."""
+                  fake: FakeOps | None = None, **guest_kw: Any) -> None:
+    """Run ``test(guest, fake, master)`` on a real pty the link takes as a serial port whose
+    termios and modem ioctls are faked (``guest_kw``: more arguments for ``PortLink``)."""
 
     async def run() -> None:
         master, slave = os.openpty()
@@ -283,7 +284,7 @@ def on_fake_with(settings: PortSettings, test: Callable[[Guest, FakeOps, int], A
         os.set_blocking(master, False)
         ops = fake or FakeOps()
         try:
-            g = Guest(replace(settings, url=os.ttyname(slave)), termios_ops=ops)
+            g = Guest(replace(settings, url=os.ttyname(slave)), termios_ops=ops, **guest_kw)
             await g.link.open()
             await test(g, ops, master)
             await g.link.close()

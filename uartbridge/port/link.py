@@ -130,6 +130,7 @@ WRITE_STALL_S = 1.0
 OUTQ_MIN_BYTES = 64  # at most this much in a serial port's output queue (or OUTQ_TARGET_S)
 OUTQ_TARGET_S = 0.005  # ... or this much line time, at rates where 64 bytes drain in < 5 ms
 PACE_MIN_S = 0.001  # the loop's timers are no finer than this (epoll's millisecond)
+PACE_MAX_S = 0.05  # ... and a slow line is looked at no less often than this
 TX_TAIL_BYTES = 4096  # the last bytes written to a serial port, to take back at a stop
 #: What a tty gets at open until the guest has set the line (QEMU's tty backend does this).
 OPEN_LINE = LineSettings(baud=115200, data_bits=8, parity="N", stop_bits=1.0, break_on=False)
@@ -290,6 +291,7 @@ class PortLink:
         self._pace_outq = 0  # the output queue at the last pacing check
         self._pace_progress_ns = 0  # when the output queue last shrank
         self._tx_tail = bytearray()  # the last bytes written to a serial port
+        self._rx_left_counted = 0  # input left in the kernel at a stop, already counted
         self._has_modem_lines = False
         self._reading = False
         self._writing = False
@@ -535,8 +537,9 @@ class PortLink:
         left = 0
         with contextlib.suppress(OSError):
             left = self._ops.input_queued(io.fd)
-        if left:
-            self._counters["rx_dropped_at_stop"] += left
+        if left > self._rx_left_counted:  # (state() may look again: count each byte once)
+            self._counters["rx_dropped_at_stop"] += left - self._rx_left_counted
+            self._rx_left_counted = left
             self._log.warning(
                 "port.rx_dropped_at_stop", bytes=left, bound=MAX_RX_BACKLOG_BYTES,
                 hint="more input than a checkpoint holds: the close discards the rest",
@@ -1004,7 +1007,8 @@ class PortLink:
         if self._pace_handle is not None or self._loop is None:
             return
         char_s = self._char_s()
-        delay_s = max(PACE_MIN_S, char_s, (queued - self._outq_limit() // 2) * char_s)
+        half_drained_s = (queued - self._outq_limit() // 2) * char_s
+        delay_s = min(PACE_MAX_S, max(PACE_MIN_S, char_s, half_drained_s))
         if now_ns - self._pace_progress_ns >= WRITE_STALL_S * 1e9:
             if self._state is not ReaderState.STALLED:
                 self._set_state(ReaderState.STALLED)
