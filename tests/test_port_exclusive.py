@@ -187,8 +187,14 @@ def test_tiocexcl_is_taken_on_serial_ports_and_released_at_close() -> None:
 
 
 @contextlib.contextmanager
-def _sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(["sleep", "60"])
+def _sleeper(holding: str | None = None) -> Iterator[subprocess.Popen[bytes]]:
+    """A live process (``sleep``), with ``holding`` open as its stdin if given."""
+    stdin = os.open(holding, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK) if holding else None
+    try:
+        proc = subprocess.Popen(["sleep", "60"], stdin=stdin)
+    finally:
+        if stdin is not None:
+            os.close(stdin)
     try:
         wait_until(lambda: Path(f"/proc/{proc.pid}/comm").read_text().strip() == "sleep", 5)
         yield proc
@@ -216,8 +222,9 @@ def test_uucp_lock_of_a_live_process_refuses_the_port_and_a_stale_one_is_replace
     name = lock_names(path)[0]
     lock = locks / f"LCK..{name}"
     try:
-        with _sleeper() as holder:
+        with _sleeper(holding=path) as holder:
             lock.write_text(f"{holder.pid:10d}\n")
+            os.utime(lock, (time.time() - 60, time.time() - 60))
             with pytest.raises(PortUnavailableError) as info:
                 claim_tty(path, ops, lock_dir=str(locks), note=notes.append)
             assert f"in use by PID {holder.pid} (sleep) (lock file {lock})" in str(info.value)
@@ -233,6 +240,33 @@ def test_uucp_lock_of_a_live_process_refuses_the_port_and_a_stale_one_is_replace
             os.close(claim.fd)
         assert not lock.exists()
         assert notes == []
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_a_lock_whose_pid_was_recycled_is_stale_but_a_young_one_is_honoured(
+    tmp_path: Path,
+) -> None:
+    """A lock naming a live process that has no fd on the port: stale once it is older than
+    a few seconds (the PID was recycled after its holder died), honoured while young (its
+    writer may be about to open the port)."""
+    locks = tmp_path / "lock"
+    locks.mkdir()
+    master, slave = os.openpty()
+    path = os.ttyname(slave)
+    lock = locks / f"LCK..{lock_names(path)[0]}"
+    ops = RealTermiosOps()
+    try:
+        with _sleeper() as stranger:
+            lock.write_text(f"{stranger.pid:10d}\n")
+            with pytest.raises(PortUnavailableError, match=f"PID {stranger.pid}"):
+                claim_tty(path, ops, lock_dir=str(locks), note=print)
+            os.utime(lock, (time.time() - 60, time.time() - 60))
+            claim = claim_tty(path, ops, lock_dir=str(locks), note=print)
+            assert lock.read_text() == f"{os.getpid():10d}\n"
+            claim.release(ops)
+            os.close(claim.fd)
     finally:
         os.close(master)
         os.close(slave)

@@ -13,6 +13,8 @@ The steps, in order, each before anything changes the port (``claim_tty``):
    whose PID is dead is stale and removed; a live one refuses the port, naming the PID. Ours
    is created under the device's name atomically (a temporary file hard-linked into place,
    which fails if a lock appeared meanwhile) and removed at close if it still holds our PID.
+   PIDs are recycled, so a lock older than a few seconds whose live PID has no fd on the port
+   (where ``/proc/PID/fd`` can be read) is stale too.
    Where the directory is missing or not writable (a sandboxed unit: ``ProtectSystem=strict``
    makes ``/run/lock`` read-only unless ``ReadWritePaths=/run/lock``), existing locks are still
    honoured, ours is not created, and that is logged once per directory.
@@ -39,6 +41,7 @@ import grp
 import os
 import pwd
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,13 +249,34 @@ def _honour(lock_path: Path, port_path: str) -> None:
         raise PortUnavailableError(
             f"port {port_path} is already used by this daemon (another [[uart]])"
         ) from OSError(errno.EBUSY, "locked")
-    if pid != os.getpid() and _pid_alive(pid):
+    if pid != os.getpid() and _pid_alive(pid) and not _reused_pid(pid, lock_path, port_path):
         raise PortUnavailableError(
             f"port {port_path} is in use by {process_label(pid)} (lock file {lock_path})"
         ) from OSError(errno.EBUSY, "locked")
-    # Stale: its process is gone (or it is a leftover with our recycled PID).
+    # Stale: its process is gone (or it is a leftover with a recycled PID).
     with contextlib.suppress(FileNotFoundError):
         lock_path.unlink()
+
+
+LOCK_SETTLE_S = 5.0  # a lock this young may belong to a program about to open the port
+
+
+def _reused_pid(pid: int, lock_path: Path, port_path: str) -> bool:
+    """A live ``pid`` that is not the lock's writer: the lock is older than LOCK_SETTLE_S and
+    /proc shows the process has no fd on the port (PIDs are recycled: a holder that was
+    killed leaves its lock behind). False whenever /proc cannot tell (another user's fds)."""
+    try:
+        if time.time() - lock_path.stat().st_mtime < LOCK_SETTLE_S:
+            return False
+        device = os.path.realpath(port_path)
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == device:
+                return False
+    return True
 
 
 _held: dict[Path, int] = {}  # lock files this process holds (path → fd of the port)

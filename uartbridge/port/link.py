@@ -817,6 +817,8 @@ class PortLink:
         if io is not None:
             io.close()
         self._tx_tail.clear()
+        self._pace_outq = self._pace_progress_ns = 0
+        self._rx_plain_left = self._rx_window_left = 0  # they counted that port's queue
 
     def _schedule_reconnect(self) -> None:
         if self._closed or self._loop is None or self._quiesced:
