@@ -623,10 +623,9 @@ class PortLink:
 
         self._loop.call_soon(run)
 
-    def _error(self, message: str, exc: BaseException | None = None, *,
-               hint: str | None = None) -> None:
+    def _error(self, message: str, exc: BaseException | None = None) -> None:
         text = message if exc is None else f"{message}: {exc}"
-        self._last_error = (text, errno_name(_errno_of(exc)), hint, time.monotonic_ns())
+        self._last_error = (text, errno_name(_errno_of(exc)), None, time.monotonic_ns())
 
     def _open_failed(self, exc: PortError) -> None:
         """The port could not be opened: shown in status; logged once per new reason."""
@@ -689,7 +688,7 @@ class PortLink:
         assert self._loop is not None
         url = self._settings.url
         io: _Io
-        fresh_decoder = self._opened  # a reconnection is a new stream; a resume continues
+        resumed_stream = not self._opened  # a restored link continues the stream it left
         if self._kind == "tty":
             claim = claim_tty(url, self._ops, lock_dir=self._settings.lock_dir,
                               note=lambda text: self._log.warning("port.lock_files", note=text))
@@ -729,8 +728,8 @@ class PortLink:
                 raise PortUnavailableError(f"cannot open {url}: {exc}") from exc
             self._parmrk = False
         self._io = io
-        if fresh_decoder or not self._parmrk:
-            if self._decoder.partial and not fresh_decoder:
+        if not (resumed_stream and self._parmrk):
+            if self._decoder.partial and resumed_stream:
                 self._log.warning(
                     "port.rx_escape_dropped", partial=self._decoder.partial.hex(),
                     hint="the checkpoint held half a PARMRK mark; this port's input is not escaped",
