@@ -51,7 +51,7 @@ from ..errors import PortError, PortUnavailableError
 from .termios_ops import TermiosOps
 
 OPEN_FLAGS = os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
-_MISSING_ERRNOS = frozenset(
+_RETRY_ERRNOS = frozenset(  # open() errors that may pass: the link retries (else fatal)
     {errno.ENOENT, errno.ENXIO, errno.ENODEV, errno.EACCES, errno.EPERM, errno.EBUSY,
      errno.ENOTDIR, errno.ELOOP, errno.EIO, errno.EAGAIN}
 )
@@ -330,7 +330,7 @@ def claim_tty(
         except OSError as exc:
             if exc.errno == errno.EBUSY:
                 raise _busy(path, exc) from exc
-            if exc.errno in _MISSING_ERRNOS:
+            if exc.errno in _RETRY_ERRNOS:
                 raise _unavailable(path, exc) from exc
             raise PortError(f"cannot open {path}: {exc.strerror or exc}") from exc
         try:
