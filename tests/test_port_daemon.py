@@ -52,6 +52,7 @@ def test_bytes_sent_before_run_reach_the_guest_exactly(tmp_path: Path) -> None:
             assert bytes(got) == DENSE
             link = d.status()["uarts"][0]["link"]
             assert link["counters"]["breaks_received"] == link["counters"]["framing_errors"] == 0
+            assert d.stop() == 0
         finally:
             os.close(peer)
 
@@ -88,3 +89,4 @@ def test_bytes_from_before_a_guest_are_flushed_by_its_fifo_reset_and_shown(
         assert stale.endswith(received) and len(received) + flushed <= len(stale)
         text = d.cli("status", "--config", str(d.config_path))
         assert text.returncode == 0 and f"rx_flushed={flushed}" in text.stdout
+        assert d.stop() == 0

@@ -87,6 +87,7 @@ def test_a_second_daemon_on_the_same_socat_pty_is_refused_naming_the_first(tmp_p
         assert a.stop() == 0
         wait_until(lambda: _status_of(b)["reader_state"] == "connected", 10)
         assert _status_of(b)["link"]["exclusive"]["flock"] is True
+        assert b.stop() == 0  # (a clean stop removes its UUCP lock file)
 
 
 def test_fail_fast_daemon_exits_69_naming_the_holder(tmp_path: Path) -> None:
@@ -112,6 +113,7 @@ def test_fail_fast_daemon_exits_69_naming_the_holder(tmp_path: Path) -> None:
         assert f"in use by PID {a.proc.pid}" in result.stderr
         assert "Traceback" not in result.stderr
         assert not (tmp_path / "b-run" / "uart0.bus").exists()
+        assert a.stop() == 0
 
 
 def test_tio_holding_the_port_under_tmux_is_named(tmp_path: Path) -> None:
