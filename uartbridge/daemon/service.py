@@ -27,7 +27,6 @@ from ..checkpoint import (
 from ..config import UartConfig
 from ..logs import TraceFile
 from ..port import PortLink
-from ..port.state import ReaderState
 from ..registers import REGISTER_BITS, Lsr, decode_bits
 from ..sockets import PeerCredentials
 from ..uart import NO_EVENTS, Uart16550
@@ -140,12 +139,11 @@ class UartService:
         if self.config.bus_tcp is not None:
             host, port = self.config.bus_tcp
             await self.bus.start_tcp(host, port)
-        # Without fail_fast, a port that is not there yet is reopened by the link with
-        # backoff, and its on_disconnect policy applies meanwhile.
+        # Without fail_fast, a port that is not there yet (or in use, or not permitted) is
+        # reopened by the link with backoff, and its on_disconnect policy applies meanwhile;
+        # the link logs each new reason once (port.open_failed, with errno and a hint).
         await self.link.open(retry=not fail_fast)
         self.port_open = True
-        if self.link.reader_state is ReaderState.DISCONNECTED and self.config.port.url != "pty:":
-            self.log.warning("port unavailable, retrying", port=self.config.port.url)
         self.on_uart_change()
 
     async def stop(self) -> None:
@@ -245,6 +243,7 @@ class UartService:
             "temt": bool(state.lsr & Lsr.TEMT),
             "counters": dataclasses.asdict(state.statistics),
             "link": port_status,
+            "last_error": port_status["last_error"],
             "last_checkpoint": last_ckpt,
             "resumed_from": resumed,
         }
