@@ -221,8 +221,8 @@ def decoder(cbuild: Path) -> Iterator[Program]:
         yield program
 
 
-def _ask(program: Program, mode: str, seed: int, stream: bytes) -> str:
-    program.send(f"{mode} {seed} {stream.hex()}")
+def _ask(program: Program, request: str, stream: bytes) -> str:
+    program.send(f"{request} {stream.hex()}")
     return program.expect("", timeout_s=30)
 
 
@@ -282,14 +282,14 @@ def _python_frames(stream: bytes) -> str:
         tokens.append(_token(frame, next(raw)[1]))
 
 
-def _python_client(stream: bytes) -> str:
+def _python_client(stream: bytes, close_at_end: bool) -> str:
     """What a client receiving ``stream`` after its HELLO must report (uartbridge.h rules).
 
     HELLO_REPLY must come first and carry BURST|SYNC|IRQ_EVENTS (``ub_name`` is a C string,
     cut at a NUL); then IRQ frames are events
     (a repeated level is none), an ERROR ends with UB_E_REFUSED and its code and message (cut
     at 255 bytes), any other frame or a bad one with UB_E_PROTOCOL, the end of the stream
-    with UB_E_CLOSED.
+    with UB_E_CLOSED if the server closed, else "idle" with every frame handled.
     """
     decoder = FrameDecoder()
     decoder.feed(stream)
@@ -309,7 +309,7 @@ def _python_client(stream: bytes) -> str:
         except FrameError:
             return end("UB_E_PROTOCOL")
         if frame is None:
-            return end("UB_E_CLOSED")
+            return end("UB_E_CLOSED") if close_at_end else end("idle")
         payload = next(raw)[1]
         if isinstance(frame, ErrorFrame):
             return end("UB_E_REFUSED", frame.code, payload[1:])
@@ -360,6 +360,11 @@ _hello = st.builds(HelloReply, st.just(1), st.just(7), st.booleans(), _names).ma
 _streams = st.tuples(st.one_of(_hello, st.just(b"")), st.lists(_piece, max_size=12)).map(
     lambda parts: parts[0] + b"".join(parts[1])
 )
+# For the client: whether the server stays connected at the end. Only after a whole
+# HELLO_REPLY, or the client would wait out its timeout for one.
+_client_streams = st.tuples(_hello, st.lists(_piece, max_size=12), st.booleans()).map(
+    lambda parts: (parts[0] + b"".join(parts[1]), parts[2])
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -368,7 +373,7 @@ def test_c_frame_decoder_matches_python_codec(
     decoder: Program, stream: bytes, seed: int
 ) -> None:
     """ub_parse_frame, fed in random chunks, decodes every stream exactly as the codec does."""
-    assert _ask(decoder, "frames", seed, stream) == _python_frames(stream)
+    assert _ask(decoder, f"frames {seed}", stream) == _python_frames(stream)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -377,4 +382,15 @@ def test_c_client_receive_path_follows_the_protocol(
     decoder: Program, stream: bytes, seed: int
 ) -> None:
     """A client fed any server stream in random chunks reports the events and status it must."""
-    assert _ask(decoder, "client", seed, stream) == _python_client(stream)
+    assert _ask(decoder, f"client {seed} 1", stream) == _python_client(stream, True)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_client_streams, seed=st.integers(0, 2**32 - 1))
+def test_c_client_leaves_no_frame_behind_a_quiet_fd(
+    decoder: Program, case: tuple[bytes, bool], seed: int
+) -> None:
+    """Once its fd is quiet, the client has handled every complete frame it received."""
+    stream, close_at_end = case
+    request = f"client {seed} {int(close_at_end)}"
+    assert _ask(decoder, request, stream) == _python_client(stream, close_at_end)

@@ -7,12 +7,16 @@
  *   frames SEED HEX   feed the bytes in chunks (sizes drawn from SEED) into a buffer and
  *                     decode with ub_parse_frame() as they come; answer one token per frame,
  *                     then "err:CODE" (the first invalid frame) or "end:N" (N bytes left over)
- *   client SEED HEX   a client on one end of a socketpair; a child process plays the server:
+ *   client SEED CLOSE HEX
+ *                     a client on one end of a socketpair; a child process plays the server:
  *                     it reads the HELLO, then writes the bytes in chunks (sizes drawn from
- *                     SEED) and closes. Answers "irq:L" per event delivered, then
+ *                     SEED), then closes (CLOSE = 1) or stays connected and says it is done
+ *                     through a pipe (CLOSE = 0). Answers "irq:L" per event delivered, then
  *                     "hello:VER:CAPS:NAMEHEX" if HELLO succeeded, then "level:L" (ub_irq()
  *                     at the end) and "status:NAME:CODE:MSGHEX" for the status that ended
- *                     the connection.
+ *                     the connection, or "status:idle:0:" when the server stayed connected
+ *                     and everything it sent was taken in (so every complete frame must have
+ *                     been handled: the library keeps none buffered behind a quiet fd).
  *
  * The answers must not depend on SEED: that is part of the property.
  *
@@ -128,7 +132,7 @@ static void on_irq(void *ctx, int level)
     printf("irq:%d ", level);
 }
 
-static void serve(int fd, const unsigned char *in, size_t n)
+static void serve(int fd, const unsigned char *in, size_t n, int close_at_end, int done)
 {
     unsigned char hello[5];
     size_t got = 0, sent = 0;
@@ -149,7 +153,10 @@ static void serve(int fd, const unsigned char *in, size_t n)
         sent += (size_t)r;
         sched_yield();
     }
-    shutdown(fd, SHUT_WR);
+    if (close_at_end)
+        shutdown(fd, SHUT_WR);
+    else if (write(done, "d", 1) != 1)
+        _exit(0); /* the client stopped at an error and is gone: fine */
     {
         char sink[256]; /* wait for the client to close */
         while (read(fd, sink, sizeof sink) > 0) {
@@ -158,15 +165,15 @@ static void serve(int fd, const unsigned char *in, size_t n)
     _exit(0);
 }
 
-static void run_client(const unsigned char *in, size_t n)
+static void run_client(const unsigned char *in, size_t n, int close_at_end)
 {
-    int sv[2], r, status, hello_ok;
+    int sv[2], done[2], r, status, hello_ok, idle = 0;
     pid_t pid;
     ub_options o;
     ub_client *c;
     const ub_error *e;
 
-    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) < 0) {
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) < 0 || pipe(done) < 0) {
         perror("socketpair");
         exit(70);
     }
@@ -178,9 +185,11 @@ static void run_client(const unsigned char *in, size_t n)
     }
     if (pid == 0) {
         close(sv[0]);
-        serve(sv[1], in, n);
+        close(done[0]);
+        serve(sv[1], in, n, close_at_end, done[1]);
     }
     close(sv[1]);
+    close(done[1]);
     ub_options_init(&o);
     o.timeout_ms = 10000;
     o.on_irq = on_irq;
@@ -188,15 +197,21 @@ static void run_client(const unsigned char *in, size_t n)
     r = ub_attach_fd(c, sv[0]);
     hello_ok = r == UB_OK;
     while (r >= 0) {
-        struct pollfd pfd;
-        pfd.fd = ub_fd(c);
-        pfd.events = POLLIN;
-        pfd.revents = 0;
-        if (poll(&pfd, 1, 10000) <= 0) {
+        struct pollfd pfd[2];
+        pfd[0].fd = ub_fd(c);
+        pfd[1].fd = done[0];
+        pfd[0].events = pfd[1].events = POLLIN;
+        pfd[0].revents = pfd[1].revents = 0;
+        if (poll(pfd, 2, 10000) <= 0) {
             printf("poll-timeout ");
             break;
         }
-        r = ub_process(c);
+        if (pfd[0].revents) {
+            r = ub_process(c);
+        } else if (pfd[1].revents) {
+            idle = 1; /* all was sent, and the fd has nothing more to read */
+            break;
+        }
     }
     if (hello_ok) {
         printf("hello:%u:%lu:", ub_server_version(c), (unsigned long)ub_capabilities(c));
@@ -204,12 +219,15 @@ static void run_client(const unsigned char *in, size_t n)
         printf(" ");
     }
     e = ub_last_error(c);
-    printf("level:%d status:%s:%d:", ub_irq(c), ub_status_name(r), e->server_code);
-    hex((const unsigned char *)e->server_message, e->server_message_len);
-    printf("\n");
+    printf("level:%d status:%s:%d:", ub_irq(c), idle ? "idle" : ub_status_name(r),
+           idle ? 0 : e->server_code);
+    if (!idle)
+        hex((const unsigned char *)e->server_message, e->server_message_len);
     ub_free(c);
+    close(done[0]);
     if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        printf("server-exit:%d\n", status);
+        printf(" server-exit:%d", status);
+    printf("\n");
 }
 
 int main(void)
@@ -219,11 +237,13 @@ int main(void)
     signal(SIGPIPE, SIG_IGN);
     while (fgets(line, sizeof line, stdin) != NULL) {
         char mode[16];
-        unsigned long seed;
+        unsigned long seed, close_at_end = 1;
         int used = 0;
         size_t n = 0;
         const char *p;
-        if (sscanf(line, "%15s %lu %n", mode, &seed, &used) != 2) {
+        if (sscanf(line, "%15s %lu %n", mode, &seed, &used) != 2 ||
+            (strcmp(mode, "client") == 0 &&
+             sscanf(line, "%15s %lu %lu %n", mode, &seed, &close_at_end, &used) != 3)) {
             printf("bad-request\n");
             fflush(stdout);
             continue;
@@ -238,7 +258,7 @@ int main(void)
         if (strcmp(mode, "frames") == 0)
             run_frames(bytes, n);
         else if (strcmp(mode, "client") == 0)
-            run_client(bytes, n);
+            run_client(bytes, n, close_at_end != 0);
         else
             printf("bad-mode\n");
         fflush(stdout);
