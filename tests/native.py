@@ -7,16 +7,19 @@ Builds go to a temporary directory (``BUILDDIR=``), never into the tree. A progr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from procs import REPO, require_program, stop_process
+from procs import REPO, Daemon, daemon, require_program, socat_pair, stop_process, wait_for
+from streams import FarEnd
 
 C_DIR = REPO / "clients" / "c"
 SYSTEMC_DIR = REPO / "clients" / "systemc"
@@ -131,4 +134,39 @@ def build_c(build: Path) -> Path:
     return build
 
 
-__all__ = ["C_DIR", "SYSTEMC_DIR", "Program", "build_c", "make", "need_c_toolchain"]
+@contextlib.contextmanager
+def bridge(tmp_path: Path, **uart: object) -> Iterator[tuple[Daemon, FarEnd]]:
+    """A daemon with one UART ("uart0") on a socat pty; the far end reads the other side.
+
+    Write to the far end with ``os.write(far.fd, ...)``; what it read is ``far.received``.
+    """
+    with (
+        socat_pair(tmp_path) as pair,
+        daemon(tmp_path / "d", [{"name": "uart0", "port": str(pair.a), **uart}]) as d,
+    ):
+        d.start()
+        far = FarEnd(pair.b, b"")
+        far.start()
+        try:
+            yield d, far
+        finally:
+            far.stop()
+
+
+def far_gets(far: FarEnd, expected: bytes, timeout_s: float = 30.0) -> None:
+    """Wait until the far end has read ``len(expected)`` bytes; they must be ``expected``."""
+    wait_for(lambda: len(far.received) >= len(expected), timeout_s)
+    far.check()
+    assert bytes(far.received) == expected
+
+
+__all__ = [
+    "C_DIR",
+    "SYSTEMC_DIR",
+    "Program",
+    "bridge",
+    "build_c",
+    "far_gets",
+    "make",
+    "need_c_toolchain",
+]

@@ -8,7 +8,6 @@ and the operator (restarting the daemon), all by PID.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shutil
@@ -21,10 +20,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from native import C_DIR, Program, build_c, make
-from procs import daemon as daemon_ctx
-from procs import require_program, socat_pair, wait_for
-from streams import FarEnd
+from native import C_DIR, Program, bridge, build_c, far_gets, make
+from procs import require_program
 
 from uartbridge.bus.codec import (
     MAX_FRAME_LEN,
@@ -63,48 +60,26 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@contextlib.contextmanager
-def _bridge(tmp_path: Path, **uart: object) -> Iterator[tuple[object, FarEnd]]:
-    """A daemon with one UART on a socat pty, and the far end reading the other side."""
-    with (
-        socat_pair(tmp_path) as pair,
-        daemon_ctx(tmp_path / "d", [{"name": "uart0", "port": str(pair.a), **uart}]) as d,
-    ):
-        d.start()
-        far = FarEnd(pair.b, b"")
-        far.start()
-        try:
-            yield d, far
-        finally:
-            far.stop()
-
-
-def _far_gets(far: FarEnd, expected: bytes, timeout_s: float = 30.0) -> None:
-    wait_for(lambda: len(far.received) >= len(expected), timeout_s)
-    far.check()
-    assert bytes(far.received) == expected
-
-
 def test_c_register_semantics(cbuild: Path, tmp_path: Path) -> None:
     """C client: SCR round trip, WRITE_N/READ_N counts, LSR after THR, DLAB, pipelined reads."""
-    with _bridge(tmp_path) as (d, far), Program(cbuild / "ub_check", "semantics", d.bus()) as p:
+    with bridge(tmp_path) as (d, far), Program(cbuild / "ub_check", "semantics", d.bus()) as p:
         p.expect("ok semantics")
         p.finish()
-        _far_gets(far, b"x")
+        far_gets(far, b"x")
 
 
 def test_c_irq_events_before_replies_over_tcp(cbuild: Path, tmp_path: Path) -> None:
     """C client over TCP: IRQ events come in order before the reply that observes them."""
     port = _free_port()
     with (
-        _bridge(tmp_path, bus_tcp=f"127.0.0.1:{port}") as (_d, far),
+        bridge(tmp_path, bus_tcp=f"127.0.0.1:{port}") as (_d, far),
         Program(cbuild / "ub_check", "irq", f"tcp:127.0.0.1:{port}") as p,
     ):
         p.expect("> send Q")
         os.write(far.fd, b"Q")
         p.expect("ok irq")
         p.finish()
-        _far_gets(far, b"zyw")
+        far_gets(far, b"zyw")
 
 
 def test_c_bursts_write_n_4095_and_read_n(cbuild: Path, tmp_path: Path) -> None:
@@ -112,11 +87,11 @@ def test_c_bursts_write_n_4095_and_read_n(cbuild: Path, tmp_path: Path) -> None:
     sent = bytes((i * 7 + 3) & 0xFF for i in range(4095))
     typed = bytes((i * 13 + 5) & 0xFF for i in range(3000))
     with (
-        _bridge(tmp_path) as (d, far),
+        bridge(tmp_path) as (d, far),
         Program(cbuild / "ub_check", "burst", d.bus(), "4095") as p,
     ):
         p.expect("> sent burst")
-        _far_gets(far, sent)
+        far_gets(far, sent)
         p.expect("> ready rx")
         os.write(far.fd, typed)
         line = p.expect("> rx ")
@@ -129,7 +104,7 @@ def test_c_bursts_write_n_4095_and_read_n(cbuild: Path, tmp_path: Path) -> None:
 
 def test_c_client_reconnects_after_daemon_restart(cbuild: Path, tmp_path: Path) -> None:
     """C client: SHUTTING_DOWN surfaces at a stop; after the restart it reconnects, state kept."""
-    with _bridge(tmp_path) as (d, _far), Program(cbuild / "ub_check", "reconnect", d.bus()) as p:
+    with bridge(tmp_path) as (d, _far), Program(cbuild / "ub_check", "reconnect", d.bus()) as p:
         p.expect("> restart now")
         assert d.stop() == 0
         d.start()
@@ -141,7 +116,7 @@ def test_c_client_reconnects_after_daemon_restart(cbuild: Path, tmp_path: Path) 
 
 def test_c_client_refused_busy_and_malformed(cbuild: Path, tmp_path: Path) -> None:
     """C client: a second guest gets ERROR BUSY; a bad frame's MALFORMED code is surfaced."""
-    with _bridge(tmp_path) as (d, _far), Program(cbuild / "ub_check", "refused", d.bus()) as p:
+    with bridge(tmp_path) as (d, _far), Program(cbuild / "ub_check", "refused", d.bus()) as p:
         busy = p.expect("> busy ")
         assert "bus server error BUSY" in busy
         malformed = p.expect("> malformed ")
@@ -170,7 +145,7 @@ def test_c_client_not_permitted_for_another_user(cbuild: Path, tmp_path: Path) -
         exe.chmod(0o755)
         drop = [setpriv, f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups"]
         with (
-            _bridge(tmp_path, bus_tcp=f"127.0.0.1:{port}"),
+            bridge(tmp_path, bus_tcp=f"127.0.0.1:{port}"),
             Program(exe, "connect", f"tcp:127.0.0.1:{port}", preexec=drop) as p,
         ):
             line = p.expect("> connect ")
@@ -203,10 +178,10 @@ def test_c_library_installs_with_pkg_config(tmp_path: Path) -> None:
                             timeout=30).stdout
     assert "libuartbridge.so.0" in needed  # linked to the shared library
     run_env = dict(os.environ, LD_LIBRARY_PATH=str(prefix / "lib"))
-    with _bridge(tmp_path) as (d, far), Program(exe, d.bus(), env=run_env) as p:
-        _far_gets(far, b"hello from C\r\n")
+    with bridge(tmp_path) as (d, far), Program(exe, d.bus(), env=run_env) as p:
+        far_gets(far, b"hello from C\r\n")
         os.write(far.fd, b"echo")
-        _far_gets(far, b"hello from C\r\necho")
+        far_gets(far, b"hello from C\r\necho")
         os.write(far.fd, b"q")
         p.finish()
 
