@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,7 +134,7 @@ def test_c_client_not_permitted_for_another_user(cbuild: Path, tmp_path: Path) -
     setpriv = require_program("setpriv")
     if os.geteuid() != 0:
         pytest.skip("needs root to create a user")
-    user = f"ubc{os.getpid() % 100000}"
+    user = f"ubc-{secrets.token_hex(6)}"  # fresh: never an account we did not create
     exe_dir = Path(tempfile.mkdtemp(prefix="ub-cexe-"))
     port = _free_port()
     try:
@@ -169,6 +171,45 @@ def test_c_irq_echo_example_serves_interrupts_from_a_poll_loop(
         os.write(far.fd, b"q")
         p.finish()
         far_gets(far, typed + b"q")
+
+
+def test_c_connect_waits_out_a_full_unix_backlog(cbuild: Path, tmp_path: Path) -> None:
+    """ub_connect retries a Unix listener whose backlog is full (EAGAIN) until it is accepted.
+
+    The server is a fake (a Python listener that is slow to accept): the daemon accepts at
+    once, so only a listener that does not can show the full backlog.
+    """
+    path = tmp_path / "slow.bus"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(str(path))
+        listener.listen(0)
+        while True:  # fill the backlog: a non-blocking connect then fails with EAGAIN
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            fillers.append(filler)
+            filler.setblocking(False)
+            try:
+                filler.connect(str(path))
+            except BlockingIOError:
+                fillers.pop().close()
+                break
+        with Program(cbuild / "ub_check", "connect", path) as p:
+            time.sleep(0.3)  # the client is retrying now
+            listener.settimeout(20)
+            for _ in fillers:
+                listener.accept()[0].close()
+            guest, _ = listener.accept()
+            with guest:
+                guest.settimeout(20)
+                assert guest.recv(5) == encode(Hello(1))
+                guest.sendall(encode(HelloReply(1, 7, False, "slow")))
+                assert p.expect("> connect ").startswith("> connect UB_OK 0")
+                p.finish()
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
 
 
 def test_c_library_installs_with_pkg_config(tmp_path: Path) -> None:

@@ -672,11 +672,22 @@ static int connect_fd(int fd, const struct sockaddr *addr, socklen_t len, int64_
 {
     if (set_flags(fd) < 0)
         return -1;
-    if (connect(fd, addr, len) == 0)
-        return 0;
-    if (errno != EINPROGRESS && errno != EINTR && errno != EAGAIN)
-        return -1;
-    return connect_wait(fd, deadline);
+    for (;;) {
+        struct timespec pause = {0, 1000000};
+        if (connect(fd, addr, len) == 0)
+            return 0;
+        if (errno == EINPROGRESS || errno == EINTR)
+            return connect_wait(fd, deadline); /* TCP: completes in the background */
+        /* A Unix socket whose listen backlog is full refuses at once with EAGAIN (it does
+           not complete later): try again until the deadline. */
+        if (errno != EAGAIN)
+            return -1;
+        if (deadline >= 0 && now_ns() >= deadline) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        nanosleep(&pause, NULL);
+    }
 }
 
 static int connect_unix(ub_client *c, const char *path, int64_t deadline)
