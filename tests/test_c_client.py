@@ -71,7 +71,7 @@ def test_c_register_semantics(cbuild: Path, tmp_path: Path) -> None:
 
 
 def test_c_irq_events_before_replies_over_tcp(cbuild: Path, tmp_path: Path) -> None:
-    """C client over TCP: IRQ events come in order before the reply that observes them."""
+    """C client over TCP, never spinning: IRQ events come before the replies that observe them."""
     port = _free_port()
     with (
         bridge(tmp_path, bus_tcp=f"127.0.0.1:{port}") as (_d, far),
@@ -210,6 +210,21 @@ def test_c_connect_waits_out_a_full_unix_backlog(cbuild: Path, tmp_path: Path) -
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+def test_c_connect_times_out_on_a_silent_server(cbuild: Path, tmp_path: Path) -> None:
+    """ub_connect to a server that never answers HELLO fails with UB_E_TIMEOUT, not a hang.
+
+    The server is a fake (a listener that accepts and stays silent): the daemon always answers.
+    """
+    path = tmp_path / "silent.bus"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        with Program(cbuild / "ub_check", "connect", path, "300") as p:
+            line = p.expect("> connect ")
+            assert line == "> connect UB_E_TIMEOUT 0 no HELLO_REPLY from the server within 300 ms"
+            p.finish()
 
 
 def test_c_library_installs_with_pkg_config(tmp_path: Path) -> None:

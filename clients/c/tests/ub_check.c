@@ -7,7 +7,7 @@
  *   ub_check burst BUS N            write_n of N bytes to THR; then read_n what comes in
  *   ub_check reconnect BUS          survives a daemon restart (stdin: "go" when restarted)
  *   ub_check refused BUS            BUSY for a second guest, MALFORMED surfaced
- *   ub_check connect BUS            connect and report the status (for refused peers)
+ *   ub_check connect BUS [MS]       connect (timeout MS) and report the status
  *
  * Prints "ok NAME" and exits 0, or prints "FAIL file:line: ..." and exits 1. Lines starting
  * with "> " are for the driving test (a step it must act on, or data it checks).
@@ -64,11 +64,12 @@ static void wait_for_go(void)
     CHECK(strncmp(line, "go", 2) == 0);
 }
 
-static ub_client *connect_to(const char *bus, ub_irq_fn on_irq, void *ctx)
+static ub_client *connect_spin(const char *bus, ub_irq_fn on_irq, void *ctx, unsigned spin_us)
 {
     ub_options o;
     ub_client *c;
     ub_options_init(&o);
+    o.spin_us = spin_us;
     o.timeout_ms = 20000; /* generous: the machine may be loaded */
     o.on_irq = on_irq;
     o.irq_ctx = ctx;
@@ -77,6 +78,11 @@ static ub_client *connect_to(const char *bus, ub_irq_fn on_irq, void *ctx)
     current = c;
     CHECK_EQ(ub_connect(c, bus), UB_OK);
     return c;
+}
+
+static ub_client *connect_to(const char *bus, ub_irq_fn on_irq, void *ctx)
+{
+    return connect_spin(bus, on_irq, ctx, 100);
 }
 
 static void set_8n1_fifo(ub_client *c)
@@ -187,7 +193,7 @@ static void handler(void *ctx, int level)
 static int check_irq(const char *bus)
 {
     struct events ev = {{0}, 0};
-    ub_client *c = connect_to(bus, record, &ev);
+    ub_client *c = connect_spin(bus, record, &ev, 0); /* never spin: poll() only */
     int iir, byte, r;
 
     set_8n1_fifo(c);
@@ -404,10 +410,14 @@ static int check_refused(const char *bus)
     return 0;
 }
 
-static int check_connect(const char *bus)
+static int check_connect(const char *bus, int timeout_ms)
 {
-    ub_client *c = ub_new(NULL);
+    ub_options o;
+    ub_client *c;
     int r;
+    ub_options_init(&o);
+    o.timeout_ms = timeout_ms;
+    c = ub_new(&o);
     CHECK(c != NULL);
     r = ub_connect(c, bus);
     printf("> connect %s %d %s\n", ub_status_name(r), ub_last_error(c)->server_code,
@@ -431,7 +441,7 @@ int main(int argc, char **argv)
     if (argc >= 3 && strcmp(argv[1], "refused") == 0)
         return check_refused(argv[2]);
     if (argc >= 3 && strcmp(argv[1], "connect") == 0)
-        return check_connect(argv[2]);
+        return check_connect(argv[2], argc >= 4 ? atoi(argv[3]) : 10000);
     fprintf(stderr, "usage: ub_check semantics|irq|burst|reconnect|refused|connect BUS [N]\n");
     return 64;
 }
