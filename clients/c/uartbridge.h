@@ -106,6 +106,7 @@ enum {
 #define UB_CAP_BURST 0x01u
 #define UB_CAP_SYNC 0x02u
 #define UB_CAP_IRQ_EVENTS 0x04u
+#define UB_CAP_HELLO_TOKEN 0x08u /* HELLO's TOKEN field is understood; this library sends none */
 
 /* Statuses returned by the functions below (negative: failure). */
 enum {
