@@ -99,8 +99,8 @@ MEMORY_MAP = (  # (node, property, expected cells as fdtget prints them)
 )
 
 # The console's hot path (see the module docstring).
-IDLE_POLLS = 2048
-IDLE_WAIT_S = 0.005
+IDLE_POLLS = 256
+IDLE_WAIT_S = 0.02
 TICK_ACCESSES = 1024
 LSR_IDLE = 0x60  # THRE | TEMT, no data: a guest polling an idle line
 IRQ_CHECK_S = 0.001
@@ -371,7 +371,7 @@ class Board:
         if reg == 5 and value == LSR_IDLE:
             self._idle += 1
             if self._idle >= IDLE_POLLS:
-                # An idle guest polling LSR: wait for input instead of spinning (≤ 5 ms).
+                # An idle guest polling LSR: wait for input (poll returns when it comes).
                 self._idle = 0
                 self.bridge.poll(IDLE_WAIT_S)
         else:
