@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,46 @@ def test_checkpoints_mid_output_resumed_in_new_processes_give_the_uninterrupted_
     assert bytes(console.transcript) == uninterrupted
 
 
+def test_sigusr1_writes_a_checkpoint_and_the_board_goes_on(
+    uninterrupted: bytes, tmp_path: Path,
+) -> None:
+    """SIGUSR1 at the prompt writes a checkpoint and the board answers the next command;
+    that checkpoint, resumed in a new process after the board stopped, answers it the same."""
+    answer = uninterrupted[uninterrupted.index(PROMPT) + len(PROMPT):]
+    ckpt = tmp_path / "ckpt"
+    with socat_pair(tmp_path) as s:
+        console = Console(s.b)
+        try:
+            proc = _board(s.a, "--checkpoint", str(ckpt))
+            try:
+                console.read_until(PROMPT, after=0)
+                proc.send_signal(signal.SIGUSR1)
+                deadline = time.monotonic() + TIMEOUT_S
+                while not (ckpt / "board.json").exists():
+                    assert time.monotonic() < deadline, "no checkpoint after SIGUSR1"
+                    time.sleep(0.01)
+                typed_at = len(console.transcript)
+                console.type(COMMAND)
+                console.read_until(PROMPT, after=typed_at)
+                assert bytes(console.transcript[typed_at:]) == answer
+            finally:
+                code = stop_process(proc, signal.SIGTERM, timeout_s=30)
+            assert code == 0
+            at_prompt = ckpt.with_name("ckpt.prev")  # SIGTERM's checkpoint pushed it there
+            assert _uart_in_checkpoint(at_prompt)["valid"]
+            proc = _board(s.a, "--resume", str(at_prompt))
+            try:
+                typed_at = len(console.transcript)
+                console.type(COMMAND)
+                console.read_until(PROMPT, after=typed_at)
+                assert bytes(console.transcript[typed_at:]) == answer
+            finally:
+                code = stop_process(proc, signal.SIGTERM, timeout_s=30)
+            assert code == 0
+        finally:
+            os.close(console.fd)
+
+
 def test_a_bad_board_checkpoint_is_refused_with_one_line(
     requirements: None, tmp_path: Path,
 ) -> None:
@@ -225,3 +266,134 @@ def test_a_bad_board_checkpoint_is_refused_with_one_line(
                              cwd=REPO, capture_output=True, text=True, timeout=60)
     assert corrupt.returncode == 65
     assert corrupt.stderr.count("\n") == 1 and "missing" in corrupt.stderr
+
+
+# -- the board's own trap and interrupt entry, on a few hand-assembled instructions --------
+
+
+def _i(op: int, rd: int, f3: int, rs1: int, imm: int) -> int:
+    return ((imm & 0xFFF) << 20) | (rs1 << 15) | (f3 << 12) | (rd << 7) | op
+
+
+def _s(f3: int, rs1: int, rs2: int, imm: int) -> int:
+    return (((imm >> 5) & 0x7F) << 25) | (rs2 << 20) | (rs1 << 15) | (f3 << 12) | (
+        (imm & 0x1F) << 7) | 0x23
+
+
+def addi(rd: int, rs1: int, imm: int) -> int:
+    return _i(0x13, rd, 0, rs1, imm)
+
+
+def csrrw(rd: int, csr: int, rs1: int) -> int:
+    return _i(0x73, rd, 1, rs1, csr)
+
+
+def csrrs(rd: int, csr: int, rs1: int) -> int:
+    return _i(0x73, rd, 2, rs1, csr)
+
+
+def lui(rd: int, imm20: int) -> int:
+    return (imm20 << 12) | (rd << 7) | 0x37
+
+
+def auipc(rd: int, imm20: int) -> int:
+    return (imm20 << 12) | (rd << 7) | 0x17
+
+
+def jal_self() -> int:
+    return 0x6F  # jal x0, 0: the same instruction forever
+
+
+T0, T1, T2, T3, A0, A1, A2, A3, A4, A5 = 5, 6, 7, 28, 10, 11, 12, 13, 14, 15
+MSTATUS, MIE_CSR, MTVEC, MEPC, MCAUSE, MTVAL = 0x300, 0x304, 0x305, 0x341, 0x342, 0x343
+MEDELEG, STVEC, SEPC, SCAUSE, STVAL, SSTATUS = 0x302, 0x105, 0x141, 0x142, 0x143, 0x100
+HANDLER = 0x100
+
+
+def _program(main: list[int], handler: list[int]) -> bytes:
+    """``main`` at the RAM base, ``handler`` at +0x100, then 'write THR, poll LSR forever'."""
+    tail = [lui(T3, 0x10000), addi(A0, 0, ord("!")), _s(2, T3, A0, 0),  # sw a0, THR
+            _i(0x03, A1, 2, T3, 0x14), 0xFF5FF06F]  # lw a1, LSR; j -4 (the lw, forever)
+    body = b"".join(x.to_bytes(4, "little") for x in main)
+    assert len(body) <= HANDLER
+    body = body.ljust(HANDLER, b"\0")
+    return body + b"".join(x.to_bytes(4, "little") for x in handler + tail)
+
+
+def _run_program(program: bytes) -> Any:
+    """Load ``program`` into a board (console on a pty nobody opens) and run it to its first
+    THR write (or for 30 s)."""
+    sys.path.insert(0, str(BOARD.parent))
+    import board as board_module
+
+    from uartbridge.embed import Bridge
+
+    bridge = Bridge("pty:").open()
+    board = board_module.Board(bridge)
+    board.uc.mem_write(board_module.RAM_BASE, program)
+    board.uc.reg_write(board_module.rv.UC_RISCV_REG_PC, board_module.RAM_BASE)
+    board.clint.set_mtime(0)
+    board.stop_after_tx = 1
+    watchdog = threading.Timer(30, board.request_stop)  # bounds a hang: the stop is checked
+    watchdog.start()
+    try:
+        board.run()
+    finally:
+        watchdog.cancel()
+        bridge.close()
+    assert board.tx_count == 1, "the handler did not run"
+    return board, board_module.rv
+
+
+def _reg(board: Any, rv: Any, number: int) -> int:
+    return int(board.uc.reg_read(getattr(rv, f"UC_RISCV_REG_X{number}")))
+
+
+@pytest.mark.parametrize(("irq", "enable", "raise_it"), [
+    (7, 0x80, [lui(T2, 0x2004), _s(3, T2, 0, 0)]),  # MTI: mtimecmp = 0, due at once
+    (3, 0x08, [lui(T2, 0x2000), addi(T1, 0, 1), _s(2, T2, T1, 0)]),  # MSI: msip = 1
+])
+def test_clint_interrupts_enter_the_machine_trap_handler(
+    requirements: None, irq: int, enable: int, raise_it: list[int],
+) -> None:
+    """A due mtimecmp or msip with mie and mstatus.MIE set enters mtvec between two blocks:
+    mcause = interrupt | cause, mepc = the next instruction once MIE was set (the wait
+    loop), MPIE = 1, MIE = 0, MPP = M."""
+    main = [auipc(T0, 0), addi(T0, T0, HANDLER), csrrw(0, MTVEC, T0),
+            addi(T1, 0, enable), csrrw(0, MIE_CSR, T1), *raise_it,
+            _i(0x73, 0, 6, 8, MSTATUS),  # csrrsi mstatus, MIE
+            lui(T3, 0x10000), _i(0x03, A1, 2, T3, 0x14), 0xFFDFF06F]  # lw LSR; j -4: wait
+    handler = [csrrs(A2, MCAUSE, 0), csrrs(A3, MEPC, 0), csrrs(A4, MSTATUS, 0),
+               lui(T2, 0x2004), addi(T1, 0, -1), _s(3, T2, T1, 0),  # mtimecmp = all ones
+               lui(T2, 0x2000), _s(2, T2, 0, 0)]  # msip = 0
+    board, rv = _run_program(_program(main, handler))
+    enabled_at = 0x8000_0000 + 4 * (len(main) - 3)  # after csrrsi: where it may be taken
+    assert _reg(board, rv, A2) == (1 << 63) | irq
+    assert enabled_at <= _reg(board, rv, A3) <= enabled_at + 8
+    mstatus = _reg(board, rv, A4)
+    assert mstatus & 0x80 and not mstatus & 0x08 and (mstatus >> 11) & 3 == 3
+
+
+def test_an_exception_medeleg_delegates_enters_the_supervisor_handler(requirements: None) -> None:
+    """An illegal instruction in S-mode with medeleg bit 2 goes to stvec: sepc = the
+    instruction (unicorn's PC is 4 past it), stval = its bits, SPP = S, the mode S."""
+    s_code = 0x200
+    illegal = csrrs(A5, MSTATUS, 0)  # an M-mode CSR read from S-mode
+    main = [auipc(T0, 0), addi(T0, T0, HANDLER), csrrw(0, STVEC, T0),
+            addi(T1, 0, 1 << 2), csrrw(0, MEDELEG, T1),
+            addi(T1, 0, -1), csrrw(0, 0x3B0, T1),  # pmpaddr0: everything (NAPOT) ...
+            addi(T1, 0, 0x1F), csrrw(0, 0x3A0, T1),  # ... pmpcfg0: RWX for S-mode
+            lui(T1, 0x2), addi(T1, T1, -0x800), _i(0x73, 0, 3, T1, MSTATUS),  # clear MPP
+            lui(T1, 0x1), addi(T1, T1, -0x800), csrrs(0, MSTATUS, T1)]  # MPP = S
+    main += [auipc(T0, 0), addi(T0, T0, s_code - 4 * len(main)), csrrw(0, MEPC, T0),
+             0x30200073]  # mret: to S-mode at s_code
+    handler = [csrrs(A2, SCAUSE, 0), csrrs(A3, SEPC, 0), csrrs(A4, STVAL, 0),
+               csrrs(A5, SSTATUS, 0)]
+    program = bytearray(_program(main, handler))
+    program = program.ljust(s_code, b"\0") + illegal.to_bytes(4, "little")
+    board, rv = _run_program(bytes(program))
+    assert _reg(board, rv, A2) == 2
+    assert _reg(board, rv, A3) == 0x8000_0000 + s_code
+    assert _reg(board, rv, A4) == illegal
+    assert _reg(board, rv, A5) & 0x100  # SPP: it came from S-mode
+    assert board.uc.reg_read(rv.UC_RISCV_REG_PRIV) == 1

@@ -12,8 +12,8 @@ a1 = the FDT's address).
     python examples/unicorn_riscv/board.py --port /tmp/ttyA --checkpoint ckpt/
     python examples/unicorn_riscv/board.py --resume ckpt/          # continues exactly
 
-``--checkpoint DIR``: on SIGINT/SIGTERM (or ``--stop-after-tx N``) the board stops at a basic
-block boundary, writes the whole board to DIR (CPU context, RAM, CLINT, and the UART with its
+``--checkpoint DIR``: on SIGINT/SIGTERM (or ``--stop-after-tx N``) the board stops between
+two instructions, writes the whole board to DIR (CPU context, RAM, CLINT, and the UART with its
 host path as a uartbridge checkpoint, ``DIR/uart0.checkpoint.json``) and exits; SIGUSR1 writes
 one and goes on. ``--resume DIR`` continues it in a new process, here or elsewhere.
 
@@ -21,16 +21,25 @@ What the board does itself, because unicorn does not (uartbridge's field notes):
 
 - **Traps.** unicorn's RISC-V core reports a synchronous exception to the interrupt hook with
   the PC already 4 past the faulting instruction (also for compressed ones) and does not enter
-  the guest's handler; ``_trap`` does the privileged spec's entry (mepc/mcause/mtval, mstatus
-  MPP/MPIE/MIE, jump to mtvec; or the S-mode set when medeleg delegates it). There is no
-  ``time`` CSR: U-Boot's ``rdtime`` traps and OpenSBI emulates it from the CLINT's mtime.
+  the guest's handler. The board stops there and ``_enter_trap`` does the privileged spec's
+  entry (mepc/mcause/mtval, mstatus MPP/MPIE/MIE, jump to mtvec; or the S-mode set when
+  medeleg delegates it) before emulation goes on. There is no ``time`` CSR: U-Boot's
+  ``rdtime`` traps and OpenSBI emulates it from the CLINT's mtime.
 - **Interrupts.** The CLINT's timer (mtime >= mtimecmp) and software interrupt (msip) are
-  delivered by the board at a block boundary, when enabled (mie, mstatus.MIE or a lower
-  privilege), with the same entry. The boot to the prompt needs neither (OpenSBI parks
-  mtimecmp at all ones).
-- **Stopping.** Stopping from a memory callback does not resume at the next instruction; a
-  stop requested from a block hook does. So a checkpoint or an interrupt asks for a one-shot
-  block hook, which stops emulation at the start of the next block.
+  delivered by the board between two instructions (see stopping), when enabled (mie, and
+  mstatus.MIE or a lower privilege), with the same entry. The boot to the prompt needs
+  neither (OpenSBI parks mtimecmp at all ones).
+- **Stopping.** unicorn stopped from a memory callback stops *at* the accessing instruction:
+  everything before it done, the device access done, the instruction not retired (resumed
+  as is, it would read or write the device again). The board stops only there — in a UART
+  or CLINT access, when a checkpoint, an exit or an interrupt is due — and retires that
+  load or store itself (``_complete_access``: rd gets the value the device gave, the PC moves
+  on), so the CPU state is exact and resuming is exact. (A block hook added to stop at the
+  next block boundary does not do: it reaches only blocks translated after it, and a polling
+  loop already translated, chained to itself, never sees it; dropping the translation cache
+  does not break the chain either — measured with unicorn 2.1.4.) So a stop request is
+  served at the guest's next device access; OpenSBI and U-Boot make one at least every few
+  microseconds (console output, LSR polls, the timer).
 - **Privilege.** unicorn checks the current privilege on ``reg_read``/``reg_write`` of CSRs
   too (an M-mode CSR read from S-mode returns garbage, a write is dropped): the board
   switches to M-mode around every CSR access and back. CSRs unicorn does not expose as
@@ -66,7 +75,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from unicorn import UC_ARCH_RISCV, UC_HOOK_BLOCK, UC_HOOK_INTR, UC_MODE_RISCV64, Uc, UcError
+from unicorn import UC_ARCH_RISCV, UC_HOOK_INTR, UC_MODE_RISCV64, Uc, UcError
 from unicorn import riscv_const as rv
 
 from uartbridge.embed import Bridge
@@ -275,7 +284,8 @@ class Board:
         self.stop_after_tx: int | None = None
         self.stop_requested = False
         self.checkpoint_requested = False
-        self._block_hook: int | None = None
+        self._stopped_in: tuple[str, int] | None = None  # the access emulation stopped in
+        self._exception: tuple[int, int, int] | None = None  # (cause, epc, tval) to enter
         self._accesses = 0
         self._idle = 0
         self._last_irq_check_ns = 0
@@ -318,11 +328,15 @@ class Board:
             except UcError as exc:
                 pc = uc.reg_read(rv.UC_RISCV_REG_PC)
                 raise BoardError(f"emulation failed at pc {pc:#x}: {exc}") from exc
-            if self._block_hook is None:
+            if self._exception is not None:
+                cause, epc, tval = self._exception
+                self._exception = None
+                self._enter_trap(cause, interrupt=False, epc=epc, tval=tval)
+            elif self._stopped_in is not None:
+                self._complete_access()
+            else:
                 pc = uc.reg_read(rv.UC_RISCV_REG_PC)
                 raise BoardError(f"emulation stopped by itself at pc {pc:#x}")
-            uc.hook_del(self._block_hook)
-            self._block_hook = None
             if self.stop_requested:
                 return
             if self.checkpoint_requested:
@@ -332,34 +346,64 @@ class Board:
             self._take_interrupt()
 
     def request_stop(self) -> None:
-        """Stop at the next block boundary (signal handlers and other threads may call it)."""
+        """Stop at the next device access (signal handlers and other threads may call it)."""
         self.stop_requested = True
 
-    def _stop_at_next_block(self) -> None:
-        """Ask unicorn to stop before the next block: the one place a stop resumes exactly."""
-        if self._block_hook is None:
-            self._block_hook = self.uc.hook_add(UC_HOOK_BLOCK, self._on_block)
-            # A new hook only reaches blocks translated after it: drop the translations of
-            # RAM (the running block keeps running; the next one is translated anew). unicorn
-            # finds the range through the current MMU and PMP, which deny S-mode OpenSBI's
-            # pages: look from M-mode.
-            with self._machine_mode():
-                self.uc.ctl_remove_cache(RAM_BASE, RAM_BASE + RAM_SIZE)
+    def _stop_in(self, load_value: int | None) -> None:
+        """Stop emulation inside this device access (``load_value``: what a load returned).
 
-    def _on_block(self, uc: Uc, address: int, size: int, user_data: Any) -> None:
-        uc.emu_stop()
+        unicorn then stops *at* the accessing instruction, everything before it done, the
+        access itself done in the device but not retired: resumed as it is, it would access
+        the device again. ``_complete_access`` retires it instead.
+        """
+        if self._stopped_in is None:
+            self._stopped_in = ("load", load_value) if load_value is not None else ("store", 0)
+            self.uc.emu_stop()
 
-    def _tick(self) -> None:
-        """Every TICK_ACCESSES device accesses: port I/O, stop requests, interrupts."""
+    def _complete_access(self) -> None:
+        """Retire the load or store unicorn stopped in: rd = the value the device gave (sign-
+        or zero-extended as the instruction says), pc past it. Any other instruction there is
+        a BoardError (the board's devices are reached only by integer loads and stores)."""
+        assert self._stopped_in is not None
+        kind, value = self._stopped_in
+        self._stopped_in = None
+        uc = self.uc
+        pc = uc.reg_read(rv.UC_RISCV_REG_PC)
+        insn = int.from_bytes(uc.mem_read(pc, 2), "little")
+        rd, width, signed = 0, 0, False
+        if insn & 3 == 3:
+            insn = int.from_bytes(uc.mem_read(pc, 4), "little")
+            length, opcode, funct3 = 4, insn & 0x7F, (insn >> 12) & 7
+            if kind == "load" and opcode == 0x03 and funct3 != 7:  # lb lh lw ld lbu lhu lwu
+                rd, width, signed = (insn >> 7) & 31, 1 << (funct3 & 3), funct3 < 4
+            elif not (kind == "store" and opcode == 0x23 and funct3 < 4):  # sb sh sw sd
+                raise BoardError(f"cannot retire {insn:#010x} at {pc:#x} after a device access")
+        else:
+            length, quadrant, funct3 = 2, insn & 3, insn >> 13
+            if kind == "load" and quadrant in (0, 2) and funct3 in (2, 3):  # c.lw(sp) c.ld(sp)
+                rd = 8 + ((insn >> 2) & 7) if quadrant == 0 else (insn >> 7) & 31
+                width, signed = 4 << (funct3 - 2), True
+            elif not (kind == "store" and quadrant in (0, 2) and funct3 in (6, 7)):
+                raise BoardError(f"cannot retire {insn:#06x} at {pc:#x} after a device access")
+        if rd:
+            value &= (1 << (8 * width)) - 1
+            if signed and value >> (8 * width - 1):
+                value -= 1 << (8 * width)
+            uc.reg_write(GPRS[rd - 1], value & U64)
+        uc.reg_write(rv.UC_RISCV_REG_PC, pc + length)
+
+    def _after_access(self, load_value: int | None) -> None:
+        """Every TICK_ACCESSES device accesses: port I/O, then stop for a request or an
+        interrupt that may be due (at most every IRQ_CHECK_S while one stays masked)."""
         self._accesses = 0
         self.bridge.poll()
         if self.stop_requested or self.checkpoint_requested:
-            self._stop_at_next_block()
+            self._stop_in(load_value)
             return
         now_ns = time.monotonic_ns()
         if self.clint.pending() and now_ns - self._last_irq_check_ns > IRQ_CHECK_S * 1e9:
             self._last_irq_check_ns = now_ns
-            self._stop_at_next_block()
+            self._stop_in(load_value)
 
     # -- MMIO -----------------------------------------------------------------------------
 
@@ -378,7 +422,7 @@ class Board:
             self._idle = 0
         self._accesses += 1
         if self._accesses >= TICK_ACCESSES:
-            self._tick()
+            self._after_access(value)
         return value
 
     def _uart_write(self, uc: Uc, offset: int, size: int, value: int, user_data: Any) -> None:
@@ -386,27 +430,28 @@ class Board:
             return
         reg = offset >> UART_REG_SHIFT
         self._idle = 0
+        self._bridge_write(reg, value & 0xFF)
         if reg == 0 and not self.bridge.uart.dlab:
             self.tx_count += 1
             if self.tx_count == self.stop_after_tx:
                 self.request_stop()
-                self._stop_at_next_block()
-        self._bridge_write(reg, value & 0xFF)
+                self._stop_in(None)
         self._accesses += 1
         if self._accesses >= TICK_ACCESSES:
-            self._tick()
+            self._after_access(None)
 
     def _clint_read(self, uc: Uc, offset: int, size: int, user_data: Any) -> int:
         self._idle = 0
+        value = self.clint.read(offset, size)
         self._accesses += 1
         if self._accesses >= TICK_ACCESSES:
-            self._tick()
-        return self.clint.read(offset, size)
+            self._after_access(value)
+        return value
 
     def _clint_write(self, uc: Uc, offset: int, size: int, value: int, user_data: Any) -> None:
         self.clint.write(offset, size, value)
         if self.clint.pending():
-            self._stop_at_next_block()  # a timer set in the past, or an IPI to ourselves
+            self._stop_in(None)  # a timer set in the past, or an IPI to ourselves
 
     # -- privilege and CSRs ---------------------------------------------------------------
 
@@ -454,7 +499,13 @@ class Board:
         uc.reg_write(rv.UC_RISCV_REG_PC, pc)
 
     def _on_exception(self, uc: Uc, intno: int, user_data: Any) -> None:
-        """unicorn's interrupt hook: a synchronous exception the guest must handle itself."""
+        """unicorn's interrupt hook: a synchronous exception the guest must handle itself.
+
+        The trap is entered after emulation stopped (``run``), not here: a PC written from a
+        hook leaves unicorn skipping its PC sync at the next stop from a device access
+        (``skip_sync_pc_on_exit``, reset only by ``emu_start``), which would make that stop
+        land at a block's start instead of at the accessing instruction.
+        """
         if self._in_stub:
             self._stub_trap = intno
             uc.emu_stop()
@@ -470,10 +521,11 @@ class Board:
             tval = low if low & 3 != 3 else int.from_bytes(uc.mem_read(epc, 4), "little")
         elif intno == CAUSE_BREAKPOINT:
             tval = epc
-        self._enter_trap(intno, interrupt=False, epc=epc, tval=tval)
+        self._exception = (intno, epc, tval)
+        uc.emu_stop()
 
     def _take_interrupt(self) -> None:
-        """At a block boundary: enter the highest-priority enabled CLINT interrupt, if any."""
+        """Between two instructions: enter the highest-priority enabled CLINT interrupt."""
         pending = self.clint.pending()
         if not pending:
             return
@@ -505,6 +557,7 @@ class Board:
             code = b"".join(i.to_bytes(4, "little") for i in instructions)
             uc.mem_write(SCRATCH, code)
             with self._machine_mode():
+                uc.ctl_remove_cache(SCRATCH, SCRATCH + 0x1000)  # an older stub's translation
                 uc.emu_start(SCRATCH, SCRATCH + len(code))
         finally:
             self._in_stub = False
@@ -567,7 +620,7 @@ class Board:
     def save(self, directory: Path, *, stop: bool) -> None:
         """Write the whole board to ``directory`` (the previous one kept as ``DIR.prev``).
 
-        Call at a block boundary (after ``run`` returned, or from its ``on_checkpoint``).
+        Call between two instructions (after ``run`` returned, or from its ``on_checkpoint``).
         With ``stop`` the UART's port is quiesced and closed (``Bridge.checkpoint(stop=True)``).
         """
         ram = bytes(self.uc.mem_read(RAM_BASE, RAM_SIZE))
