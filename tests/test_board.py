@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from _port_support import open_raw, read_available, socat_pair
-from procs import require_program, stop_process
+from procs import require_program, stop_process, stop_tmux, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 BOARD = REPO / "examples" / "unicorn_riscv" / "board.py"
@@ -249,6 +249,40 @@ def test_sigusr1_writes_a_checkpoint_and_the_board_goes_on(
             assert code == 0
         finally:
             os.close(console.fd)
+
+
+def test_picocom_on_the_boards_own_pty_gets_the_prompt_and_runs_a_command(
+    requirements: None, tmp_path: Path,
+) -> None:
+    """--port pty: publishes a pty; picocom (under tmux) attached after the boot gets the
+    output kept while nobody listened, the prompt, and U-Boot's answer to typed keys."""
+    tmux, picocom = require_program("tmux"), require_program("picocom")
+    env = dict(os.environ, TMUX_TMPDIR=str(tmp_path / "tmux"))
+    (tmp_path / "tmux").mkdir()
+    link = tmp_path / "console"
+    version = _cstring(PAYLOAD.read_bytes(), b"U-Boot 20").decode()
+
+    def run_tmux(*args: str) -> str:
+        return subprocess.run([tmux, *args], env=env, capture_output=True, text=True,
+                              check=True, timeout=10).stdout
+
+    def screen() -> str:
+        return run_tmux("capture-pane", "-p", "-S", "-200", "-t", "term")
+
+    proc = subprocess.Popen([sys.executable, str(BOARD), "--port", "pty:", "--link", str(link)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(link.exists, TIMEOUT_S)
+        run_tmux("new-session", "-d", "-s", "term", "-x", "120", "-y", "50",
+                 f"{picocom} -q -b 115200 {link}")
+        wait_for(lambda: screen().rstrip().endswith("=>"), TIMEOUT_S)
+        assert "OpenSBI v" in screen() and version in screen()
+        run_tmux("send-keys", "-t", "term", "echo typed in picocom", "Enter")
+        wait_for(lambda: "\ntyped in picocom\n" in screen(), TIMEOUT_S)
+    finally:
+        stop_tmux(tmux, env)
+        code = stop_process(proc, signal.SIGTERM, timeout_s=30)
+    assert code == 0
 
 
 def test_a_bad_board_checkpoint_is_refused_with_one_line(
