@@ -276,3 +276,50 @@ def test_bad_arguments_are_refused_before_anything_opens() -> None:
         Bridge("")
     with pytest.raises(PortError, match="poll"):
         Bridge("pty:").poll()
+
+
+def _example(markdown: Path, heading: str) -> str:
+    """The first ```python block after ``heading`` in ``markdown``."""
+    text = markdown.read_text()
+    after = text[text.index(heading):]
+    start = after.index("```python\n") + len("```python\n")
+    return after[start:after.index("```", start)]
+
+
+def test_the_readme_example_runs_an_echo_console(tmp_path: Path) -> None:
+    """README's embedding example, run as written: it echoes what a terminal on its pty types,
+    to Enter, and leaves a checkpoint that `uartbridge inspect` finds valid."""
+    code = _example(REPO / "README.md", "## Embedding in a Python emulator")
+    assert code == _example(REPO / "docs" / "embedding.md", "## A first example")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("terminal: /dev/pts/"), first + proc.stderr.read()
+        far = open_raw(first.split(": ", 1)[1].strip())
+        try:
+            os.write(far, b"hello\r")
+            echoed = bytearray()
+            deadline = time.monotonic() + 30
+            while len(echoed) < 6 and time.monotonic() < deadline:
+                echoed += read_available(far)
+                time.sleep(0.005)
+            assert bytes(echoed) == b"hello\r"
+            out, err = proc.communicate(timeout=60)
+        finally:
+            os.close(far)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert out == "got hello\n"
+    inspected = subprocess.run(
+        [sys.executable, "-m", "uartbridge", "inspect", "--json",
+         str(tmp_path / "console.checkpoint.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert inspected.returncode == 0, inspected.stderr
+    assert json.loads(inspected.stdout)["counters"]["uart"]["bytes_transmitted"] == 6
