@@ -286,9 +286,9 @@ def _example(markdown: Path, heading: str) -> str:
     return after[start:after.index("```", start)]
 
 
-def test_the_readme_example_runs_an_echo_console(tmp_path: Path) -> None:
-    """README's embedding example, run as written: it echoes what a terminal on its pty types,
-    to Enter, and leaves a checkpoint that `uartbridge inspect` finds valid."""
+def test_the_readme_example_runs_a_console_on_its_own_pty(tmp_path: Path) -> None:
+    """README's embedding example, run as written: its prompt waits for the terminal, what
+    the terminal types comes in to Enter, and its checkpoint is valid for `uartbridge inspect`."""
     code = _example(REPO / "README.md", "## Embedding in a Python emulator")
     assert code == _example(REPO / "docs" / "embedding.md", "## A first example")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -298,15 +298,16 @@ def test_the_readme_example_runs_an_echo_console(tmp_path: Path) -> None:
         assert proc.stdout is not None
         first = proc.stdout.readline()
         assert first.startswith("terminal: /dev/pts/"), first + proc.stderr.read()
+        time.sleep(0.2)  # the prompt is written before any terminal is there: it is kept
         far = open_raw(first.split(": ", 1)[1].strip())
         try:
-            os.write(far, b"hello\r")
-            echoed = bytearray()
+            prompt = bytearray()
             deadline = time.monotonic() + 30
-            while len(echoed) < 6 and time.monotonic() < deadline:
-                echoed += read_available(far)
+            while len(prompt) < 13 and time.monotonic() < deadline:
+                prompt += read_available(far)
                 time.sleep(0.005)
-            assert bytes(echoed) == b"hello\r"
+            assert bytes(prompt) == b"type a line: "
+            os.write(far, b"hello\r")
             out, err = proc.communicate(timeout=60)
         finally:
             os.close(far)
@@ -322,4 +323,6 @@ def test_the_readme_example_runs_an_echo_console(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert inspected.returncode == 0, inspected.stderr
-    assert json.loads(inspected.stdout)["counters"]["uart"]["bytes_transmitted"] == 6
+    counters = json.loads(inspected.stdout)["counters"]
+    assert counters["uart"]["bytes_transmitted"] == 13
+    assert counters["uart"]["bytes_received"] == 6
