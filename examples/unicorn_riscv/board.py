@@ -37,9 +37,11 @@ What the board does itself, because unicorn does not (uartbridge's field notes):
   on), so the CPU state is exact and resuming is exact. (A block hook added to stop at the
   next block boundary does not do: it reaches only blocks translated after it, and a polling
   loop already translated, chained to itself, never sees it; dropping the translation cache
-  does not break the chain either — measured with unicorn 2.1.4.) So a stop request is
-  served at the guest's next device access; OpenSBI and U-Boot make one at least every few
-  microseconds (console output, LSR polls, the timer).
+  does not break the chain either — measured with unicorn 2.1.4.) The stop is exact only if
+  no hook wrote the PC since ``emu_start`` (unicorn then skips its PC sync at the stop), which
+  is why traps are entered outside emulation. So a stop request is served at the guest's next
+  device access: OpenSBI and U-Boot make them often (console output, LSR polls, mtime reads
+  for ``rdtime``); a guest computing without touching a device defers the stop until it does.
 - **Privilege.** unicorn checks the current privilege on ``reg_read``/``reg_write`` of CSRs
   too (an M-mode CSR read from S-mode returns garbage, a write is dropped): the board
   switches to M-mode around every CSR access and back. CSRs unicorn does not expose as
