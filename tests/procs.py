@@ -130,6 +130,24 @@ def socat_pair(tmp_path: Path, name: str = "null") -> Iterator[Socat]:
         pair.stop()
 
 
+def json_events(text: str) -> list[dict[str, Any]]:
+    """Every line of a JSON log stream, parsed; a line that is not a JSON object fails."""
+    events = []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"not a JSON line in a JSON log stream: {line!r}") from None
+        assert isinstance(event, dict), line
+        events.append(event)
+    return events
+
+
+def ready_events(text: str) -> dict[str, dict[str, Any]]:
+    """The daemon's ``ready`` events (the announcement of each UART), by UART name."""
+    return {e["uart"]: e for e in json_events(text) if e.get("event") == "ready"}
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -228,6 +246,10 @@ class Daemon:
     def log(self) -> str:
         """What the daemon printed so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self) -> list[dict[str, Any]]:
+        """The daemon's log so far, one JSON object per line (a non-JSON line fails)."""
+        return json_events(self.log())
 
     def cli(self, *args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run ``uartbridge ARGS`` against this daemon's config."""

@@ -20,6 +20,7 @@ from procs import (
     Daemon,
     Socat,
     daemon,
+    ready_events,
     require_program,
     socat_pair,
     stop_tmux,
@@ -64,10 +65,11 @@ def test_run_without_config_serves_a_pty_and_a_bus(tmp_path: Path) -> None:
         messages = ""
         while "READY=1" not in messages.split("\n"):
             messages += notify.recv(4096).decode() + "\n"
-        output = out_path.read_text()
         pty = tmp_path / "run" / "uart0.pty"
         bus = tmp_path / "run" / "uart0.bus"
-        assert f"pty {pty}" in output and f"bus {bus}" in output
+        # Not a terminal: JSON lines only; the announcement is the "ready" event.
+        ready = ready_events(out_path.read_text())["uart0"]
+        assert ready["pty"] == str(pty) and ready["bus_socket"] == str(bus)
         far = os.open(pty, os.O_RDWR | os.O_NOCTTY)
         try:
             with BusClient(bus) as client:
