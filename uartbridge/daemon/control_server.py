@@ -11,15 +11,21 @@ back to it as text (``"document": true``), and the client writes it with its own
 Limits, so that idle or hostile clients cannot pin the daemon: at most
 ``MAX_CONNECTIONS`` connections at a time (a new one pushes out the oldest that is only
 waiting, else it is refused with an error reply), and ``IDLE_TIMEOUT_S`` to send each
-request line.
+request line. Connections are accepted by our own loop on the listening socket (not
+``asyncio.start_unix_server``), so that running out of file descriptors (EMFILE) pushes out
+the oldest waiting connection and accepts again, instead of stalling every client: the one
+that just connected to ask for a checkpoint gets in, and the error is logged at most once
+per ``ACCEPT_LOG_INTERVAL_S`` with a count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +44,10 @@ from ..sockets import PeerCredentials, bind_unix, peer_credentials
 
 MAX_CONNECTIONS = 16
 IDLE_TIMEOUT_S = 10.0
+ACCEPT_BATCH = 16
+ACCEPT_BACKOFF_S = 0.1
+ACCEPT_LOG_INTERVAL_S = 10.0
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # The keys each command takes (besides "cmd").
 _KEYS = {
     "status": frozenset({"config", "instance"}),
@@ -86,41 +96,100 @@ class ControlServer:
         self.path = path
         self.peer_allowed = peer_allowed
         self.group = group
-        self._server: asyncio.AbstractServer | None = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._retry: asyncio.TimerHandle | None = None
         self._conns: list[_Conn] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self.log = daemon.log.bind(component="control")
         self.evicted = 0
         self.refused = 0
+        self.accept_errors = 0
+        self._accept_logged_at = float("-inf")
+        self._accept_held = 0
 
     async def start(self) -> None:
         """Listen on the control socket (mode 0660, ``group`` if given)."""
-        sock = bind_unix(self.path, mode=0o660, group=self.group)
-        self._server = await asyncio.start_unix_server(
-            self._serve, sock=sock, limit=MAX_LINE_BYTES
-        )
+        self._sock = bind_unix(self.path, mode=0o660, group=self.group)
+        self._sock.listen(64)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.fileno(), self._accept_ready)
 
     async def close(self) -> None:
         """Stop listening and remove the socket file."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         for conn in list(self._conns):
             conn.writer.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
 
-    def _admit(self, conn: _Conn) -> bool:
-        """Make room for ``conn``: push out the oldest waiting connection, or refuse."""
-        if len(self._conns) >= MAX_CONNECTIONS:
-            waiting = [c for c in self._conns if not c.busy]
-            if not waiting:
-                return False
-            oldest = min(waiting, key=lambda c: c.since)
-            self._conns.remove(oldest)
-            oldest.writer.transport.abort()
-            self.evicted += 1
-        self._conns.append(conn)
+    # -- accepting --------------------------------------------------------------------------
+
+    def _accept_ready(self) -> None:
+        assert self._sock is not None and self._loop is not None
+        for _ in range(ACCEPT_BATCH):
+            if len(self._conns) >= MAX_CONNECTIONS:
+                self._evict_oldest()  # before accept: the new one needs its descriptor
+            try:
+                conn, _addr = self._sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRNOS and self._evict_oldest():
+                    continue  # a descriptor is free again: accept the one waiting
+                self._accept_failed(exc)
+                return
+            task = self._loop.create_task(self._serve_socket(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Log (at most once per interval, with a count) and pause accepting for a moment."""
+        assert self._sock is not None and self._loop is not None
+        self.accept_errors += 1
+        now = time.monotonic()
+        if now - self._accept_logged_at >= ACCEPT_LOG_INTERVAL_S:
+            self.log.error("control accept failed", error=exc.strerror, errno=exc.errno,
+                           repeated=self._accept_held or None)
+            self._accept_logged_at = now
+            self._accept_held = 0
+        else:
+            self._accept_held += 1
+        if exc.errno in _RESOURCE_ERRNOS:  # the backlog stays readable: do not spin on it
+            self._loop.remove_reader(self._sock.fileno())
+            self._retry = self._loop.call_later(ACCEPT_BACKOFF_S, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        self._retry = None
+        if self._sock is not None and self._loop is not None:
+            self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+
+    def _evict_oldest(self) -> bool:
+        """Close the oldest connection that is only waiting for its request; False if none."""
+        waiting = [c for c in self._conns if not c.busy]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda c: c.since)
+        self._conns.remove(oldest)
+        oldest.writer.transport.abort()
+        self.evicted += 1
         return True
+
+    async def _serve_socket(self, sock: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_LINE_BYTES)
+        except OSError:
+            sock.close()
+            return
+        await self._serve(reader, writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(writer)
@@ -130,10 +199,12 @@ class ControlServer:
                 self.log.warning("control peer refused", uid=peer.uid, pid=peer.pid)
                 await _reply(writer, _error("permission denied", EX_USAGE))
                 return
-            if not self._admit(conn):
+            if len(self._conns) >= MAX_CONNECTIONS and not self._evict_oldest():
                 self.refused += 1
-                await _reply(writer, _error("too many control connections; try again", EX_TEMPFAIL))
+                await _reply(writer, _error("too many control connections; try again",
+                                            EX_TEMPFAIL))
                 return
+            self._conns.append(conn)
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
