@@ -350,21 +350,34 @@ class Daemon:
     def log_path(self) -> Path:
         return self.root / f"daemon-{self.runs}.log"
 
-    def start(self, *command: str, wait: bool = True) -> None:
-        """Start ``uartbridge run`` (or ``command``) and wait for READY=1 over sd_notify."""
+    def start(
+        self,
+        *command: str,
+        wait: bool = True,
+        output: int | None = None,
+        prefix: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """Start ``uartbridge run`` (or ``command``) and wait for READY=1 over sd_notify.
+
+        Its stdout and stderr go to ``log_path``, or to the fd ``output`` when given;
+        ``prefix`` runs it under a wrapper (``unshare …``), ``env`` adds variables.
+        """
         self.write_config()
         self.runs += 1
         args = list(command) or ["run"]
         notify_path = self.root / f"notify-{self.runs}.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+        full_env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), **(env or {}))
+        argv = [*prefix, sys.executable, "-m", "uartbridge", *args,
+                "--config", str(self.config_path)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uartbridge", *args, "--config", str(self.config_path)],
-                stdout=log,
+                argv,
+                stdout=log if output is None else output,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=full_env,
                 cwd=REPO,
             )
         try:
