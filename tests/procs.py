@@ -196,10 +196,9 @@ def fill_filesystem(directory: Path) -> Path:
         except OSError as exc:
             assert exc.errno == 28, exc  # ENOSPC
     # Smaller writes too, so that not even one more page is left.
-    with open(directory / "filler2", "wb", buffering=0) as out:
-        with contextlib.suppress(OSError):
-            while True:
-                out.write(b"\0")
+    with open(directory / "filler2", "wb", buffering=0) as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0")
     return filler
 
 
@@ -355,12 +354,14 @@ class Daemon:
         *command: str,
         wait: bool = True,
         output: int | None = None,
+        stderr: int | None = None,
         prefix: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
     ) -> None:
         """Start ``uartbridge run`` (or ``command``) and wait for READY=1 over sd_notify.
 
-        Its stdout and stderr go to ``log_path``, or to the fd ``output`` when given;
+        Its stdout and stderr go to ``log_path``, or to the fd ``output`` when given (stderr
+        to the fd ``stderr`` if that is given too);
         ``prefix`` runs it under a wrapper (``unshare …``), ``env`` adds variables.
         """
         self.write_config()
@@ -376,7 +377,7 @@ class Daemon:
             self.proc = subprocess.Popen(
                 argv,
                 stdout=log if output is None else output,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.STDOUT if stderr is None else stderr,
                 env=full_env,
                 cwd=REPO,
             )
