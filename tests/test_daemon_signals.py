@@ -70,7 +70,7 @@ def test_second_ctrl_c_after_the_final_checkpoint_tells_the_truth(tmp_path: Path
         # fsync #1 is the marker at start; #2 the checkpoint's temp file, #3 its directory.
         d.start(prefix=(strace, "-f", "-o", os.devnull, "-e", "trace=fsync",
                         "-e", "inject=fsync:delay_exit=1500000:when=2+"))
-        pid = int((d.state_dir / "daemon.lock").read_text())
+        pid = d.status()["pid"]
         with BusClient(d.bus()) as client:
             client.write(7, 0x17)
         os.kill(pid, signal.SIGINT)
