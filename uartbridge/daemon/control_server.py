@@ -10,8 +10,8 @@ back to it as text (``"document": true``), and the client writes it with its own
 
 Limits, so that idle or hostile clients cannot pin the daemon: at most
 ``MAX_CONNECTIONS`` connections at a time (a new one pushes out the oldest that is only
-waiting, else it is refused with an error reply), and ``IDLE_TIMEOUT_S`` to send each
-request line. Connections are accepted by our own loop on the listening socket (not
+waiting; while every one is busy answering, accepting waits), and ``IDLE_TIMEOUT_S`` to
+send each request line. Connections are accepted by our own loop on the listening socket (not
 ``asyncio.start_unix_server``), so that running out of file descriptors (EMFILE) pushes out
 the oldest waiting connection and accepts again, instead of stalling every client: the one
 that just connected to ask for a checkpoint gets in, and the error is logged at most once
@@ -35,7 +35,6 @@ from ..control import MAX_LINE_BYTES
 from ..errors import (
     EX_IOERR,
     EX_SOFTWARE,
-    EX_TEMPFAIL,
     EX_USAGE,
     ControlError,
     UartBridgeError,
@@ -71,14 +70,29 @@ class ControlTarget(Protocol):
 
 
 class _Conn:
-    """One control connection: busy while a request is being answered."""
+    """One control connection, from accept on: busy while a request is being answered.
 
-    __slots__ = ("busy", "since", "writer")
+    ``writer`` is None until its task has wrapped the socket in a stream; until then the
+    connection is pushed out by closing the socket itself (the descriptor is free at once).
+    """
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+    __slots__ = ("busy", "since", "sock", "task", "writer")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.writer: asyncio.StreamWriter | None = None
+        self.task: asyncio.Task[None] | None = None
         self.since = time.monotonic()
         self.busy = False
+
+    def close(self) -> None:
+        """Drop the connection (no reply: it is only waiting)."""
+        if self.writer is not None:
+            self.writer.transport.abort()
+            return
+        if self.task is not None:
+            self.task.cancel()
+        self.sock.close()
 
 
 class ControlServer:
@@ -98,12 +112,10 @@ class ControlServer:
         self.group = group
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._retry: asyncio.TimerHandle | None = None
+        self._retry: asyncio.Handle | None = None
         self._conns: list[_Conn] = []
-        self._tasks: set[asyncio.Task[None]] = set()
         self.log = daemon.log.bind(component="control")
         self.evicted = 0
-        self.refused = 0
         self.accept_errors = 0
         self._accept_logged_at = float("-inf")
         self._accept_held = 0
@@ -127,45 +139,56 @@ class ControlServer:
             self._retry.cancel()
             self._retry = None
         for conn in list(self._conns):
-            conn.writer.transport.abort()
-        for task in list(self._tasks):
-            task.cancel()
+            conn.close()
+        self._conns.clear()
 
     # -- accepting --------------------------------------------------------------------------
 
     def _accept_ready(self) -> None:
         assert self._sock is not None and self._loop is not None
         for _ in range(ACCEPT_BATCH):
-            if len(self._conns) >= MAX_CONNECTIONS:
-                self._evict_oldest()  # before accept: the new one needs its descriptor
+            if len(self._conns) >= MAX_CONNECTIONS and not self._evict_oldest():
+                self._pause_accepting(ACCEPT_BACKOFF_S)  # every one is busy: wait a little
+                return
             try:
-                conn, _addr = self._sock.accept()
+                sock, _addr = self._sock.accept()
             except BlockingIOError:
                 return
             except OSError as exc:
-                if exc.errno in _RESOURCE_ERRNOS and self._evict_oldest():
-                    continue  # a descriptor is free again: accept the one waiting
                 self._accept_failed(exc)
                 return
-            task = self._loop.create_task(self._serve_socket(conn))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            conn = _Conn(sock)
+            self._conns.append(conn)
+            conn.task = self._loop.create_task(self._serve_conn(conn))
 
     def _accept_failed(self, exc: OSError) -> None:
-        """Log (at most once per interval, with a count) and pause accepting for a moment."""
-        assert self._sock is not None and self._loop is not None
+        """Out of descriptors: push out the oldest waiting connection and accept again on
+        the next turn of the loop (when its descriptor is closed); log at most once per
+        interval, with a count."""
         self.accept_errors += 1
         now = time.monotonic()
         if now - self._accept_logged_at >= ACCEPT_LOG_INTERVAL_S:
             self.log.error("control accept failed", error=exc.strerror, errno=exc.errno,
-                           repeated=self._accept_held or None)
+                           repeated=self._accept_held or None,
+                           hint="the oldest waiting control connections are closed")
             self._accept_logged_at = now
             self._accept_held = 0
         else:
             self._accept_held += 1
-        if exc.errno in _RESOURCE_ERRNOS:  # the backlog stays readable: do not spin on it
-            self._loop.remove_reader(self._sock.fileno())
-            self._retry = self._loop.call_later(ACCEPT_BACKOFF_S, self._resume_accepting)
+        if exc.errno not in _RESOURCE_ERRNOS:
+            return  # the peer's business (it went away): the next one is fine
+        self._pause_accepting(0.0 if self._evict_oldest() else ACCEPT_BACKOFF_S)
+
+    def _pause_accepting(self, delay_s: float) -> None:
+        """The backlog stays readable: stop watching it for ``delay_s`` (no busy loop)."""
+        assert self._sock is not None and self._loop is not None
+        if self._retry is not None:
+            return
+        self._loop.remove_reader(self._sock.fileno())
+        if delay_s <= 0:
+            self._retry = self._loop.call_soon(self._resume_accepting)
+        else:
+            self._retry = self._loop.call_later(delay_s, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         self._retry = None
@@ -179,32 +202,35 @@ class ControlServer:
             return False
         oldest = min(waiting, key=lambda c: c.since)
         self._conns.remove(oldest)
-        oldest.writer.transport.abort()
+        oldest.close()
         self.evicted += 1
         return True
 
-    async def _serve_socket(self, sock: socket.socket) -> None:
+    async def _serve_conn(self, conn: _Conn) -> None:
         try:
-            reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_LINE_BYTES)
+            reader, writer = await asyncio.open_unix_connection(
+                sock=conn.sock, limit=MAX_LINE_BYTES
+            )
         except OSError:
-            sock.close()
+            conn.sock.close()
+            with contextlib.suppress(ValueError):
+                self._conns.remove(conn)
             return
-        await self._serve(reader, writer)
+        conn.writer = writer
+        if conn not in self._conns:  # pushed out meanwhile
+            writer.transport.abort()
+            return
+        await self._serve(conn, reader, writer)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = _Conn(writer)
+    async def _serve(
+        self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             peer = peer_credentials(writer.get_extra_info("socket"))
             if not self.peer_allowed(peer):
                 self.log.warning("control peer refused", uid=peer.uid, pid=peer.pid)
                 await _reply(writer, _error("permission denied", EX_USAGE))
                 return
-            if len(self._conns) >= MAX_CONNECTIONS and not self._evict_oldest():
-                self.refused += 1
-                await _reply(writer, _error("too many control connections; try again",
-                                            EX_TEMPFAIL))
-                return
-            self._conns.append(conn)
             while True:
                 try:
                     line = await asyncio.wait_for(reader.readline(), IDLE_TIMEOUT_S)
