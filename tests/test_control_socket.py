@@ -18,7 +18,6 @@ import pytest
 from procs import daemon, json_events, wait_for
 
 from uartbridge.checkpoint import checkpoint_path, read_checkpoint
-from uartbridge.daemon.process import FdReserve
 
 pytestmark = pytest.mark.e2e
 
@@ -193,6 +192,7 @@ def test_checkpoint_writes_work_with_every_descriptor_taken(tmp_path: Path) -> N
     """With the process at its descriptor limit (real EMFILE), a write inside the daemon's
     reserve succeeds; the same write outside it fails."""
     from uartbridge.checkpoint import write_checkpoint
+    from uartbridge.daemon.process import FdReserve
     from uartbridge.errors import CheckpointError
 
     ckpt = read_checkpoint(Path(__file__).parent / "data" / "checkpoint-v2-line-events.json")
@@ -208,10 +208,10 @@ def test_checkpoint_writes_work_with_every_descriptor_taken(tmp_path: Path) -> N
             write_checkpoint(tmp_path / "outside.json", ckpt)
         with reserve.released():
             write_checkpoint(tmp_path / "inside.json", ckpt)
-        assert read_checkpoint(tmp_path / "inside.json") == ckpt
     finally:
         for fd in hogs:
             os.close(fd)
         reserve.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert read_checkpoint(tmp_path / "inside.json") == ckpt
 
