@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import daemon, json_events, wait_for
+from procs import daemon, wait_for
 
 from uartbridge.checkpoint import checkpoint_path, read_checkpoint
 
@@ -125,7 +125,7 @@ def test_a_silent_rfc2217_port_does_not_delay_the_other_uarts(tmp_path: Path) ->
         {"name": "fast", "port": "pty:"},
     ]) as d:
         d.start()
-        events = json_events(d.log())
+        events = [json.loads(line) for line in d.log().splitlines() if line.startswith("{")]
         order = [(e.get("uart"), e["event"]) for e in events]
         fast_up = order.index(("fast", "port.pty_created"))
         slow_given_up = order.index(("slow", "port unavailable, retrying"))

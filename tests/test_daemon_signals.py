@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -70,14 +71,18 @@ def test_second_ctrl_c_after_the_final_checkpoint_tells_the_truth(tmp_path: Path
         # fsync #1 is the marker at start; #2 the checkpoint's temp file, #3 its directory.
         d.start(prefix=(strace, "-f", "-o", os.devnull, "-e", "trace=fsync",
                         "-e", "inject=fsync:delay_exit=1500000:when=2+"))
-        pid = d.status()["pid"]
-        with BusClient(d.bus()) as client:
-            client.write(7, 0x17)
-        os.kill(pid, signal.SIGINT)
-        wait_for(lambda: checkpoint_path(d.state_dir, "uart0").exists(), 20, 0.001)
-        os.kill(pid, signal.SIGINT)  # while the daemon still sits in the directory's fsync
-        assert d.wait_exit(30) == 0
-        d.proc = None
+        pid = d.status()["pid"]  # the daemon, strace's child
+        try:
+            with BusClient(d.bus()) as client:
+                client.write(7, 0x17)
+            os.kill(pid, signal.SIGINT)
+            wait_for(lambda: checkpoint_path(d.state_dir, "uart0").exists(), 20, 0.001)
+            os.kill(pid, signal.SIGINT)  # while the daemon still sits in the directory's fsync
+            assert d.wait_exit(30) == 0
+            d.proc = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # strace detaches from it when it is killed
         assert "without a final checkpoint" not in d.log()
         assert "the final checkpoint is written" in d.log()
         assert read_checkpoint(checkpoint_path(d.state_dir, "uart0")).uart.scr == 0x17
