@@ -504,3 +504,73 @@ def test_cli_check_config_exit_codes(
     assert cli.main(["check-config", str(path)]) == code
     if code:
         assert capsys.readouterr().err.count("\n") == 1
+
+
+# -- the defaults the units expect ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "instance"),
+    [
+        ("/etc/uartbridge/uartbridge.toml", None),
+        ("/etc/uartbridge/ttyUSB0.toml", "ttyUSB0"),
+        ("/etc/uartbridge/sub/ttyUSB0.toml", None),
+        ("/tmp/walk/walk.toml", None),
+        ("/etc/uartbridge/ttyS1.conf", None),
+    ],
+)
+def test_instance_of_a_config_path(path: str, instance: str | None) -> None:
+    """/etc/uartbridge/NAME.toml is instance NAME (uartbridge@NAME); nothing else is one."""
+    from uartbridge.paths import instance_of
+
+    assert instance_of(path) == instance
+
+
+def test_an_instance_name_that_cannot_name_a_directory_is_refused() -> None:
+    """/etc/uartbridge/_x.toml cannot derive directories: a ConfigError naming the fix."""
+    from uartbridge.paths import instance_of
+
+    with pytest.raises(ValueError, match="set runtime_dir and state_dir"):
+        instance_of("/etc/uartbridge/_x.toml")
+
+
+def test_instance_defaults_are_the_template_units_directories(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Root, no systemd variables: instance NAME gets /run/uartbridge-NAME and
+    /var/lib/uartbridge-NAME; no instance gets /run/uartbridge and /var/lib/uartbridge."""
+    for variable in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "XDG_RUNTIME_DIR",
+                     "XDG_STATE_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    cfg = parse_config(UART, source="<test>", instance="ttyS1")
+    assert cfg.instance == "ttyS1"
+    assert cfg.daemon.runtime_dir == Path("/run/uartbridge-ttyS1")
+    assert cfg.daemon.state_dir == Path("/var/lib/uartbridge-ttyS1")
+    assert cfg.daemon.control_socket == Path("/run/uartbridge-ttyS1/control.sock")
+    plain = parse_config(UART, source="<test>")
+    assert plain.daemon.runtime_dir == Path("/run/uartbridge")
+    assert plain.daemon.state_dir == Path("/var/lib/uartbridge")
+
+
+def test_systemd_directories_win_over_the_instance_defaults(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Under a unit, $RUNTIME_DIRECTORY/$STATE_DIRECTORY are used as systemd named them."""
+    cfg = parse_config(UART, source="<test>", instance="ttyS1")
+    assert cfg.daemon.runtime_dir == tmp_path / "run"
+    assert cfg.daemon.state_dir == tmp_path / "state"
+
+
+def test_one_name_rule_for_config_and_checkpoint() -> None:
+    """The config's UART name rule is the names module's; every name it accepts names a
+    checkpoint file (checkpoint_path does not refuse it)."""
+    from uartbridge.checkpoint import checkpoint_path
+    from uartbridge.names import is_safe_name
+
+    for name in ("uart0", "a", "ttyUSB0", "a..b", "x-", "9", "A_b.c-d", "x" * 32):
+        assert is_safe_name(name)
+        parse_config(f'[[uart]]\nname = "{name}"\n', source="<test>")
+        checkpoint_path("/tmp", name)
+    for name in ("_x", ".x", "..", "-x", "", "x" * 33, "a/b", "a b", "é"):
+        assert not is_safe_name(name)
