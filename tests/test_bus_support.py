@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import pwd
 import shutil
+import subprocess
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
+
+import pytest
 
 from uartbridge import Uart16550
 from uartbridge.bus import (
@@ -24,6 +30,10 @@ from uartbridge.bus import (
     FrameDecoder,
     Hello,
     HelloReply,
+    Read,
+    ReadReply,
+    Sync,
+    SyncReply,
     VirtualWire,
     encode,
 )
@@ -208,6 +218,46 @@ async def started_server(
     return server, uart, wire, path
 
 
+Body = Callable[[BusServer, Uart16550, VirtualWire, Path], Awaitable[None]]
+
+
+def serve(body: Body, **kwargs: object) -> None:
+    """Run ``body(server, uart, wire, path)`` with a started server; always clean up."""
+    directory = short_tmp_dir()
+
+    async def main() -> None:
+        server, uart, wire, path = await started_server(directory, "uart0", **kwargs)  # type: ignore[arg-type]
+        try:
+            await body(server, uart, wire, path)
+        finally:
+            wire.detach()
+            await server.close()
+
+    try:
+        run_async(main)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def read_reg(guest: RawGuest, offset: int) -> tuple[list[object], int]:
+    """READ ``offset``: (the frames before the reply, the value)."""
+    guest.send(Read(offset))
+    frames = await guest.recv_until(ReadReply)
+    reply = frames[-1]
+    assert isinstance(reply, ReadReply)
+    assert reply.offset == offset
+    return list(frames[:-1]), reply.value
+
+
+async def sync(guest: RawGuest, token: int = 7) -> list[object]:
+    """SYNC: the frames before the reply."""
+    guest.send(Sync(token))
+    frames = await guest.recv_until(SyncReply)
+    assert frames[-1] == SyncReply(token)
+    return list(frames[:-1])
+
+
+
 def run_async(main: Callable[[], Awaitable[None]]) -> None:
     """Run an async test body on a fresh loop."""
 
@@ -215,3 +265,22 @@ def run_async(main: Callable[[], Awaitable[None]]) -> None:
         await main()
 
     asyncio.run(runner())
+
+
+@contextlib.contextmanager
+def unprivileged_user() -> Iterator[pwd.struct_passwd]:
+    """A real user with no rights (no home, no login), created for the test, removed after.
+
+    Skips where the test cannot create users (not root, or no useradd).
+    """
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("needs root and useradd to create an unprivileged user")
+    name = f"ubt{uuid.uuid4().hex[:10]}"
+    subprocess.run(
+        ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name],
+        check=True, capture_output=True, timeout=30,
+    )
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=30)

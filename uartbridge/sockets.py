@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import os
-import pwd
 import socket
 import stat
 import struct
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,64 +54,6 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
         count = len(raw_groups) // 4
         groups = struct.unpack(f"{count}I", raw_groups[: 4 * count])
     return PeerCredentials(pid=pid, uid=uid, gid=gid, groups=groups)
-
-
-def _proc_net_address(ip: str, port: int) -> tuple[str, str]:
-    """(the /proc/net file, the ``ADDR:PORT`` key) under which the kernel lists ``ip:port``.
-
-    Addresses are written as the kernel stores them: 32-bit words in host byte order.
-    """
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # a v4 peer of a dual-stack listener is in /proc/net/tcp
-    packed = addr.packed
-    if sys.byteorder == "little":
-        packed = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
-    table = "/proc/net/tcp" if addr.version == 4 else "/proc/net/tcp6"
-    return table, f"{packed.hex().upper()}:{port:04X}"
-
-
-def tcp_peer_credentials(sock: socket.socket) -> PeerCredentials | None:
-    """Who owns the other end of a TCP connection from this host, from the kernel's table.
-
-    TCP has no ``SO_PEERCRED``; but a peer socket on this host (loopback or any of its
-    addresses) is in ``/proc/net/tcp`` (or ``tcp6``) with its owner's uid, as identd looks
-    it up. The gid and groups are the user database's for that uid; ``pid`` is 0 (unknown).
-    None for a peer on another host (nothing to look up); ``BusError`` for a loopback peer
-    that is not in the table.
-    """
-    try:
-        peer_ip, peer_port = sock.getpeername()[:2]
-        own_ip, own_port = sock.getsockname()[:2]
-    except OSError as exc:
-        raise BusError(f"cannot identify the TCP peer: {exc}") from exc
-    table, peer_key = _proc_net_address(peer_ip, peer_port)
-    own_key = _proc_net_address(own_ip, own_port)[1]
-    uid = None
-    try:
-        with open(table, encoding="ascii") as lines:
-            next(lines, None)  # the header
-            for line in lines:
-                fields = line.split()
-                # sl local rem st queues tr retrnsmt uid …: the peer's row has it as local.
-                if len(fields) > 7 and fields[1] == peer_key and fields[2] == own_key:
-                    uid = int(fields[7])
-                    break
-    except (OSError, ValueError) as exc:
-        raise BusError(f"cannot read {table}: {exc}") from exc
-    if uid is None:
-        addr = ipaddress.ip_address(peer_ip)
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        if addr.is_loopback:  # it must be here: gone already, or something is odd
-            raise BusError(f"TCP peer {peer_ip}:{peer_port} not found in {table}")
-        return None  # a peer on another host
-    try:
-        entry = pwd.getpwuid(uid)
-    except KeyError:
-        return PeerCredentials(pid=0, uid=uid, gid=-1)
-    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    return PeerCredentials(pid=0, uid=uid, gid=entry.pw_gid, groups=groups)
 
 
 def default_peer_allowed(allowed_gid: int | None) -> Callable[[PeerCredentials], bool]:
@@ -292,5 +231,4 @@ __all__ = [
     "default_peer_allowed",
     "ensure_private_dir",
     "peer_credentials",
-    "tcp_peer_credentials",
 ]

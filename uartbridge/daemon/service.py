@@ -29,7 +29,6 @@ from ..config import UartConfig
 from ..errors import CheckpointError, CheckpointWriteError, exit_code_for_os_error
 from ..logs import TraceFile
 from ..port import PortLink
-from ..port.state import ReaderState
 from ..registers import REGISTER_BITS, Lsr, decode_bits
 from ..sockets import PeerCredentials
 from ..uart import NO_EVENTS, Uart16550
@@ -147,14 +146,13 @@ class UartService:
         if self.config.bus_tcp is not None:
             host, port = self.config.bus_tcp
             await self.bus.start_tcp(host, port)
-        # Without fail_fast, a port that is not there yet is reopened by the link with
-        # backoff, and its on_disconnect policy applies meanwhile.
+        # Without fail_fast, a port that is not there yet (or in use, or not permitted) is
+        # reopened by the link with backoff, and its on_disconnect policy applies meanwhile;
+        # the link logs each new reason once (port.open_failed, with errno and a hint).
         await self.link.open(retry=not fail_fast)
         self.port_open = True
         if self.link.slave_path is not None:  # a link to /dev/pts/N: chown/chmod follow it
             self._share(Path(self.link.slave_path), socket_gid, private_mode=0o600)
-        if self.link.reader_state is ReaderState.DISCONNECTED and self.config.port.url != "pty:":
-            self.log.warning("port unavailable, retrying", port=self.config.port.url)
         self.on_uart_change()
 
     def _share(self, path: Path, gid: int | None, *, private_mode: int | None) -> None:
@@ -276,6 +274,7 @@ class UartService:
             "temt": bool(state.lsr & Lsr.TEMT),
             "counters": dataclasses.asdict(state.statistics),
             "link": port_status,
+            "last_error": port_status["last_error"],
             "last_checkpoint": last_ckpt,
             "resumed_from": resumed,
         }
