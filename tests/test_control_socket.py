@@ -4,6 +4,7 @@ in parallel."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -191,11 +192,13 @@ def test_a_storm_of_idle_control_connections_at_the_fd_limit(tmp_path: Path) -> 
 def test_checkpoint_writes_work_with_every_descriptor_taken(tmp_path: Path) -> None:
     """With the process at its descriptor limit (real EMFILE), a write inside the daemon's
     reserve succeeds; the same write outside it fails."""
-    from uartbridge.checkpoint import write_checkpoint
+    from uartbridge.checkpoint import FORMAT_VERSION, write_checkpoint
     from uartbridge.daemon.process import FdReserve
     from uartbridge.errors import CheckpointError
 
-    ckpt = read_checkpoint(Path(__file__).parent / "data" / "checkpoint-v2-line-events.json")
+    old = read_checkpoint(Path(__file__).parent / "data" / "checkpoint-v2-line-events.json")
+    ckpt = dataclasses.replace(old, meta=dataclasses.replace(
+        old.meta, format_version=FORMAT_VERSION))  # what this version writes
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     reserve = FdReserve()
     hogs: list[int] = []
