@@ -52,7 +52,8 @@ def test_every_malformed_request_gets_an_error_reply(tmp_path: Path) -> None:
             b'{"cmd": 1}\n',
             b"\xff\xfe\n",
             b"null\n",
-        ]
+            b"x" * (1 << 20) + b"\n",  # more than the socket buffers: the client is still
+        ]                               # sending when the daemon gives up on the line
         for line in lines:
             reply = _ask(d.control, line)
             assert reply["ok"] is False and reply["error"], (line[:40], reply)

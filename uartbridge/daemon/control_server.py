@@ -46,6 +46,9 @@ IDLE_TIMEOUT_S = 10.0
 ACCEPT_BATCH = 16
 ACCEPT_BACKOFF_S = 0.1
 ACCEPT_LOG_INTERVAL_S = 10.0
+# How much of an overlong request line is read and dropped so that its error reply arrives.
+LINGER_BYTES = 16 * 1024 * 1024
+LINGER_S = 2.0
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # The keys each command takes (besides "cmd").
 _KEYS = {
@@ -240,6 +243,7 @@ class ControlServer:
                     return
                 except (ValueError, asyncio.LimitOverrunError):
                     await _reply(writer, _error("request line too long", EX_USAGE))
+                    await _discard_line(reader)
                     return
                 if not line:
                     return
@@ -323,6 +327,23 @@ class ControlServer:
                     f"this daemon (pid {os.getpid()}) is instance "
                     f"{status.get('instance') or '(the single service)'}, not {instance}"
                 )
+
+
+async def _discard_line(reader: asyncio.StreamReader) -> None:
+    """Read and drop the rest of an overlong line (bounded by ``LINGER_BYTES`` and
+    ``LINGER_S``) before closing: a client still sending it would otherwise get EPIPE
+    instead of reading the error reply, and closing on unread data resets the connection."""
+
+    async def drain() -> None:
+        left = LINGER_BYTES
+        while left > 0:
+            chunk = await reader.read(min(left, 65536))
+            if not chunk or b"\n" in chunk:
+                return
+            left -= len(chunk)
+
+    with contextlib.suppress(TimeoutError, ConnectionError, OSError):
+        await asyncio.wait_for(drain(), LINGER_S)
 
 
 def _same_file(a: str, b: str) -> bool:
