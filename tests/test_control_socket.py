@@ -48,6 +48,7 @@ def test_every_malformed_request_gets_an_error_reply(tmp_path: Path) -> None:
             b'{"cmd": "checkpoint", "stop": "yes"}\n',
             b'{"cmd": "checkpoint", "document": 1}\n',
             b'{"cmd": "status", "config": 5}\n',
+            b'{"cmd": "status", "config": "/etc/uartbridge/x\\u0000.toml"}\n',
             b'{"cmd": "status", "instance": ["x"]}\n',
             b'{"cmd": 1}\n',
             b"\xff\xfe\n",
