@@ -235,7 +235,7 @@ class Daemon:
             )
             return emergency
         if found is None and problems:
-            # Starting afresh would silently throw the saved device away (DESIGN.md rule 4).
+            # Starting afresh would silently throw the saved device away (docs/design.md rule 4).
             raise CheckpointError(
                 f"{name}: no valid checkpoint in {self.config.daemon.state_dir}: "
                 + "; ".join(problems)
