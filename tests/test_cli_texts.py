@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -111,15 +112,15 @@ def test_the_readme_walkthrough_runs_verbatim(tmp_path: Path) -> None:
         if i == 0:  # let the daemon come up before the second block talks to it
             script += f"for i in $(seq 200); do [ -S {walk}/run/control.sock ] && break; " \
                       "sleep 0.05; done\n"
-    script += 'echo "JOBS $(jobs -p | tr "\\n" " ")"\n'
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out, "w") as stdout, open(err, "w") as stderr:  # background jobs keep them
-        code = subprocess.run(["bash", "-c", script], stdout=stdout, stderr=stderr,
-                              timeout=120, cwd=REPO, env=env).returncode
-    stdout_text, stderr_text = out.read_text(), err.read_text()
-    jobs = [int(p) for p in stdout_text.split("JOBS", 1)[1].split()] if "JOBS" in \
-        stdout_text else []
+        # Its own session: the shell's background jobs (socat, the daemon) share its process
+        # group, which the test stops by its id in finally, whatever happened.
+        shell = subprocess.Popen(["bash", "-c", script], stdout=stdout, stderr=stderr,
+                                 cwd=REPO, env=env, start_new_session=True)
     try:
+        code = shell.wait(timeout=120)
+        stdout_text, stderr_text = out.read_text(), err.read_text()
         assert code == 0, stdout_text + stderr_text
         assert f"{walk}/walk.toml: OK, 1 UART" in stdout_text
         assert "uart0: connected" in stdout_text  # status, with socat as the far end
@@ -132,17 +133,23 @@ def test_the_readme_walkthrough_runs_verbatim(tmp_path: Path) -> None:
                                 cwd=REPO)
         assert "resumed" in status.stdout, status.stdout + status.stderr
     finally:
-        for pid in reversed(jobs):  # the resumed daemon, then socat
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-            else:
-                os.kill(pid, signal.SIGKILL)
+        _stop_group(shell.pid)
+
+
+def _gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _stop_group(pgid: int) -> None:
+    """SIGTERM the process group (the resumed daemon checkpoints and exits), then SIGKILL."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while not _gone(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
