@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from ..checkpoint import (
     write_checkpoint,
 )
 from ..config import UartConfig
+from ..errors import CheckpointError, CheckpointWriteError, exit_code_for_os_error
 from ..logs import TraceFile
 from ..port import PortLink
 from ..registers import REGISTER_BITS, Lsr, decode_bits
@@ -133,9 +135,14 @@ class UartService:
 
     # -- life cycle -------------------------------------------------------------------------
 
-    async def start(self, *, fail_fast: bool) -> None:
-        """Open the port (or keep trying in the background) and listen on the bus."""
+    async def start(self, *, fail_fast: bool, socket_gid: int | None = None) -> None:
+        """Open the port (or keep trying in the background) and listen on the bus.
+
+        ``socket_gid`` (``socket_group``) gets the bus socket and our pty's slave, mode 0660;
+        without one the slave is 0600 (the tty layer hands it out 0620, group tty).
+        """
         await self.bus.start_unix(self.config.bus_socket)
+        self._share(self.config.bus_socket, socket_gid, private_mode=None)
         if self.config.bus_tcp is not None:
             host, port = self.config.bus_tcp
             await self.bus.start_tcp(host, port)
@@ -144,7 +151,19 @@ class UartService:
         # the link logs each new reason once (port.open_failed, with errno and a hint).
         await self.link.open(retry=not fail_fast)
         self.port_open = True
+        if self.link.slave_path is not None:  # a link to /dev/pts/N: chown/chmod follow it
+            self._share(Path(self.link.slave_path), socket_gid, private_mode=0o600)
         self.on_uart_change()
+
+    def _share(self, path: Path, gid: int | None, *, private_mode: int | None) -> None:
+        try:
+            if gid is not None:
+                os.chown(path, -1, gid)
+                os.chmod(path, 0o660)
+            elif private_mode is not None:
+                os.chmod(path, private_mode)
+        except OSError as exc:
+            self.log.warning("socket_group not applied", path=str(path), error=exc.strerror)
 
     async def stop(self) -> None:
         """Close the bus and the port; the model's state stays as it was."""
@@ -175,20 +194,32 @@ class UartService:
             port=self.link.state(),
         )
 
-    def write_checkpoint(self, output: Path | None = None, *, also_state_dir: bool = False) -> Path:
-        """Snapshot and write atomically (to ``output``, else the state directory).
+    def write_checkpoint(
+        self, ckpt: Checkpoint | None = None, *, directory: Path | None = None
+    ) -> Path:
+        """Write ``ckpt`` (default: a new snapshot) atomically into the state directory (or
+        ``directory``: the emergency one); returns the path.
 
-        ``also_state_dir`` writes the same snapshot to the state directory too, so that a
-        later ``run`` never resumes from an older state than the one just handed out.
+        ``CheckpointWriteError`` (exit code 73 or 74 from the errno) when the filesystem
+        refuses it; the state it would have saved is still in ``ckpt`` and in the device.
         """
-        ckpt = self.snapshot()
-        default = checkpoint_path(self.state_dir, self.name)
-        path = output if output is not None else default
-        write_checkpoint(path, ckpt, keep_previous=self.keep_previous)
-        if also_state_dir and path != default:
-            write_checkpoint(default, ckpt, keep_previous=self.keep_previous)
-        self.last_checkpoint_path = path
-        self.last_checkpoint_unix_ns = ckpt.meta.created_unix_ns
+        if ckpt is None:
+            ckpt = self.snapshot()
+        path = checkpoint_path(directory or self.state_dir, self.name)
+        try:
+            write_checkpoint(path, ckpt, keep_previous=self.keep_previous and directory is None)
+        except CheckpointError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, OSError):
+                raise
+            raise CheckpointWriteError(
+                str(exc),
+                exit_code=exit_code_for_os_error(cause),
+                reason=cause.strerror or str(cause),
+            ) from cause
+        if directory is None:
+            self.last_checkpoint_path = path
+            self.last_checkpoint_unix_ns = ckpt.meta.created_unix_ns
         return path
 
     async def quiesce(self) -> None:
