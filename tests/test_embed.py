@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _port_support import open_raw, raw_peer, read_available, socat_pair
+from _port_support import FakeOps, open_raw, raw_peer, read_available, socat_pair
 
 from uartbridge.checkpoint import read_checkpoint
 from uartbridge.embed import Bridge
 from uartbridge.errors import PortError, PortUnavailableError
 from uartbridge.port.state import PortSettings, ReaderState
-from uartbridge.port.termios_ops import RealTermiosOps
 
 REPO = Path(__file__).resolve().parent.parent
 RBR = THR = 0
@@ -114,29 +113,15 @@ def test_an_asyncio_caller_awaits_the_bridge_on_its_own_loop(tmp_path: Path) -> 
     asyncio.run(run())
 
 
-class TermiosInMemory(RealTermiosOps):
-    """A fake for termios attributes only (a pty cannot carry a break): settings the link
-    asks for are kept here instead of being applied, so the pty stays raw without PARMRK and
-    a break written as the kernel marks one (``ff 00 00``) reaches the link's decoder. The
-    byte path is the real socat pty."""
-
-    def __init__(self) -> None:
-        self.attrs: list[Any] | None = None
-
-    def tcgetattr(self, fd: int) -> list[Any]:
-        if self.attrs is None:
-            self.attrs = super().tcgetattr(fd)
-        return [*self.attrs[:6], list(self.attrs[6])]
-
-    def tcsetattr(self, fd: int, attrs: list[Any]) -> None:
-        self.attrs = [*attrs[:6], list(attrs[6])]
-
-
 def test_checkpoint_with_backlog_break_and_stuck_tsr_resumes_exactly_in_a_new_process(
     tmp_path: Path,
 ) -> None:
     """A stop-checkpoint holding RX backlog, a break in it and a stuck TSR byte; a new process
-    resumes it and every byte arrives once, in order, both ways (the break at its place)."""
+    resumes it and every byte arrives once, in order, both ways (the break at its place).
+
+    A pty cannot carry a break, so the port is a fake serial port for termios only
+    (``FakeOps``): the link decodes PARMRK marks, and the far end writes a break as the
+    kernel marks one (``ff 00 00``); the byte path is the real socat pty."""
     rx_head = b"0123456789abcdefghijklmnopqrstuvwxyz"  # 36: past the FIFO, into the backlog
     rx_tail = bytes(range(0x20, 0x7F)) * 3  # 285: the rest waits in the kernel
     tx = bytes((i * 7) & 0xFF for i in range(200_000))
@@ -144,7 +129,7 @@ def test_checkpoint_with_backlog_break_and_stuck_tsr_resumes_exactly_in_a_new_pr
     ckpt_path = tmp_path / "embed0.checkpoint.json"
     with socat_pair(tmp_path) as s, raw_peer(s.b) as far:
         settings = PortSettings(url=str(s.a), rx_backlog_bytes=64)
-        br = Bridge(settings, name="embed0", termios_ops=TermiosInMemory()).open()
+        br = Bridge(settings, name="embed0", termios_ops=FakeOps()).open()
         br.write(LCR, 0x03)
         br.write(FCR, 0x07)  # FIFOs on, trigger 1
         br.write(MCR, 0x03)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CheckpointError, CheckpointMissingError, InvalidStateError
+from .names import NAME_RULE, is_safe_name
 from .port.state import (
     MAX_RX_BACKLOG_BYTES,
     MAX_TX_BACKLOG_BYTES,
@@ -65,7 +66,6 @@ MAX_DOCUMENT_BYTES = 2 * (MAX_RX_BACKLOG_BYTES + MAX_TX_BACKLOG_BYTES) + (1 << 2
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 MAX_STRING_CHARS = 4096
-UART_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _STOP_BITS = {1.0: "1", 1.5: "1.5", 2.0: "2"}
@@ -291,11 +291,8 @@ def _check_meta(meta: CheckpointMeta, *, writing: bool) -> None:
         )
     _check_string(meta.uartbridge_version, "meta.uartbridge_version", max_chars=64)
     name = _check_string(meta.uart_name, "meta.uart_name", max_chars=64)
-    if not UART_NAME_RE.fullmatch(name):
-        raise _error(
-            "meta.uart_name",
-            f"must match {UART_NAME_RE.pattern} (it names files), got {_show(name)}",
-        )
+    if not is_safe_name(name):
+        raise _error("meta.uart_name", f"must be {NAME_RULE} (it names files), got {_show(name)}")
     _check_string(meta.port, "meta.port")
     for key in ("created_unix_ns", "generation"):
         value = getattr(meta, key)
@@ -740,8 +737,8 @@ def decode(data: bytes) -> Checkpoint:
 
 def checkpoint_path(state_dir: Path | str, uart_name: str) -> Path:
     """``<state_dir>/<uart_name>.checkpoint.json`` (``ValueError`` for an unsafe name)."""
-    if not isinstance(uart_name, str) or not UART_NAME_RE.fullmatch(uart_name):
-        raise ValueError(f"UART name must match {UART_NAME_RE.pattern}, got {uart_name!r}")
+    if not is_safe_name(uart_name):
+        raise ValueError(f"UART name must be {NAME_RULE}, got {uart_name!r}")
     return Path(state_dir) / f"{uart_name}.checkpoint.json"
 
 

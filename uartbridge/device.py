@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .checkpoint import UART_NAME_RE, Checkpoint, CheckpointMeta, restore
+from .checkpoint import Checkpoint, CheckpointMeta, restore
 from .logs import TraceFile, get_logger
+from .names import NAME_RULE, is_safe_name
 from .port import PortLink
 from .port.state import PortSettings
 from .port.termios_ops import TermiosOps
@@ -62,8 +63,8 @@ class UartDevice:
         the model, with the IRQ level changes in order (maybe none). ``termios_ops``
         substitutes the termios/modem calls (tests with a fake port, as ``PortLink``).
         """
-        if not isinstance(name, str) or not UART_NAME_RE.fullmatch(name):
-            raise ValueError(f"UART name must match {UART_NAME_RE.pattern}, got {name!r}")
+        if not is_safe_name(name):
+            raise ValueError(f"UART name must be {NAME_RULE}, got {name!r}")
         self.name = name
         self.settings = port
         self.log = (log if log is not None else get_logger()).bind(uart=name)
