@@ -18,8 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import Daemon, daemon, socat_pair, wait_for
-from test_bus_support import unprivileged_user
+from procs import Daemon, daemon, new_user, socat_pair, wait_for
 
 from uartbridge.bus import Hello, Sync, SyncReply, Write, WriteN, encode
 from uartbridge.client import BusClient
@@ -104,7 +103,7 @@ def test_unprivileged_tcp_peer_that_closes_at_once_never_reaches_the_wire(tmp_pa
     payload = b"PWNED!" * 40
     burst = encode(Hello(1)) + encode(Write(FCR, 0x07)) + encode(WriteN(THR, payload))
     with (
-        unprivileged_user() as user,
+        new_user() as user,
         socat_pair(tmp_path) as pair,
         daemon(tmp_path / "d", [{**uart, "port": str(pair.a)}]) as d,
         _far_end(pair.b) as far,
@@ -137,6 +136,74 @@ def test_unprivileged_tcp_peer_that_closes_at_once_never_reaches_the_wire(tmp_pa
         assert got == b"root-was-here"
         refused = _log_lines(d, "bus.peer_refused")
         assert 1 <= len(refused) <= 10, len(refused)
+
+
+# Run as the unprivileged user: HELLO (with the token given in hex, or none) + a posted THR
+# burst + SYNC, then print whether the SYNC was answered (admitted) or the server closed.
+TOKEN_GUEST = r"""
+import socket, struct, sys
+host, port, token, payload = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), sys.argv[4]
+def frame(kind, body):
+    return struct.pack(">HB", len(body) + 1, kind) + body
+hello = b"\x00\x01" + (b"\x01" + bytes([len(token)]) + token if token else b"")
+s = socket.create_connection((host, port), timeout=10)
+s.sendall(frame(0x01, hello) + frame(0x03, b"\x02\x07") + frame(0x04, b"\x00" + payload.encode())
+          + frame(0x06, struct.pack(">I", 7)))
+got = b""
+while True:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    got += chunk
+    if frame(0x86, struct.pack(">I", 7)) in got:
+        print("admitted")
+        sys.exit(0)
+print("refused")
+"""
+
+
+def test_a_tcp_peer_refused_by_uid_is_admitted_by_the_configured_token_only(
+    tmp_path: Path,
+) -> None:
+    """With bus_tcp_token_file, an unprivileged local user reaches the wire only by sending
+    the token in HELLO; a wrong token or none is refused and nothing it sent is written."""
+    port = _free_tcp_port()
+    token_file = tmp_path / "bus.token"
+    token_file.write_bytes(b"operator-secret\n")
+    token_file.chmod(0o600)
+    uart = {"name": "uart0", "bus_tcp": f"127.0.0.1:{port}",
+            "bus_tcp_token_file": str(token_file)}
+
+    def guest(user: object, token: bytes, payload: str) -> str:
+        run = subprocess.run(
+            [SYSTEM_PYTHON, "-c", TOKEN_GUEST, "127.0.0.1", str(port), token.hex(), payload],
+            user=user.pw_uid, group=user.pw_gid, extra_groups=[], cwd="/",  # type: ignore[attr-defined]
+            capture_output=True, text=True, timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    with (
+        new_user() as user,
+        socat_pair(tmp_path) as pair,
+        daemon(tmp_path / "d", [{**uart, "port": str(pair.a)}]) as d,
+        _far_end(pair.b) as far,
+    ):
+        d.start()
+        assert guest(user, b"", "no-token") == "refused"
+        assert guest(user, b"wrong-secret", "wrong-token") == "refused"
+        assert guest(user, b"operator-secret", "with-token") == "admitted"
+        got = b""
+        deadline = time.monotonic() + 10
+        while len(got) < len("with-token") and time.monotonic() < deadline:
+            got += _drain(far)
+            time.sleep(0.01)
+        time.sleep(0.2)
+        got += _drain(far)
+        assert got == b"with-token"
+        with BusClient(("127.0.0.1", port), token=b"operator-secret") as bus:
+            bus.write(SCR, 0x5A)
+            assert bus.read(SCR) == 0x5A
 
 
 def _fd_count(pid: int) -> int:

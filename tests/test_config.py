@@ -101,7 +101,7 @@ def test_example_documents_every_key() -> None:
     expected |= {f.name for f in dataclasses.fields(CheckpointConfig)}
     expected |= {"name", "port", "link", "baudbase", "tx_retry_limit", "bus_socket", "bus_tcp",
                  "trace_file", "on_disconnect", "backlog_bytes", "rx_backlog_bytes", "rtscts",
-                 "xonxoff", "reconnect_min_s", "reconnect_max_s"}
+                 "xonxoff", "reconnect_min_s", "reconnect_max_s", "bus_tcp_token_file", "lock_dir"}
     assert keys == expected
 
 
@@ -319,7 +319,58 @@ BAD = [
     ("uart[0].reconnect_max_s", "reconnect_max_s = 1e300", "from 0.01 to 3600"),
     ("uart[0].rtscts", "rtscts = \"true\"", "expected a boolean"),
     ("uart[0].baudrate", "baudrate = 9600", "unknown key"),
+    ("uart[0].lock_dir", "lock_dir = \"var/lock\"", "an absolute directory"),
+    ("uart[0].bus_tcp_token_file", "bus_tcp_token_file = \"/nonexistent/token\"",
+     "a readable token file"),
 ]
+
+
+def _token_file(tmp_path: Path, data: bytes, mode: int = 0o600) -> Path:
+    path = tmp_path / "bus.token"
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+def test_bus_tcp_token_file_is_read_without_its_newline(tmp_path: Path) -> None:
+    """bus_tcp_token_file's bytes (a trailing newline stripped) become the UART's TCP token,
+    kept out of the config's repr."""
+    token = _token_file(tmp_path, b"s3cret\n")
+    cfg = load_config(write(tmp_path, f'{UART}bus_tcp = "127.0.0.1:5555"\n'
+                                      f'bus_tcp_token_file = "{token}"\n'))
+    assert cfg.uarts[0].bus_tcp_token == b"s3cret"
+    assert "s3cret" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("data", "mode", "bus_tcp", "expected"),
+    [
+        (b"s3cret", 0o644, True, "a file only its owner can read (mode 0644: chmod 600)"),
+        (b"s3cret", 0o640, True, "a file only its owner can read"),
+        (b"\n", 0o600, True, "a token of 1 to 255 bytes"),
+        (b"x" * 256, 0o600, True, "a token of 1 to 255 bytes"),
+        (b"s3cret", 0o600, False, '"" (a token is only for bus_tcp)'),
+    ],
+)
+def test_bad_bus_tcp_token_file_is_refused(
+    tmp_path: Path, data: bytes, mode: int, bus_tcp: bool, expected: str
+) -> None:
+    """A token file others can read, an empty or oversized token, or a token without bus_tcp
+    is a config error naming the key."""
+    token = _token_file(tmp_path, data, mode)
+    tcp = 'bus_tcp = "127.0.0.1:5555"\n' if bus_tcp else ""
+    path = write(tmp_path, f'{UART}{tcp}bus_tcp_token_file = "{token}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "uart[0].bus_tcp_token_file" in str(info.value)
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "value"), [("\"/run/lock\"", "/run/lock"), ("\"\"", None)])
+def test_lock_dir_reaches_the_port_settings(tmp_path: Path, text: str, value: str | None) -> None:
+    """lock_dir names where UUCP lock files live; "" turns them off."""
+    cfg = load_config(write(tmp_path, f"{UART}lock_dir = {text}\n"))
+    assert cfg.uarts[0].port.lock_dir == value
 
 
 @pytest.mark.parametrize(("key", "snippet", "expected"), BAD, ids=[f"{k}:{s.splitlines()[-1]}"

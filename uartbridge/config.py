@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal, NoReturn, cast
 
 from . import paths
+from .bus.codec import MAX_TOKEN_LEN
 from .errors import EX_NOINPUT, EX_OK, ConfigError, ConfigMissingError
 from .names import NAME_RULE, is_safe_name
 from .port.state import (
@@ -106,7 +107,9 @@ class UartConfig:
     """One ``[[uart]]`` table: the device, its host port and its sockets.
 
     ``tx_retry_limit``: None never drops the TSR byte; N drops it after N refused retries
-    (QEMU's behaviour). ``bus_tcp``: (host, port) or None. ``trace_file``: None is off.
+    (QEMU's behaviour). ``bus_tcp``: (host, port) or None. ``bus_tcp_token``: the bytes of
+    ``bus_tcp_token_file`` (None: no token; peers on another host are then refused).
+    ``trace_file``: None is off.
     """
 
     name: str
@@ -115,6 +118,7 @@ class UartConfig:
     tx_retry_limit: int | None = None
     bus_socket: Path
     bus_tcp: tuple[str, int] | None = None
+    bus_tcp_token: bytes | None = field(default=None, repr=False)
     trace_file: Path | None = None
 
 
@@ -507,6 +511,16 @@ class _Builder:
                 t.fail(
                     "bus_tcp", '"HOST:PORT" such as "127.0.0.1:5555" (or "" for none)', bus_tcp_text
                 )
+        bus_tcp_token = self.token_file(t, "bus_tcp_token_file")
+        if bus_tcp_token is not None and bus_tcp is None:
+            t.fail(
+                "bus_tcp_token_file",
+                '"" (a token is only for bus_tcp)',
+                t.table["bus_tcp_token_file"],
+            )
+        lock_dir = t.string("lock_dir", "/var/lock")
+        if lock_dir and not lock_dir.startswith("/"):
+            t.fail("lock_dir", 'an absolute directory, or "" for no UUCP lock files', lock_dir)
         trace_file = t.path("trace_file", None)
         rmin = t.seconds("reconnect_min_s", 0.1, minimum=MIN_RECONNECT_S, maximum=MAX_RECONNECT_S)
         rmax = t.seconds("reconnect_max_s", 5.0, minimum=MIN_RECONNECT_S, maximum=MAX_RECONNECT_S)
@@ -529,13 +543,34 @@ class _Builder:
                 xonxoff=xonxoff,
                 reconnect_min_s=rmin,
                 reconnect_max_s=rmax,
+                lock_dir=lock_dir or None,
             ),
             baudbase=baudbase,
             tx_retry_limit=None if retry == -1 else retry,
             bus_socket=bus_socket,
             bus_tcp=bus_tcp,
+            bus_tcp_token=bus_tcp_token,
             trace_file=trace_file,
         )
+
+    def token_file(self, t: _Table, name: str) -> bytes | None:
+        """A secret read from a file only its owner can read (trailing newline stripped)."""
+        path = t.path(name, None)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                data = f.read(MAX_TOKEN_LEN + 2)
+        except OSError as exc:
+            t.fail(name, f"a readable token file ({exc.strerror})", str(path))
+        if mode & 0o077:
+            t.fail(name, f"a file only its owner can read (mode {mode & 0o777:04o}: chmod 600)",
+                   str(path))
+        token = data.rstrip(b"\r\n")
+        if not 1 <= len(token) <= MAX_TOKEN_LEN:
+            t.fail(name, f"a token of 1 to {MAX_TOKEN_LEN} bytes", f"{len(token)} bytes in {path}")
+        return token
 
     def port_url(self, t: _Table) -> str:
         """``port``: "pty:", rfc2217:// or socket:// HOST:PORT, else a path (made absolute)."""

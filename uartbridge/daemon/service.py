@@ -64,6 +64,7 @@ class UartService:
             name=config.name,
             settle=self.device.settle,
             peer_allowed=peer_allowed,
+            tcp_token=config.bus_tcp_token,
             log=self.log,
         )
         self.last_checkpoint_path: Path | None = None
