@@ -130,7 +130,8 @@ def test_service_keys(unit: Path) -> None:
         "ProtectHome": "yes",
         "PrivateTmp": "yes",
         "SupplementaryGroups": "dialout",
-        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",  # sock_diag
+        "ReadWritePaths": "-/run/lock",  # UUCP lock files
         "LockPersonality": "yes",
         "RestrictRealtime": "yes",
         "SystemCallArchitectures": "native",
