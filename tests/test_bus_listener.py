@@ -76,3 +76,85 @@ def test_listener_accepts_a_bounded_batch_per_callback() -> None:
             sock.close()
 
     run_async(main)
+
+
+def test_listener_waits_while_admit_says_no_and_resumes_after() -> None:
+    """While ``admit()`` is False nothing is accepted (the backlog holds the peers) and the
+    socket is not polled in a busy loop; once it is True again the waiting peers get in."""
+    log = Recorder()
+
+    async def main() -> None:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(f"\0uartbridge-test-admit-{id(log)}")
+        server.listen(16)
+        accepted: list[socket.socket] = []
+        asked = 0
+        room = False
+
+        def admit() -> bool:
+            nonlocal asked
+            asked += 1
+            return room
+
+        listener = Listener(server, accepted.append, log=log, name="test", backoff_s=0.05,
+                            admit=admit)
+        clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+        for c in clients:
+            c.connect(server.getsockname())
+        await asyncio.sleep(0.3)
+        assert accepted == []
+        assert 1 <= asked <= 12  # once per backoff, not once per loop turn
+        room = True
+        for _ in range(100):
+            if len(accepted) == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert len(accepted) == 3
+        listener.close()
+        for sock in accepted + clients:
+            sock.close()
+
+    run_async(main)
+
+
+def test_listener_out_of_descriptors_asks_for_room_and_retries_at_once() -> None:
+    """An accept that fails with EMFILE calls ``make_room()``; when it freed a descriptor,
+    accepting resumes on the next turn rather than after the backoff, and it is logged once.
+    (The failing accept is a fake; the real EMFILE is in test_control_socket's storm.)"""
+    log = Recorder()
+
+    class FailingOnce(socket.socket):
+        failures = 1
+
+        def accept(self) -> tuple[socket.socket, Any]:
+            if FailingOnce.failures:
+                FailingOnce.failures -= 1
+                raise OSError(24, "Too many open files")  # EMFILE, as the kernel says it
+            return super().accept()
+
+    async def main() -> None:
+        server = FailingOnce(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(f"\0uartbridge-test-room-{id(log)}")
+        server.listen(16)
+        accepted: list[socket.socket] = []
+        rooms: list[bool] = []
+
+        def make_room() -> bool:
+            rooms.append(True)
+            return True
+
+        listener = Listener(server, accepted.append, log=log, name="test", backoff_s=30.0,
+                            make_room=make_room)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(server.getsockname())
+        for _ in range(100):
+            if accepted:
+                break
+            await asyncio.sleep(0.01)
+        assert rooms == [True] and len(accepted) == 1  # well before the 30 s backoff
+        assert [line[1] for line in log.lines] == ["accept_failed"]
+        listener.close()
+        for sock in [*accepted, client]:
+            sock.close()
+
+    run_async(main)

@@ -9,6 +9,12 @@ minute were seen). ``Listener`` is the small replacement the bus uses: it accept
 resource error (``EMFILE``, ``ENFILE``, ``ENOBUFS``, ``ENOMEM``) stops accepting for
 ``backoff_s`` and logs through a ``LogLimiter``: the first failure at once, then one line per
 interval with the count of what it held back.
+
+Two hooks let an owner keep its own limits on the same loop: ``admit()`` is asked before each
+accept (False: accepting waits ``backoff_s``, the backlog holds the peers), and
+``make_room()`` after a resource error (True: it freed a descriptor, e.g. by closing an idle
+connection, so accepting resumes on the next turn of the loop instead of after the backoff).
+Both the bus and the control socket accept through this class.
 """
 
 from __future__ import annotations
@@ -91,16 +97,23 @@ class Listener:
         log: Any,
         name: str,
         event: str = "accept_failed",
+        level: str = "warning",
         backoff_s: float = 0.1,
         log_interval_s: float = 10.0,
+        batch: int = ACCEPT_BATCH,
+        admit: Callable[[], bool] | None = None,
+        make_room: Callable[[], bool] | None = None,
     ) -> None:
         self.sock = sock
         self._on_accept = on_accept
+        self._admit = admit
+        self._make_room = make_room
+        self._batch = batch
         self._loop = asyncio.get_running_loop()
         self.backoff_s = backoff_s
         self._name = name
         self._log = log
-        self._errors = LogLimiter(log, event, interval_s=log_interval_s)
+        self._errors = LogLimiter(log, event, interval_s=log_interval_s, level=level)
         self._retry: asyncio.TimerHandle | None = None
         self._reading = False
         self._closed = False
@@ -123,8 +136,17 @@ class Listener:
             self._loop.remove_reader(self.sock.fileno())
             self._reading = False
 
+    def _pause(self, delay_s: float) -> None:
+        """The backlog stays readable: stop watching it for ``delay_s`` (no busy loop)."""
+        self._stop_reading()
+        if not self._closed and self._retry is None:
+            self._retry = self._loop.call_later(delay_s, self._start_reading)
+
     def _accept_ready(self) -> None:
-        for _ in range(ACCEPT_BATCH):
+        for _ in range(self._batch):
+            if self._admit is not None and not self._admit():
+                self._pause(self.backoff_s)
+                return
             try:
                 conn, _addr = self.sock.accept()
             except BlockingIOError:
@@ -136,9 +158,8 @@ class Listener:
                 # once would spin. Pause, log (limited), and try again later.
                 self._errors.hit(listener=self._name, error=exc.strerror or str(exc),
                                  errno=errno.errorcode.get(exc.errno or 0, "?"))
-                self._stop_reading()
-                if not self._closed:
-                    self._retry = self._loop.call_later(self.backoff_s, self._start_reading)
+                freed = self._make_room is not None and self._make_room()
+                self._pause(0.0 if freed else self.backoff_s)
                 return
             conn.setblocking(False)
             try:

@@ -11,7 +11,7 @@ back to it as text (``"document": true``), and the client writes it with its own
 Limits, so that idle or hostile clients cannot pin the daemon: at most
 ``MAX_CONNECTIONS`` connections at a time (a new one pushes out the oldest that is only
 waiting; while every one is busy answering, accepting waits), and ``IDLE_TIMEOUT_S`` to
-send each request line. Connections are accepted by our own loop on the listening socket (not
+send each request line. Connections are accepted by ``uartbridge.listener.Listener`` (not
 ``asyncio.start_unix_server``), so that running out of file descriptors (EMFILE) pushes out
 the oldest waiting connection and accepts again, instead of stalling every client: the one
 that just connected to ask for a checkpoint gets in, and the error is logged at most once
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import os
 import socket
@@ -39,6 +38,7 @@ from ..errors import (
     ControlError,
     UartBridgeError,
 )
+from ..listener import Listener
 from ..sockets import PeerCredentials, bind_unix, peer_credentials
 
 MAX_CONNECTIONS = 16
@@ -49,7 +49,6 @@ ACCEPT_LOG_INTERVAL_S = 10.0
 # How much of an overlong request line is read and dropped so that its error reply arrives.
 LINGER_BYTES = 16 * 1024 * 1024
 LINGER_S = 2.0
-_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # The keys each command takes (besides "cmd").
 _KEYS = {
     "status": frozenset({"config", "instance"}),
@@ -113,90 +112,55 @@ class ControlServer:
         self.path = path
         self.peer_allowed = peer_allowed
         self.group = group
-        self._sock: socket.socket | None = None
+        self._listener: Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._retry: asyncio.Handle | None = None
         self._conns: list[_Conn] = []
         self.log = daemon.log.bind(component="control")
         self.evicted = 0
-        self.accept_errors = 0
-        self._accept_logged_at = float("-inf")
-        self._accept_held = 0
 
     async def start(self) -> None:
         """Listen on the control socket (mode 0660, ``group`` if given)."""
-        self._sock = bind_unix(self.path, mode=0o660, group=self.group)
-        self._sock.listen(64)
+        sock = bind_unix(self.path, mode=0o660, group=self.group)
+        sock.listen(64)
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+        self._listener = Listener(
+            sock,
+            self._accepted,
+            log=self.log,
+            name="control",
+            event="control accept failed",
+            level="error",
+            backoff_s=ACCEPT_BACKOFF_S,
+            log_interval_s=ACCEPT_LOG_INTERVAL_S,
+            batch=ACCEPT_BATCH,
+            # Every connection busy answering: wait; out of fds: push out a waiting one.
+            admit=lambda: len(self._conns) < MAX_CONNECTIONS or self._evict_oldest(),
+            make_room=self._evict_oldest,
+        )
+
+    @property
+    def accept_errors(self) -> int:
+        """How many accept calls failed so far."""
+        return self._listener.errors if self._listener is not None else 0
 
     async def close(self) -> None:
         """Stop listening and remove the socket file."""
-        if self._sock is not None and self._loop is not None:
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._sock = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
         for conn in list(self._conns):
             conn.close()
         self._conns.clear()
 
     # -- accepting --------------------------------------------------------------------------
 
-    def _accept_ready(self) -> None:
-        assert self._sock is not None and self._loop is not None
-        for _ in range(ACCEPT_BATCH):
-            if len(self._conns) >= MAX_CONNECTIONS and not self._evict_oldest():
-                self._pause_accepting(ACCEPT_BACKOFF_S)  # every one is busy: wait a little
-                return
-            try:
-                sock, _addr = self._sock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._accept_failed(exc)
-                return
-            conn = _Conn(sock)
-            self._conns.append(conn)
-            conn.task = self._loop.create_task(self._serve_conn(conn))
-
-    def _accept_failed(self, exc: OSError) -> None:
-        """Out of descriptors: push out the oldest waiting connection and accept again on
-        the next turn of the loop (when its descriptor is closed); log at most once per
-        interval, with a count."""
-        self.accept_errors += 1
-        now = time.monotonic()
-        if now - self._accept_logged_at >= ACCEPT_LOG_INTERVAL_S:
-            self.log.error("control accept failed", error=exc.strerror, errno=exc.errno,
-                           repeated=self._accept_held or None,
-                           hint="the oldest waiting control connections are closed")
-            self._accept_logged_at = now
-            self._accept_held = 0
-        else:
-            self._accept_held += 1
-        if exc.errno not in _RESOURCE_ERRNOS:
-            return  # the peer's business (it went away): the next one is fine
-        self._pause_accepting(0.0 if self._evict_oldest() else ACCEPT_BACKOFF_S)
-
-    def _pause_accepting(self, delay_s: float) -> None:
-        """The backlog stays readable: stop watching it for ``delay_s`` (no busy loop)."""
-        assert self._sock is not None and self._loop is not None
-        if self._retry is not None:
-            return
-        self._loop.remove_reader(self._sock.fileno())
-        if delay_s <= 0:
-            self._retry = self._loop.call_soon(self._resume_accepting)
-        else:
-            self._retry = self._loop.call_later(delay_s, self._resume_accepting)
-
-    def _resume_accepting(self) -> None:
-        self._retry = None
-        if self._sock is not None and self._loop is not None:
-            self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+    def _accepted(self, sock: socket.socket) -> None:
+        assert self._loop is not None
+        conn = _Conn(sock)
+        self._conns.append(conn)
+        conn.task = self._loop.create_task(self._serve_conn(conn))
 
     def _evict_oldest(self) -> bool:
         """Close the oldest connection that is only waiting for its request; False if none."""
