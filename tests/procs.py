@@ -257,10 +257,14 @@ class Socat:
         wait_for(lambda: self.a.exists() and self.b.exists(), 5.0)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Stop socat by PID."""
+        """Stop socat by PID. After SIGKILL its links are removed here, as its SIGTERM
+        handler would: a dangling link can later point at an unrelated test's pty."""
         if self.proc is not None:
             stop_process(self.proc, sig)
             self.proc = None
+            for link in (self.a, self.b):
+                if link.is_symlink():
+                    link.unlink()
 
 
 @contextlib.contextmanager

@@ -7,20 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import pwd
 import shutil
-import subprocess
 import tempfile
 import threading
-import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
-
-import pytest
 
 from uartbridge import Uart16550
 from uartbridge.bus import (
@@ -267,20 +261,3 @@ def run_async(main: Callable[[], Awaitable[None]]) -> None:
     asyncio.run(runner())
 
 
-@contextlib.contextmanager
-def unprivileged_user() -> Iterator[pwd.struct_passwd]:
-    """A real user with no rights (no home, no login), created for the test, removed after.
-
-    Skips where the test cannot create users (not root, or no useradd).
-    """
-    if os.geteuid() != 0 or shutil.which("useradd") is None:
-        pytest.skip("needs root and useradd to create an unprivileged user")
-    name = f"ubt{uuid.uuid4().hex[:10]}"
-    subprocess.run(
-        ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name],
-        check=True, capture_output=True, timeout=30,
-    )
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=30)

@@ -21,14 +21,13 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _port_support import Guest, need, raw_peer, socat_pair, wait_for
-from procs import REPO, daemon, stop_process, stop_tmux
+from procs import REPO, daemon, new_user, stop_process, stop_tmux
 from procs import socat_pair as daemon_socat_pair
 from procs import wait_for as wait_until
 
@@ -79,6 +78,9 @@ def test_a_second_daemon_on_the_same_socat_pty_is_refused_naming_the_first(tmp_p
         assert "(lock file /var/lock/LCK.." in error["message"] and error["errno"] == "EBUSY"
         assert "stop the program holding the port" in error["hint"]
         assert status["link"]["last_error"] == error
+        text = b.cli("status", "--config", str(b.config_path)).stdout  # the text form too
+        assert f"  last error  {error['message']}" in text, text
+        assert f"hint: {error['hint']}" in text, text
         time.sleep(1.0)  # 10 or more retries
         failures = _open_failures(b.log())
         assert len(failures) == 1, failures
@@ -306,7 +308,7 @@ def test_an_unwritable_lock_directory_honours_locks_creates_none_and_says_so_onc
     os.chmod(path, 0o666)
     lock = locks / f"LCK..{lock_names(path)[0]}"
     try:
-        with _unprivileged_user() as user, _sleeper() as holder:
+        with new_user() as user, _sleeper() as holder:
             lock.write_text(f"{holder.pid:10d}\n")
             refused = _as_user(user, _try_claim, path, str(locks))
             assert f"PID {holder.pid}" in refused["error"], refused
@@ -340,20 +342,6 @@ def _try_claim(path: str, lock_dir: str, times: int = 1) -> dict[str, Any]:
 # -- a real unprivileged user ------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _unprivileged_user() -> Iterator[pwd.struct_passwd]:
-    """A user created for the test (no home, no login, in no extra group), removed after."""
-    if os.geteuid() != 0 or shutil.which("useradd") is None:
-        pytest.skip("needs root and useradd to create an unprivileged user")
-    name = f"ubp{uuid.uuid4().hex[:10]}"
-    subprocess.run(
-        ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group", name],
-        check=True, capture_output=True, timeout=30,
-    )
-    try:
-        yield pwd.getpwnam(name)
-    finally:
-        subprocess.run(["userdel", name], capture_output=True, timeout=30)
 
 
 def _as_user(user: pwd.struct_passwd, func: Any, *args: Any) -> dict[str, Any]:
@@ -431,7 +419,7 @@ def test_permission_denied_is_logged_once_with_errno_and_a_dialout_hint(tmp_path
 
         helper = threading.Thread(target=permit, daemon=True)
         try:
-            with _unprivileged_user() as user:
+            with new_user() as user:
                 helper.start()
                 result = _as_user(user, _open_as_unprivileged, device, 0.8, ready_w)
                 helper.join(5)

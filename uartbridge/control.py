@@ -244,6 +244,11 @@ def _print_status(reply: dict[str, Any]) -> None:
             print(f"  pty         {u['pty']}")
         guest = "attached" if u["guest_connected"] else "none"
         print(f"  bus         {u['bus_socket']}  guest {guest}")
+        err = u.get("last_error")
+        if err:
+            print(f"  last error  {err['message']} ({err['age_s']:.0f} s ago)")
+            if err.get("hint"):
+                print(f"              hint: {err['hint']}")
         regs = u["registers"]
         print(
             "  registers   "
