@@ -10,20 +10,29 @@ The UART is set as a driver leaves it (8N1, FIFOs on), IER = 0 (no IRQ frames).
   the first send to SYNC_REPLY) — executed writes, not just sent ones.
 - READ round trip: ``BusClient.read(SCR)`` timed one by one with ``perf_counter_ns``
   (send READ, receive READ_REPLY); p50 and p99 per run.
+- TCP admission cost: the same UART also listens on loopback TCP. ``--tcp-conns`` times
+  (connect, HELLO, HELLO_REPLY, close) as root; the daemon's CPU time (``/proc/PID/stat``)
+  per connection, with the host's TCP table as it is and again after ``--tcp-rows`` extra
+  TIME_WAIT rows were made (any user can grow that table: a lookup that scans it, as reading
+  ``/proc/net/tcp`` does, costs per connection what the table holds).
 
-Run: ``python bench/bus.py [--runs 5] [--writes 200000] [--reads 20000]``.
+Run: ``python bench/bus.py [--runs 5] [--writes 200000] [--reads 20000] [--tcp-conns 1000]
+[--tcp-rows 15000]``.
 Prints a table (medians over runs) and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
+import subprocess
 import time
 
 from _common import (
     Daemon,
     Figure,
     add_runs_arg,
+    cpu_seconds,
     json_line,
     need_program,
     percentile,
@@ -34,6 +43,7 @@ from _common import (
     wait_for,
 )
 
+from uartbridge.bus import Hello, HelloReply, decode_frame, encode
 from uartbridge.client import BusClient
 
 THR, IER, FCR, LCR, SCR = 0, 1, 2, 3, 7
@@ -62,25 +72,65 @@ def read_round_trips(client: BusClient, n: int) -> list[int]:
     return out
 
 
+def tcp_admissions(pid: int, port: int, n: int) -> float:
+    """``n`` loopback TCP connections (connect, HELLO, HELLO_REPLY, close); daemon CPU µs each."""
+    hello = encode(Hello(1))
+    start = cpu_seconds(pid)
+    for _ in range(n):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(hello)
+            reply = b""
+            while len(reply) < 3 or len(reply) < 2 + int.from_bytes(reply[:2], "big"):
+                chunk = conn.recv(4096)
+                if not chunk:
+                    raise RuntimeError(f"TCP peer refused: {reply!r}")
+                reply += chunk
+            assert isinstance(decode_frame(reply[2], reply[3:]), HelloReply)
+        # The slot frees when the daemon sees our close; wait for it so the next one is served.
+        time.sleep(0.002)
+    return (cpu_seconds(pid) - start) / n * 1e6
+
+
+def grow_tcp_table(rows: int) -> None:
+    """``rows`` TIME_WAIT sockets in this host's TCP table (they last tcp_fin_timeout, 60 s)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    try:
+        for _ in range(rows):
+            client = socket.create_connection(("127.0.0.1", port))
+            accepted, _ = listener.accept()
+            client.close()  # the side closing first keeps the TIME_WAIT row
+            accepted.close()
+    finally:
+        listener.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_runs_arg(parser)
     parser.add_argument("--writes", type=int, default=200_000, help="posted writes per run")
     parser.add_argument("--reads", type=int, default=20_000, help="READ round trips per run")
+    parser.add_argument("--tcp-conns", type=int, default=1000, help="TCP admissions per run")
+    parser.add_argument("--tcp-rows", type=int, default=15_000,
+                        help="extra TIME_WAIT rows for the grown-table case")
     args = parser.parse_args()
     socat = need_program("socat")
 
     rates: list[float] = []
     p50s: list[float] = []
     p99s: list[float] = []
+    tcp_small: list[float] = []
+    tcp_grown: list[float] = []
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        tcp_port = probe.getsockname()[1]
     with temp_dir("bus") as root:
         link = root / "wire"
         sink = None
-        daemon = Daemon(root, [{"name": "uart0", "port": str(link)}])
+        daemon = Daemon(root, [{"name": "uart0", "port": str(link),
+                                "bus_tcp": f"127.0.0.1:{tcp_port}"}])
         try:
             # socat -u: what the daemon writes to the pty slave goes to /dev/null.
-            import subprocess
-
             sink = subprocess.Popen(
                 [socat, "-u", f"pty,raw,echo=0,link={link}", "/dev/null"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -98,6 +148,13 @@ def main() -> None:
                     rtts = read_round_trips(client, args.reads)
                     p50s.append(percentile(rtts, 0.50) / 1000)
                     p99s.append(percentile(rtts, 0.99) / 1000)
+            if args.tcp_conns:
+                tcp_admissions(daemon.pid, tcp_port, 50)  # warm-up
+                for _ in range(args.runs):
+                    tcp_small.append(tcp_admissions(daemon.pid, tcp_port, args.tcp_conns))
+                grow_tcp_table(args.tcp_rows)
+                for _ in range(args.runs):
+                    tcp_grown.append(tcp_admissions(daemon.pid, tcp_port, args.tcp_conns))
         finally:
             daemon.stop()
             stop_process(sink)
@@ -109,6 +166,14 @@ def main() -> None:
         Figure("read_rtt_p50_us", "READ round trip p50", "us", p50s, 50, "<="),
         Figure("read_rtt_p99_us", "READ round trip p99", "us", p99s, None),
     ]
+    if tcp_small:
+        figures += [
+            Figure("tcp_admission_cpu_us", "TCP connect+HELLO: daemon CPU each", "us",
+                   tcp_small, None, "<=", 0),
+            Figure("tcp_admission_cpu_grown_us",
+                   f"same, {args.tcp_rows:,} more rows in the TCP table", "us",
+                   tcp_grown, None, "<=", 0),
+        ]
     print_table(
         f"bus bench: {args.runs} runs, {args.writes} posted writes + SYNC and "
         f"{args.reads} READs per run",
@@ -122,6 +187,7 @@ def main() -> None:
     print(
         json_line(
             "bus", figures, writes_per_run=args.writes, reads_per_run=args.reads,
+            tcp_conns_per_run=args.tcp_conns, tcp_extra_rows=args.tcp_rows,
             socket_ping_pong_p50_us=round(floor_us, 1),
         )
     )

@@ -1,4 +1,5 @@
-"""Helpers for the port-link tests: a guest that drives the model, and real peers (socat)."""
+"""Helpers for the port-link tests: a guest that drives the model, real peers (socat), and a
+fake serial port (``FakeOps``) for what a pty cannot show."""
 
 from __future__ import annotations
 
@@ -6,15 +7,20 @@ import asyncio
 import os
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+import tty
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from procs import require_program, stop_process
 
 from uartbridge.port import PortLink
 from uartbridge.port.state import PortSettings
+from uartbridge.port.termios_ops import TIOCM_CD, TIOCM_CTS, TIOCM_DSR, RealTermiosOps
 from uartbridge.registers import Lsr
 from uartbridge.uart import NO_EVENTS, Uart16550
 
@@ -43,6 +49,22 @@ class Guest:
         self.uart.write(4, mcr)
         self.uart.write(1, ier)
         self.pump()
+
+    def fifos_on(self) -> None:
+        """FCR: FIFOs on and reset (a driver's open), nothing else: the line is not set yet."""
+        self.uart.write(2, 0x07)
+        self.pump()
+
+    def set_line(self, lcr: int = 0x03, *, ier: int = 0) -> None:
+        """LCR (the guest's first line setting, when nothing else was set), MCR, IER."""
+        self.uart.write(3, lcr)
+        self.uart.write(4, 0x0B)
+        self.uart.write(1, ier)
+        self.pump()
+
+    async def end_batch(self) -> None:
+        """Let the loop turn, as after a batch of bus operations: queued line settings apply."""
+        await asyncio.sleep(0)
 
     def lsr(self) -> int:
         return self.uart.read(5)
@@ -179,3 +201,95 @@ def socat_pair(tmp_path: Path, name: str = "s") -> Iterator[Socat]:
         yield s
     finally:
         s.stop()
+
+
+class FakeOps(RealTermiosOps):
+    """A fake serial port (not a pty) for termios and modem ioctls; real calls for the rest
+    (TIOCINQ on the real pty's input queue)."""
+
+    def __init__(self) -> None:
+        self.attrs: list[Any] | None = None
+        self.modem = TIOCM_CTS | TIOCM_DSR | TIOCM_CD
+        self.breaks: list[bool] = []
+        self.refuse_mask = 0
+        self.flow: list[int] = []
+        self.drains = 0
+        self.modem_reads = 0
+        self.drain_gate: threading.Event | None = None  # tcdrain blocks until it is set
+        self.outq: int | None = None  # TIOCOUTQ, when a test sets it
+        self.flushes = 0
+        self.exclusive: list[bool] = []
+        self.tx_empty: bool | None = True
+        self.calls: list[tuple[str, object]] = []  # tcsetattr/break/flow, in order
+
+    def is_pty(self, fd: int) -> bool:
+        return False
+
+    def set_exclusive(self, fd: int, on: bool) -> None:
+        self.exclusive.append(on)
+
+    def flush_output(self, fd: int) -> None:
+        self.flushes += 1
+        self.calls.append(("flush", self.outq))
+        self.outq = 0
+
+    def transmitter_empty(self, fd: int) -> bool | None:
+        return self.tx_empty
+
+    def tcgetattr(self, fd: int) -> list[Any]:
+        if self.attrs is None:
+            self.attrs = super().tcgetattr(fd)
+        return [*self.attrs[:6], list(self.attrs[6])]
+
+    def tcsetattr(self, fd: int, attrs: list[Any]) -> None:
+        self.calls.append(("tcsetattr", attrs[2]))
+        if attrs[2] & self.refuse_mask:
+            raise OSError(22, "Invalid argument")
+        self.attrs = [*attrs[:6], list(attrs[6])]
+
+    def modem_get(self, fd: int) -> int:
+        self.modem_reads += 1
+        return self.modem
+
+    def modem_set(self, fd: int, *, set_bits: int, clear_bits: int) -> None:
+        self.modem = (self.modem | set_bits) & ~clear_bits
+
+    def set_break(self, fd: int, on: bool) -> None:
+        self.breaks.append(on)
+        self.calls.append(("break", on))
+
+    def tcflow(self, fd: int, action: int) -> None:
+        self.flow.append(action)
+        self.calls.append(("tcflow", action))
+
+    def tcdrain(self, fd: int) -> None:
+        self.drains += 1
+        if self.drain_gate is not None:
+            self.drain_gate.wait(10)
+
+    def output_queued(self, fd: int) -> int:
+        if self.outq is not None:
+            return self.outq
+        return 123 if self.drain_gate is not None and not self.drain_gate.is_set() else 0
+
+
+def on_fake_with(settings: PortSettings, test: Callable[[Guest, FakeOps, int], Awaitable[None]],
+                  fake: FakeOps | None = None, **guest_kw: Any) -> None:
+    """Run ``test(guest, fake, master)`` on a real pty the link takes as a serial port whose
+    termios and modem ioctls are faked (``guest_kw``: more arguments for ``PortLink``)."""
+
+    async def run() -> None:
+        master, slave = os.openpty()
+        tty.setraw(slave)
+        os.set_blocking(master, False)
+        ops = fake or FakeOps()
+        try:
+            g = Guest(replace(settings, url=os.ttyname(slave)), termios_ops=ops, **guest_kw)
+            await g.link.open()
+            await test(g, ops, master)
+            await g.link.close()
+        finally:
+            os.close(master)
+            os.close(slave)
+
+    asyncio.run(run())

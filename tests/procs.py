@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +60,146 @@ def stop_process(
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{what} needs root and useradd (CI runs as root)")
+        pytest.skip(f"{what} needs root and useradd")
+
+
+@contextlib.contextmanager
+def new_group() -> Iterator[grp.struct_group]:
+    """A real group created for the test (``groupadd``), removed in ``finally``."""
+    _require_root("a test group")
+    name = f"ubg{uuid.uuid4().hex[:10]}"
+    subprocess.run(["groupadd", name], check=True, capture_output=True, timeout=30)
+    try:
+        yield grp.getgrnam(name)
+    finally:
+        subprocess.run(["groupdel", name], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def new_user(*groups: str) -> Iterator[pwd.struct_passwd]:
+    """A real unprivileged user (no home, no login, in ``groups``), removed in ``finally``."""
+    _require_root("a test user")
+    name = f"ubu{uuid.uuid4().hex[:10]}"
+    extra = ["--groups", ",".join(groups)] if groups else []
+    subprocess.run(
+        ["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", "--user-group",
+         *extra, name],
+        check=True, capture_output=True, timeout=30,
+    )
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def shared_dir() -> Iterator[Path]:
+    """A fresh directory every user can traverse (pytest's tmp_path is root's, mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="uartbridge-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# Runs the uartbridge CLI as another user. The interpreter and its libraries may live where
+# that user cannot read (this one is under /root): everything is imported first, as root,
+# then every id is dropped (setgroups/setgid/setuid: real, effective and saved) before the
+# command runs, so what it does to sockets and files it does with the user's rights only.
+_CLI_AS_USER = r"""
+import os, sys
+import secrets, hashlib, stat, socket, json, tempfile
+import uartbridge.cli, uartbridge.control, uartbridge.checkpoint, uartbridge.config
+import uartbridge.console, uartbridge.inspect, uartbridge.errors
+uid, gid = int(sys.argv[1]), int(sys.argv[2])
+groups = [int(g) for g in sys.argv[3].split(",") if g]
+os.setgroups(groups)
+os.setgid(gid)
+os.setuid(uid)
+assert os.getuid() == os.geteuid() == uid and os.getresuid() == (uid, uid, uid)
+os.chdir(sys.argv[4])
+sys.exit(uartbridge.cli.main(sys.argv[5:]))
+"""
+
+
+def cli_as(
+    user: pwd.struct_passwd, *args: str, cwd: Path, timeout_s: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``uartbridge ARGS`` run as ``user`` (with its groups), in ``cwd``."""
+    groups = os.getgrouplist(user.pw_name, user.pw_gid)
+    return subprocess.run(
+        [sys.executable, "-c", _CLI_AS_USER, str(user.pw_uid), str(user.pw_gid),
+         ",".join(map(str, groups)), str(cwd), *args],
+        capture_output=True, text=True, timeout=timeout_s, cwd=REPO,
+    )
+
+
+def python_as(
+    user: pwd.struct_passwd, code: str, *args: str, timeout_s: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    """The system Python running ``code`` as ``user`` from the start (for plain syscalls)."""
+    return subprocess.run(
+        ["/usr/bin/python3", "-c", code, *args],
+        capture_output=True, text=True, timeout=timeout_s, cwd="/",
+        user=user.pw_uid, group=user.pw_gid,
+        extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
+    )
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "256k") -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted at ``path`` (made if missing), unmounted in ``finally``."""
+    _require_root("a tmpfs mount")
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                    str(path)], check=True, capture_output=True, timeout=30)
+    try:
+        yield path
+    finally:
+        done = subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def read_only_bind(path: Path) -> Iterator[Path]:
+    """``path`` read-only from now on (a read-only bind mount over itself: new opens get
+    EROFS even while a process holds files there open), undone in ``finally``."""
+    _require_root("a read-only bind mount")
+    subprocess.run(["mount", "--bind", str(path), str(path)], check=True,
+                   capture_output=True, timeout=30)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True,
+                       capture_output=True, timeout=30)
+        yield path
+    finally:
+        done = subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def fill_filesystem(directory: Path) -> Path:
+    """Write a file in ``directory`` until the filesystem is full (ENOSPC); returns it."""
+    filler = directory / "filler"
+    chunk = b"\0" * 4096
+    with open(filler, "wb", buffering=0) as out:
+        try:
+            while True:
+                out.write(chunk)
+        except OSError as exc:
+            assert exc.errno == 28, exc  # ENOSPC
+    # Smaller writes too, so that not even one more page is left.
+    with open(directory / "filler2", "wb", buffering=0) as out, contextlib.suppress(OSError):
+        while True:
+            out.write(b"\0")
+    return filler
 
 
 def _gone(pid: int) -> bool:
@@ -113,10 +257,14 @@ class Socat:
         wait_for(lambda: self.a.exists() and self.b.exists(), 5.0)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Stop socat by PID."""
+        """Stop socat by PID. After SIGKILL its links are removed here, as its SIGTERM
+        handler would: a dangling link can later point at an unrelated test's pty."""
         if self.proc is not None:
             stop_process(self.proc, sig)
             self.proc = None
+            for link in (self.a, self.b):
+                if link.is_symlink():
+                    link.unlink()
 
 
 @contextlib.contextmanager
@@ -128,6 +276,24 @@ def socat_pair(tmp_path: Path, name: str = "null") -> Iterator[Socat]:
         yield pair
     finally:
         pair.stop()
+
+
+def json_events(text: str) -> list[dict[str, Any]]:
+    """Every line of a JSON log stream, parsed; a line that is not a JSON object fails."""
+    events = []
+    for line in text.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"not a JSON line in a JSON log stream: {line!r}") from None
+        assert isinstance(event, dict), line
+        events.append(event)
+    return events
+
+
+def ready_events(text: str) -> dict[str, dict[str, Any]]:
+    """The daemon's ``ready`` events (the announcement of each UART), by UART name."""
+    return {e["uart"]: e for e in json_events(text) if e.get("event") == "ready"}
 
 
 def _toml_value(value: Any) -> str:
@@ -187,21 +353,36 @@ class Daemon:
     def log_path(self) -> Path:
         return self.root / f"daemon-{self.runs}.log"
 
-    def start(self, *command: str, wait: bool = True) -> None:
-        """Start ``uartbridge run`` (or ``command``) and wait for READY=1 over sd_notify."""
+    def start(
+        self,
+        *command: str,
+        wait: bool = True,
+        output: int | None = None,
+        stderr: int | None = None,
+        prefix: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """Start ``uartbridge run`` (or ``command``) and wait for READY=1 over sd_notify.
+
+        Its stdout and stderr go to ``log_path``, or to the fd ``output`` when given (stderr
+        to the fd ``stderr`` if that is given too);
+        ``prefix`` runs it under a wrapper (``unshare …``), ``env`` adds variables.
+        """
         self.write_config()
         self.runs += 1
         args = list(command) or ["run"]
         notify_path = self.root / f"notify-{self.runs}.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
-        env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+        full_env = dict(os.environ, NOTIFY_SOCKET=str(notify_path), **(env or {}))
+        argv = [*prefix, sys.executable, "-m", "uartbridge", *args,
+                "--config", str(self.config_path)]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uartbridge", *args, "--config", str(self.config_path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
+                argv,
+                stdout=log if output is None else output,
+                stderr=subprocess.STDOUT if stderr is None else stderr,
+                env=full_env,
                 cwd=REPO,
             )
         try:
@@ -228,6 +409,10 @@ class Daemon:
     def log(self) -> str:
         """What the daemon printed so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def events(self) -> list[dict[str, Any]]:
+        """The daemon's log so far, one JSON object per line (a non-JSON line fails)."""
+        return json_events(self.log())
 
     def cli(self, *args: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run ``uartbridge ARGS`` against this daemon's config."""

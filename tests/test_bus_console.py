@@ -69,3 +69,24 @@ def test_piped_input_goes_out_and_echo_comes_back() -> None:
         assert code == 0
         assert srv.sent() == message
         assert bytes(collected) == message
+
+
+def test_config_names_the_bus_socket(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--config FILE: the console attaches to that config's UART's bus socket."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[daemon]\nruntime_dir = "{tmp_path}/run"\n[[uart]]\nname = "ttyQ"\n'
+                      f'bus_socket = "{tmp_path}/q.bus"\n')
+    assert console_command(parse(["--config", str(config)])) == 69
+    assert str(tmp_path / "q.bus") in capsys.readouterr().err
+
+
+def test_config_without_that_uart_is_a_config_error(tmp_path: Path) -> None:
+    """--config FILE --uart NAME that the config does not have: a ConfigError naming both."""
+    from uartbridge.errors import ConfigError
+
+    config = tmp_path / "c.toml"
+    config.write_text('[[uart]]\nname = "ttyQ"\n')
+    with pytest.raises(ConfigError, match="no \\[\\[uart\\]\\] named 'other'"):
+        console_command(parse(["--config", str(config), "--uart", "other"]))

@@ -8,11 +8,19 @@ import os
 import shutil
 import socket
 import stat
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from test_bus_support import RawGuest, run_async, short_tmp_dir, started_server, wait_for
+from test_bus_support import (
+    RawGuest,
+    read_reg,
+    run_async,
+    serve,
+    short_tmp_dir,
+    started_server,
+    sync,
+    wait_for,
+)
 
 from uartbridge import Uart16550
 from uartbridge.bus import (
@@ -36,42 +44,6 @@ from uartbridge.bus import (
 from uartbridge.errors import BusError
 from uartbridge.registers import FCR, IER, IIR, LCR, LSR, MCR, RBR, SCR, THR, Ier, Mcr
 from uartbridge.sockets import PeerCredentials
-
-Body = Callable[[BusServer, Uart16550, VirtualWire, Path], Awaitable[None]]
-
-
-def serve(body: Body, **kwargs: object) -> None:
-    """Run ``body(server, uart, wire, path)`` with a started server; always clean up."""
-    directory = short_tmp_dir()
-
-    async def main() -> None:
-        server, uart, wire, path = await started_server(directory, "uart0", **kwargs)  # type: ignore[arg-type]
-        try:
-            await body(server, uart, wire, path)
-        finally:
-            wire.detach()
-            await server.close()
-
-    try:
-        run_async(main)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-async def read_reg(guest: RawGuest, offset: int) -> tuple[list[object], int]:
-    guest.send(Read(offset))
-    frames = await guest.recv_until(ReadReply)
-    reply = frames[-1]
-    assert isinstance(reply, ReadReply)
-    assert reply.offset == offset
-    return list(frames[:-1]), reply.value
-
-
-async def sync(guest: RawGuest, token: int = 7) -> list[object]:
-    guest.send(Sync(token))
-    frames = await guest.recv_until(SyncReply)
-    assert frames[-1] == SyncReply(token)
-    return list(frames[:-1])
 
 
 def test_hello_reports_version_capabilities_irq_and_name() -> None:
@@ -594,3 +566,197 @@ def test_read_n_goes_on_while_the_port_refills_the_fifo() -> None:
         await guest.close()
 
     serve(body)
+
+
+def test_a_big_batch_runs_in_turns_and_another_uart_is_served_in_between() -> None:
+    """A 60 KiB batch of bursts runs a budget per turn: another UART's READ, sent after the
+    batch, is executed after at most a turn of it, not after all of it."""
+    directory = short_tmp_dir()
+
+    async def main() -> None:
+        s0, uart0, wire0, path0 = await started_server(directory, "uart0")
+        uart1 = Uart16550()
+        wire1 = VirtualWire(uart1)
+        seen_by_uart1: list[int] = []
+
+        def settle1() -> list[bool]:
+            conn = s0._guest
+            seen_by_uart1.append(conn.frames_executed if conn is not None else -1)
+            return wire1()
+
+        s1 = BusServer(uart1, name="uart1", settle=settle1)
+        path1 = directory / "uart1.bus"
+        await s1.start_unix(path1)
+        try:
+            flood = await RawGuest.open(path0)
+            other = await RawGuest.open(path1)
+            frames = [WriteN(SCR, bytes([i]) * 4094) for i in range(14)]  # 14 x 4098 bytes
+            flood.send(*frames, Sync(1))
+            other.send(Read(SCR))
+            assert (await other.recv_until(ReadReply))[-1] == ReadReply(SCR, 0)
+            assert (await flood.recv_until(SyncReply))[-1] == SyncReply(1)
+            conn_frames = seen_by_uart1[0]
+            # HELLO + at most two turns of one maximal burst each had run, of 15 frames.
+            assert 1 <= conn_frames <= 3, seen_by_uart1
+            assert uart0.state().scr == 13
+            await flood.close()
+            await other.close()
+        finally:
+            wire0.detach()
+            await s0.close()
+            await s1.close()
+
+    try:
+        run_async(main)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_turns_keep_irq_frames_before_replies_and_stop_between_frames() -> None:
+    """Across turns IRQ frames still precede the reply that observes them, and what runs
+    between two turns (a checkpoint, say) sees the device between two frames."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        guest = await RawGuest.open(path)
+        data = bytes(i % 255 for i in range(4093)) + b"\xff"  # 0xFF only as the last write
+        seen: list[tuple[int, int]] = []  # (frames executed, SCR) whenever the observer ran
+        stop = False
+
+        async def observe() -> None:
+            while not stop:
+                conn = server._guest
+                seen.append((conn.frames_executed if conn else -1, uart.state().scr))
+                await asyncio.sleep(0)
+
+        observer = asyncio.create_task(observe())
+        guest.send(Write(IER, Ier.THRI), *[WriteN(SCR, data) for _ in range(12)], Read(IIR))
+        frames = await guest.recv_until(ReadReply)
+        stop = True
+        await observer
+        assert frames == [IrqEvent(True), IrqEvent(False), ReadReply(IIR, 0x02)]
+        assert {scr for _, scr in seen} <= {0x00, 0xFF}
+        # HELLO is frame 1, the IER write 2, the bursts 3..14: seen part-way, turn by turn.
+        midway = {n for n, _ in seen if 2 < n < 14}
+        assert len(midway) >= 6, seen
+        await guest.close()
+
+    serve(body)
+
+
+def test_write_n_to_a_register_settles_once_per_burst() -> None:
+    """WRITE_N of LCR toggles is settled once (the port gets the final line settings), not
+    once per write."""
+    calls: list[int] = []
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        def counting() -> list[bool]:
+            calls.append(1)
+            return wire()
+
+        server.settle = counting
+        guest = await RawGuest.open(path)
+        await sync(guest)
+        calls.clear()
+        guest.send(WriteN(LCR, bytes([0x03, 0x1B]) * 2047), WriteN(LCR, b"\x03"))
+        await sync(guest)
+        assert len(calls) <= 3, len(calls)
+        assert uart.line_settings.summary().startswith("8N1") or uart.state().lcr == 0x03
+        await guest.close()
+
+    serve(body)
+
+
+def test_write_n_to_thr_asks_a_refusing_port_once_per_burst() -> None:
+    """A THR burst into a port that takes nothing asks it once, not once per byte; the
+    overwritten bytes are counted as the chip's overwrites."""
+    calls: list[int] = []
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        def refusing() -> list[bool]:
+            calls.append(1)
+            return list(uart.take_events().irq_changes)
+
+        server.settle = refusing
+        guest = await RawGuest.open(path)
+        guest.send(Write(FCR, 0x07))
+        await sync(guest)
+        calls.clear()
+        guest.send(WriteN(THR, bytes(range(256)) * 15))
+        await sync(guest)
+        assert len(calls) <= 4, len(calls)
+        assert uart.statistics().tx_overwrites == 256 * 15 - 16 - 1  # FIFO + TSR hold 17
+        await guest.close()
+
+    serve(body)
+
+
+def test_on_turn_end_runs_once_per_turn_after_the_last_settle() -> None:
+    """on_turn_end is called once per turn of frames, after that turn's final settle."""
+    events: list[str] = []
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        def settle() -> list[bool]:
+            events.append("settle")
+            return wire()
+
+        server.settle = settle
+        server.on_turn_end = lambda: events.append("end")
+        guest = await RawGuest.open(path)
+        events.clear()
+        guest.send(*[WriteN(LCR, bytes([0x03, 0x07]) * 2047) for _ in range(3)], Sync(5))
+        await guest.recv_until(SyncReply)
+        assert events.count("end") == 3  # three maximal bursts: three turns
+        assert events[-2:] == ["settle", "end"]
+        assert all(events[i - 1] == "settle" for i, e in enumerate(events) if e == "end")
+        await guest.close()
+
+    serve(body, time_budget_s=60.0)  # turns end by the op budget alone here
+
+
+def test_input_that_arrives_during_a_turn_is_served_before_the_next_turn() -> None:
+    """A READ that reaches another UART while a flood's turn runs is executed right after
+    that turn, before the flood's next one (the next turn waits for the loop's next poll)."""
+    directory = short_tmp_dir()
+
+    async def main() -> None:
+        s0, _uart0, wire0, path0 = await started_server(directory, "uart0", time_budget_s=60.0)
+        uart1 = Uart16550()
+        wire1 = VirtualWire(uart1)
+        at_read: list[int] = []
+        at_trigger: list[int] = []
+
+        def settle1() -> list[bool]:
+            conn = s0._guest
+            at_read.append(conn.frames_executed if conn is not None else -1)
+            return wire1()
+
+        s1 = BusServer(uart1, name="uart1", settle=settle1)
+        path1 = directory / "uart1.bus"
+        await s1.start_unix(path1)
+        try:
+            flood = await RawGuest.open(path0)
+            other = await RawGuest.open(path1)
+            at_read.clear()
+
+            def turn_end() -> None:
+                conn = s0._guest
+                if conn is not None and conn.slices == 3 and not at_trigger:
+                    at_trigger.append(conn.frames_executed)
+                    other.send(Read(SCR))  # reaches uart1's socket now, mid-flood
+
+            s0.on_turn_end = turn_end
+            flood.send(*[WriteN(SCR, bytes([i]) * 4094) for i in range(10)], Sync(1))
+            assert (await other.recv_until(ReadReply))[-1] == ReadReply(SCR, 0)
+            assert (await flood.recv_until(SyncReply))[-1] == SyncReply(1)
+            assert at_trigger and at_read[0] == at_trigger[0], (at_trigger, at_read)
+            await flood.close()
+            await other.close()
+        finally:
+            wire0.detach()
+            await s0.close()
+            await s1.close()
+
+    try:
+        run_async(main)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

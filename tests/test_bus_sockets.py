@@ -19,7 +19,6 @@ from uartbridge.sockets import (
     default_peer_allowed,
     ensure_private_dir,
     peer_credentials,
-    tcp_peer_credentials,
 )
 
 
@@ -93,41 +92,6 @@ def test_peer_credentials_of_socketpair() -> None:
         a.close()
         b.close()
     assert (creds.pid, creds.uid, creds.gid) == (os.getpid(), os.geteuid(), os.getegid())
-
-
-@pytest.mark.parametrize(
-    ("family", "listen_on", "connect_to"),
-    [
-        (socket.AF_INET, "127.0.0.1", "127.0.0.1"),
-        (socket.AF_INET6, "::1", "::1"),
-        (socket.AF_INET6, "::", "127.0.0.1"),  # dual stack: the peer shows as ::ffff:127.0.0.1
-    ],
-)
-def test_tcp_peer_credentials_of_a_loopback_connection(
-    family: socket.AddressFamily, listen_on: str, connect_to: str
-) -> None:
-    """A TCP peer on this host is identified by the uid owning its socket (/proc/net/tcp*)."""
-    try:
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        listener.bind((listen_on, 0))
-    except OSError as exc:
-        pytest.skip(f"no {listen_on} here: {exc}")
-    listener.listen(1)
-    port = listener.getsockname()[1]
-    client = socket.create_connection((connect_to, port))
-    accepted, _ = listener.accept()
-    try:
-        creds = tcp_peer_credentials(accepted)
-        assert creds is not None
-        assert creds.uid == os.geteuid()
-        assert creds.gid == os.getegid() or os.getegid() in creds.groups
-        client.close()
-        accepted.close()
-        with pytest.raises(BusError):  # a closed socket has no peer to look up
-            tcp_peer_credentials(accepted)
-    finally:
-        for sock in (client, accepted, listener):
-            sock.close()
 
 
 def test_default_peer_allowed() -> None:

@@ -24,6 +24,10 @@ from uartbridge.bus import (
     FrameDecoder,
     Hello,
     HelloReply,
+    Read,
+    ReadReply,
+    Sync,
+    SyncReply,
     VirtualWire,
     encode,
 )
@@ -208,6 +212,46 @@ async def started_server(
     return server, uart, wire, path
 
 
+Body = Callable[[BusServer, Uart16550, VirtualWire, Path], Awaitable[None]]
+
+
+def serve(body: Body, **kwargs: object) -> None:
+    """Run ``body(server, uart, wire, path)`` with a started server; always clean up."""
+    directory = short_tmp_dir()
+
+    async def main() -> None:
+        server, uart, wire, path = await started_server(directory, "uart0", **kwargs)  # type: ignore[arg-type]
+        try:
+            await body(server, uart, wire, path)
+        finally:
+            wire.detach()
+            await server.close()
+
+    try:
+        run_async(main)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def read_reg(guest: RawGuest, offset: int) -> tuple[list[object], int]:
+    """READ ``offset``: (the frames before the reply, the value)."""
+    guest.send(Read(offset))
+    frames = await guest.recv_until(ReadReply)
+    reply = frames[-1]
+    assert isinstance(reply, ReadReply)
+    assert reply.offset == offset
+    return list(frames[:-1]), reply.value
+
+
+async def sync(guest: RawGuest, token: int = 7) -> list[object]:
+    """SYNC: the frames before the reply."""
+    guest.send(Sync(token))
+    frames = await guest.recv_until(SyncReply)
+    assert frames[-1] == SyncReply(token)
+    return list(frames[:-1])
+
+
+
 def run_async(main: Callable[[], Awaitable[None]]) -> None:
     """Run an async test body on a fresh loop."""
 
@@ -215,3 +259,5 @@ def run_async(main: Callable[[], Awaitable[None]]) -> None:
         await main()
 
     asyncio.run(runner())
+
+

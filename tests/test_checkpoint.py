@@ -48,6 +48,7 @@ from vectors import FakeClock
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
 GOLDEN = sorted(DATA.glob("checkpoint-v1-*.json"))
+GOLDEN_V3 = DATA / "checkpoint-v3-stop-on-serial.json"
 
 
 def make_checkpoint(
@@ -72,8 +73,26 @@ def make_checkpoint(
 
 
 def golden_doc(name: str) -> dict[str, Any]:
-    """The parsed JSON of a golden file."""
-    doc: dict[str, Any] = json.loads((DATA / f"checkpoint-v1-{name}.json").read_text())
+    """The parsed JSON of a golden file (a v1 one by its short name)."""
+    path = DATA / (name if name.endswith(".json") else f"checkpoint-v1-{name}.json")
+    doc: dict[str, Any] = json.loads(path.read_text())
+    return doc
+
+
+def upgraded_to_current(doc: dict[str, Any]) -> dict[str, Any]:
+    """What a v1/v2 document says when written again by this version (docs §6): the keys
+    each later version added, with the values that mean exactly the old behaviour."""
+    doc = copy.deepcopy(doc)
+    version = doc["format_version"]
+    if version < 2:
+        doc["port"]["rx_marks"] = []
+    if version < 3:
+        doc["port"]["rx_escape"] = ""
+        doc["port"]["counters"].update(
+            tx_reclaimed=0, rx_saved_at_stop=0, rx_dropped_at_stop=0, rx_escape_uncertain=0
+        )
+    doc["format_version"] = FORMAT_VERSION
+    del doc["sha256"]
     return doc
 
 
@@ -167,10 +186,13 @@ def _field(ckpt: Checkpoint, dotted: str) -> object:
 
 
 def test_golden_file_set_is_complete() -> None:
-    """The golden v1 files are exactly the ones the expectations describe (none went missing)."""
+    """The golden files are exactly the ones the tests describe (none went missing)."""
     assert sorted(p.name for p in GOLDEN) == sorted(
         f"checkpoint-v1-{name}.json" for name in GOLDEN_EXPECTATIONS
     )
+    assert sorted(p.name for p in DATA.glob("checkpoint-v[2-9]*.json")) == [
+        "checkpoint-v2-line-events.json", "checkpoint-v3-stop-on-serial.json"
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_EXPECTATIONS))
@@ -190,8 +212,89 @@ def test_golden_v2_file_loads_with_its_pending_line_events() -> None:
     assert ckpt.port.rx_backlog == b"bcdXef"
     assert ckpt.port.rx_marks == ((3, "parity"), (5, "break"))
     assert ckpt.uart.rx_fifo == b"a"
-    if FORMAT_VERSION == 2:
-        assert encode(decode(path.read_bytes())) == path.read_bytes()
+    assert ckpt.port.rx_escape == b""
+    assert ckpt.port.counters.tx_reclaimed == 0
+
+
+def test_golden_v2_file_reencodes_with_only_the_v3_fields() -> None:
+    """The v2 file written again says version 3 with rx_escape "" and the new counters 0."""
+    path = DATA / "checkpoint-v2-line-events.json"
+    ckpt = decode(path.read_bytes())
+    current = dataclasses.replace(
+        ckpt, meta=dataclasses.replace(ckpt.meta, format_version=FORMAT_VERSION)
+    )
+    written = json.loads(encode(current))
+    del written["sha256"]
+    assert written == upgraded_to_current(json.loads(path.read_bytes()))
+
+
+def test_golden_v3_file_loads_with_what_a_stop_took_from_the_kernel() -> None:
+    """The format-3 golden file: reclaimed output in tx_backlog, saved input, a half mark."""
+    ckpt = read_checkpoint(GOLDEN_V3)
+    assert ckpt.meta.format_version == 3
+    assert ckpt.port.rx_escape == b"\xff"
+    assert ckpt.port.tx_backlog == b"ok\r\nlogin: "
+    assert ckpt.port.rx_backlog == b"k\r\n"
+    counters = ckpt.port.counters
+    assert (counters.tx_reclaimed, counters.rx_saved_at_stop) == (11, 3)
+    assert (counters.rx_dropped_at_stop, counters.rx_escape_uncertain) == (0, 0)
+    assert ckpt.port.reader_state is ReaderState.STALLED
+    assert ckpt.uart.rx_fifo == b"o"
+    if FORMAT_VERSION == 3:  # the newest golden file is exactly what this version writes
+        assert encode(ckpt) == GOLDEN_V3.read_bytes()
+
+
+def test_v2_documents_load_with_no_half_mark_and_zero_stop_counters() -> None:
+    """A version-2 file upgrades to exactly what it meant: no half mark, nothing reclaimed."""
+    doc = golden_doc("checkpoint-v2-line-events.json")
+    ckpt = decode(rehashed(doc))
+    assert ckpt.meta.format_version == 2
+    assert ckpt.port.rx_escape == b""
+    assert ckpt.port.counters.rx_saved_at_stop == 0
+    assert ckpt.port.rx_marks == ((3, "parity"), (5, "break"))
+
+
+@pytest.mark.parametrize(
+    ("where", "key"),
+    [(("port",), "rx_escape"), (("port", "counters"), "tx_reclaimed"),
+     (("port", "counters"), "rx_escape_uncertain")],
+)
+def test_v3_fields_in_a_version_2_document_are_refused(where: tuple[str, ...], key: str) -> None:
+    """rx_escape and the stop counters came with version 3: a v2 document with one is refused."""
+    doc = golden_doc("checkpoint-v2-line-events.json")
+    target = doc
+    for part in where:
+        target = target[part]
+    target[key] = "" if key == "rx_escape" else 0
+    message = refused(rehashed(doc))
+    assert f"{'.'.join((*where, key))}: unknown field in format version 2" in message
+
+
+RX_ESCAPE_RULES = [
+    ("00", 'must be "", "ff" or "ff00"'),
+    ("ffff", 'must be "", "ff" or "ff00"'),
+    ("ff01", 'must be "", "ff" or "ff00"'),
+    ("ff0000", "more than the 2 allowed"),
+    ("FF", "lowercase hex"),
+    (255, "must be a string"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"), RX_ESCAPE_RULES, ids=[repr(r[0]) for r in RX_ESCAPE_RULES]
+)
+def test_each_rx_escape_rule_is_enforced_on_load(value: object, fragment: str) -> None:
+    """P6: rx_escape is the start of a PARMRK mark: "", "ff" or "ff00", nothing else."""
+    doc = golden_doc(GOLDEN_V3.name)
+    doc["port"]["rx_escape"] = value
+    message = refused(rehashed(doc))
+    assert "port.rx_escape" in message and fragment in message
+
+
+def test_a_half_mark_that_is_no_mark_is_not_written() -> None:
+    """The writer checks P6 too: rx_escape "00" never reaches a file."""
+    with pytest.raises(CheckpointError, match=r"port\.rx_escape"):
+        encode(make_checkpoint(port=PortState(rx_escape=b"\x00")))
 
 
 def test_v1_documents_load_with_no_pending_line_events() -> None:
@@ -239,17 +342,16 @@ def test_marks_that_do_not_fit_their_backlog_are_not_written() -> None:
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.name)
-def test_golden_v1_files_reencode_as_v2_with_only_the_new_field(path: Path) -> None:
-    """A v1 file written again says version 2 and ``rx_marks: []``; every other key is as it was."""
+def test_golden_v1_files_reencode_as_current_with_only_the_new_fields(path: Path) -> None:
+    """A v1 file written again says the current version and carries only the fields added
+    since (``rx_marks: []``, ``rx_escape: ""``, the v3 counters 0); every other key as it was."""
     ckpt = decode(path.read_bytes())
-    current = dataclasses.replace(ckpt, meta=dataclasses.replace(ckpt.meta, format_version=2))
+    current = dataclasses.replace(
+        ckpt, meta=dataclasses.replace(ckpt.meta, format_version=FORMAT_VERSION)
+    )
     written = json.loads(encode(current))
-    expected = json.loads(path.read_bytes())
-    expected["format_version"] = 2
-    expected["port"]["rx_marks"] = []
-    for doc in (written, expected):
-        del doc["sha256"]
-    assert written == expected
+    del written["sha256"]
+    assert written == upgraded_to_current(json.loads(path.read_bytes()))
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.name)
@@ -381,11 +483,15 @@ def _paths(doc: dict[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str,
 
 
 @pytest.mark.parametrize(
-    "path", [p for p in _paths(golden_doc("idle")) if p != ("sha256",)], ids=".".join
+    ("golden", "path"),
+    [("idle", p) for p in _paths(golden_doc("idle")) if p != ("sha256",)]
+    + [(GOLDEN_V3.name, p) for p in _paths(golden_doc(GOLDEN_V3.name))
+       if p[:1] == ("port",)],
+    ids=lambda v: ".".join(v) if isinstance(v, tuple) else v[:16],
 )
-def test_missing_key_is_refused_naming_it(path: tuple[str, ...]) -> None:
+def test_missing_key_is_refused_naming_it(golden: str, path: tuple[str, ...]) -> None:
     """Deleting any key (even one holding an empty value) makes the file invalid, naming it."""
-    doc = golden_doc("idle")
+    doc = golden_doc(golden)
     target = doc
     for part in path[:-1]:
         target = target[part]
@@ -550,7 +656,7 @@ HOST_RULES = [
     (("meta", "generation"), 0, "meta.generation: must be >= 1"),
     (("meta", "generation"), -3, "meta.generation: must be an integer 0..2**63-1"),
     (("meta", "created_unix_ns"), -1, "meta.created_unix_ns: must be an integer 0..2**63-1"),
-    (("meta", "uart_name"), "../etc", "meta.uart_name: must match"),
+    (("meta", "uart_name"), "../etc", "meta.uart_name: must be 1 to 32 characters"),
     (("meta", "uart_name"), "", "meta.uart_name: must not be empty"),
     (("meta", "port"), "", "meta.port: must not be empty"),
     (("meta", "port"), "/dev/tty\x1b[2J", "meta.port: must not contain control characters"),
@@ -877,7 +983,9 @@ def test_checkpoint_path_and_previous_path() -> None:
     assert previous_path(path) == Path("/var/lib/uartbridge/ttyS0.checkpoint.prev.json")
 
 
-@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "x" * 65, "tty S0", "é"])
+@pytest.mark.parametrize(
+    "name", ["", "../x", "a/b", ".hidden", "x" * 33, "_x", "-x", "..", "tty S0", "é"]
+)
 def test_checkpoint_path_refuses_unsafe_names(name: str) -> None:
     """A UART name that could escape the state directory or hide a file is refused."""
     with pytest.raises(ValueError, match="UART name"):

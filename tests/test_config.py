@@ -101,7 +101,7 @@ def test_example_documents_every_key() -> None:
     expected |= {f.name for f in dataclasses.fields(CheckpointConfig)}
     expected |= {"name", "port", "link", "baudbase", "tx_retry_limit", "bus_socket", "bus_tcp",
                  "trace_file", "on_disconnect", "backlog_bytes", "rx_backlog_bytes", "rtscts",
-                 "xonxoff", "reconnect_min_s", "reconnect_max_s"}
+                 "xonxoff", "reconnect_min_s", "reconnect_max_s", "bus_tcp_token_file", "lock_dir"}
     assert keys == expected
 
 
@@ -273,9 +273,12 @@ BAD = [
      "a group that exists on this host"),
     ("daemon.log_fromat", "[daemon]\nlog_fromat = \"json\"", "did you mean 'log_format'"),
     ("checkpoint.resume", "[checkpoint]\nresume = \"always\"", '"auto", "never"'),
-    ("checkpoint.interval_s", "[checkpoint]\ninterval_s = -1", ">= 0"),
-    ("checkpoint.interval_s", "[checkpoint]\ninterval_s = nan", ">= 0"),
-    ("checkpoint.interval_s", "[checkpoint]\ninterval_s = inf", ">= 0"),
+    ("checkpoint.interval_s", "[checkpoint]\ninterval_s = -1", "from 0.1 to 86400, or 0 (off)"),
+    ("checkpoint.interval_s", "[checkpoint]\ninterval_s = nan", "from 0.1 to 86400"),
+    ("checkpoint.interval_s", "[checkpoint]\ninterval_s = inf", "from 0.1 to 86400"),
+    ("checkpoint.interval_s", "[checkpoint]\ninterval_s = 1e-6", "from 0.1 to 86400"),
+    ("checkpoint.stop_retry_s", "[checkpoint]\nstop_retry_s = 0.5", "from 1 to 3600, or 0"),
+    ("checkpoint.stop_retry_s", "[checkpoint]\nstop_retry_s = 1e9", "from 1 to 3600"),
     ("checkpoint.interval_s", "[checkpoint]\ninterval_s = \"5\"", "a number of seconds"),
     ("checkpoint.on_stop", "[checkpoint]\non_stop = 0", "expected a boolean"),
     ("uart[0].on_disconnect", "on_disconnect = \"drop\"", '"buffer", "hold", "discard"'),
@@ -284,12 +287,18 @@ BAD = [
     ("uart[0].rx_backlog_bytes", "rx_backlog_bytes = -4096", "a size in bytes from 0 to 1048576"),
     ("uart[0].rx_backlog_bytes", "rx_backlog_bytes = 1048577", "a size in bytes from 0 to"),
     ("uart[0].backlog_bytes", "backlog_bytes = 1.5", "a size in bytes"),
-    ("uart[0].baudbase", "baudbase = 0", "> 0"),
+    ("uart[0].baudbase", "baudbase = 0", "from 1 to 100000000"),
+    ("uart[0].baudbase", f"baudbase = {2**63}", "from 1 to 100000000"),
+    ("uart[0].baudbase", "baudbase = 100000001", "from 1 to 100000000"),
     ("uart[0].tx_retry_limit", "tx_retry_limit = -2", "-1 (never drop)"),
     ("uart[0].name", "name = \"has space\"", "A-Z a-z 0-9 _ . -"),
     ("uart[0].name", "name = \"\"", "1 to 32 characters"),
     ("uart[0].name", f"name = \"{'x' * 33}\"", "1 to 32 characters"),
     ("uart[0].name", "name = \"a/b\"", "A-Z a-z 0-9 _ . -"),
+    ("uart[0].name", "name = \"_x\"", "starting with a letter or digit"),
+    ("uart[0].name", "name = \".x\"", "starting with a letter or digit"),
+    ("uart[0].name", "name = \"..\"", "starting with a letter or digit"),
+    ("uart[0].name", "name = \"-x\"", "starting with a letter or digit"),
     ("uart[0].port", "port = \"\"", "a tty path"),
     ("uart[0].port", "port = \"loop://\"", "rfc2217://HOST:PORT"),
     ("uart[0].port", "port = \"rfc2217://nohost\"", "rfc2217://HOST:PORT"),
@@ -304,11 +313,64 @@ BAD = [
     ("uart[0].bus_tcp", "bus_tcp = \"[127.0.0.1]:5555\"", '"HOST:PORT"'),
     ("uart[0].bus_tcp", "bus_tcp = 5555", "expected a string"),
     ("uart[0].reconnect_min_s", "reconnect_min_s = 6", "at most reconnect_max_s (5)"),
-    ("uart[0].reconnect_min_s", "reconnect_min_s = 0", "> 0"),
-    ("uart[0].reconnect_max_s", "reconnect_max_s = -1.0", "> 0"),
+    ("uart[0].reconnect_min_s", "reconnect_min_s = 0", "from 0.01 to 3600"),
+    ("uart[0].reconnect_min_s", "reconnect_min_s = 1e-300", "from 0.01 to 3600"),
+    ("uart[0].reconnect_max_s", "reconnect_max_s = -1.0", "from 0.01 to 3600"),
+    ("uart[0].reconnect_max_s", "reconnect_max_s = 1e300", "from 0.01 to 3600"),
     ("uart[0].rtscts", "rtscts = \"true\"", "expected a boolean"),
     ("uart[0].baudrate", "baudrate = 9600", "unknown key"),
+    ("uart[0].lock_dir", "lock_dir = \"var/lock\"", "an absolute directory"),
+    ("uart[0].bus_tcp_token_file", "bus_tcp_token_file = \"/nonexistent/token\"",
+     "a readable token file"),
 ]
+
+
+def _token_file(tmp_path: Path, data: bytes, mode: int = 0o600) -> Path:
+    path = tmp_path / "bus.token"
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+def test_bus_tcp_token_file_is_read_without_its_newline(tmp_path: Path) -> None:
+    """bus_tcp_token_file's bytes (a trailing newline stripped) become the UART's TCP token,
+    kept out of the config's repr."""
+    token = _token_file(tmp_path, b"s3cret\n")
+    cfg = load_config(write(tmp_path, f'{UART}bus_tcp = "127.0.0.1:5555"\n'
+                                      f'bus_tcp_token_file = "{token}"\n'))
+    assert cfg.uarts[0].bus_tcp_token == b"s3cret"
+    assert "s3cret" not in repr(cfg)
+
+
+@pytest.mark.parametrize(
+    ("data", "mode", "bus_tcp", "expected"),
+    [
+        (b"s3cret", 0o644, True, "a file only its owner can read (mode 0644: chmod 600)"),
+        (b"s3cret", 0o640, True, "a file only its owner can read"),
+        (b"\n", 0o600, True, "a token of 1 to 255 bytes"),
+        (b"x" * 256, 0o600, True, "a token of 1 to 255 bytes"),
+        (b"s3cret", 0o600, False, '"" (a token is only for bus_tcp)'),
+    ],
+)
+def test_bad_bus_tcp_token_file_is_refused(
+    tmp_path: Path, data: bytes, mode: int, bus_tcp: bool, expected: str
+) -> None:
+    """A token file others can read, an empty or oversized token, or a token without bus_tcp
+    is a config error naming the key."""
+    token = _token_file(tmp_path, data, mode)
+    tcp = 'bus_tcp = "127.0.0.1:5555"\n' if bus_tcp else ""
+    path = write(tmp_path, f'{UART}{tcp}bus_tcp_token_file = "{token}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "uart[0].bus_tcp_token_file" in str(info.value)
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "value"), [("\"/run/lock\"", "/run/lock"), ("\"\"", None)])
+def test_lock_dir_reaches_the_port_settings(tmp_path: Path, text: str, value: str | None) -> None:
+    """lock_dir names where UUCP lock files live; "" turns them off."""
+    cfg = load_config(write(tmp_path, f"{UART}lock_dir = {text}\n"))
+    assert cfg.uarts[0].port.lock_dir == value
 
 
 @pytest.mark.parametrize(("key", "snippet", "expected"), BAD, ids=[f"{k}:{s.splitlines()[-1]}"
@@ -493,3 +555,73 @@ def test_cli_check_config_exit_codes(
     assert cli.main(["check-config", str(path)]) == code
     if code:
         assert capsys.readouterr().err.count("\n") == 1
+
+
+# -- the defaults the units expect ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "instance"),
+    [
+        ("/etc/uartbridge/uartbridge.toml", None),
+        ("/etc/uartbridge/ttyUSB0.toml", "ttyUSB0"),
+        ("/etc/uartbridge/sub/ttyUSB0.toml", None),
+        ("/tmp/walk/walk.toml", None),
+        ("/etc/uartbridge/ttyS1.conf", None),
+    ],
+)
+def test_instance_of_a_config_path(path: str, instance: str | None) -> None:
+    """/etc/uartbridge/NAME.toml is instance NAME (uartbridge@NAME); nothing else is one."""
+    from uartbridge.paths import instance_of
+
+    assert instance_of(path) == instance
+
+
+def test_an_instance_name_that_cannot_name_a_directory_is_refused() -> None:
+    """/etc/uartbridge/_x.toml cannot derive directories: a ConfigError naming the fix."""
+    from uartbridge.paths import instance_of
+
+    with pytest.raises(ValueError, match="set runtime_dir and state_dir"):
+        instance_of("/etc/uartbridge/_x.toml")
+
+
+def test_instance_defaults_are_the_template_units_directories(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Root, no systemd variables: instance NAME gets /run/uartbridge-NAME and
+    /var/lib/uartbridge-NAME; no instance gets /run/uartbridge and /var/lib/uartbridge."""
+    for variable in ("RUNTIME_DIRECTORY", "STATE_DIRECTORY", "XDG_RUNTIME_DIR",
+                     "XDG_STATE_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    cfg = parse_config(UART, source="<test>", instance="ttyS1")
+    assert cfg.instance == "ttyS1"
+    assert cfg.daemon.runtime_dir == Path("/run/uartbridge-ttyS1")
+    assert cfg.daemon.state_dir == Path("/var/lib/uartbridge-ttyS1")
+    assert cfg.daemon.control_socket == Path("/run/uartbridge-ttyS1/control.sock")
+    plain = parse_config(UART, source="<test>")
+    assert plain.daemon.runtime_dir == Path("/run/uartbridge")
+    assert plain.daemon.state_dir == Path("/var/lib/uartbridge")
+
+
+def test_systemd_directories_win_over_the_instance_defaults(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Under a unit, $RUNTIME_DIRECTORY/$STATE_DIRECTORY are used as systemd named them."""
+    cfg = parse_config(UART, source="<test>", instance="ttyS1")
+    assert cfg.daemon.runtime_dir == tmp_path / "run"
+    assert cfg.daemon.state_dir == tmp_path / "state"
+
+
+def test_one_name_rule_for_config_and_checkpoint() -> None:
+    """The config's UART name rule is the names module's; every name it accepts names a
+    checkpoint file (checkpoint_path does not refuse it)."""
+    from uartbridge.checkpoint import checkpoint_path
+    from uartbridge.names import is_safe_name
+
+    for name in ("uart0", "a", "ttyUSB0", "a..b", "x-", "9", "A_b.c-d", "x" * 32):
+        assert is_safe_name(name)
+        parse_config(f'[[uart]]\nname = "{name}"\n', source="<test>")
+        checkpoint_path("/tmp", name)
+    for name in ("_x", ".x", "..", "-x", "", "x" * 33, "a/b", "a b", "é"):
+        assert not is_safe_name(name)

@@ -20,6 +20,7 @@ from procs import (
     Daemon,
     Socat,
     daemon,
+    ready_events,
     require_program,
     socat_pair,
     stop_tmux,
@@ -64,10 +65,11 @@ def test_run_without_config_serves_a_pty_and_a_bus(tmp_path: Path) -> None:
         messages = ""
         while "READY=1" not in messages.split("\n"):
             messages += notify.recv(4096).decode() + "\n"
-        output = out_path.read_text()
         pty = tmp_path / "run" / "uart0.pty"
         bus = tmp_path / "run" / "uart0.bus"
-        assert f"pty {pty}" in output and f"bus {bus}" in output
+        # Not a terminal: JSON lines only; the announcement is the "ready" event.
+        ready = ready_events(out_path.read_text())["uart0"]
+        assert ready["pty"] == str(pty) and ready["bus_socket"] == str(bus)
         far = os.open(pty, os.O_RDWR | os.O_NOCTTY)
         try:
             with BusClient(bus) as client:
@@ -382,3 +384,43 @@ def test_console_under_tmux_passes_keys_and_output(tmp_path: Path) -> None:
         finally:
             os.close(far)
             stop_tmux(tmux, env)
+
+
+def test_what_check_config_accepts_run_runs(tmp_path: Path) -> None:
+    """Edge values check-config accepts (odd names, extreme baudbase, the shortest timers,
+    empty backlogs, a gid with no name, a trace file) start and stop cleanly; names it
+    refuses (_x .x .. -x) are refused by run too (78), with no socket left behind."""
+    edge = [
+        {"name": "a..b", "port": "pty:", "baudbase": 1, "backlog_bytes": 0,
+         "rx_backlog_bytes": 0, "reconnect_min_s": 0.01, "reconnect_max_s": 0.01},
+        {"name": "x-", "port": "pty:", "baudbase": 100_000_000, "tx_retry_limit": 0,
+         "reconnect_min_s": 3600, "reconnect_max_s": 3600},
+        {"name": "9", "port": str(tmp_path / "not-there-yet"), "on_disconnect": "discard",
+         "trace_file": str(tmp_path / "9.trace")},
+    ]
+    with daemon(tmp_path / "d", edge, interval_s=0.1, stop_retry_s=0) as d:
+        d.write_config()
+        text = d.config_path.read_text().replace("[daemon]\n", '[daemon]\nsocket_group = 54321\n')
+        d.write_config = lambda: None  # type: ignore[method-assign]
+        d.config_path.write_text(text)
+        checked = d.cli("check-config", str(d.config_path))
+        assert checked.returncode == 0, checked.stderr
+        d.start()
+        time.sleep(0.5)  # a few periodic checkpoints
+        assert d.stop() == 0, d.log()
+        assert "Traceback" not in d.log()
+        for name in ("a..b", "x-", "9"):
+            assert checkpoint_path(d.state_dir, name).exists()
+    for bad in ("_x", ".x", "..", "-x"):
+        config = tmp_path / "bad.toml"
+        run = tmp_path / f"run-{bad}"
+        config.write_text(f'[daemon]\nruntime_dir = "{run}"\nstate_dir = "{tmp_path}/s"\n'
+                          f'[[uart]]\nname = "{bad}"\n')
+        for command in ("check-config", "run"):
+            args = [command, str(config)] if command == "check-config" else [
+                command, "--config", str(config)]
+            result = subprocess.run([sys.executable, "-m", "uartbridge", *args],
+                                    capture_output=True, text=True, timeout=60, cwd=REPO)
+            assert result.returncode == 78, (bad, command, result.stderr)
+            assert "Traceback" not in result.stderr and "uart[0].name" in result.stderr
+        assert not run.exists()

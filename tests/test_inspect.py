@@ -28,7 +28,7 @@ from uartbridge.uart import Uart16550
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
 STUCK = DATA / "checkpoint-v1-stuck-tx.json"
-GOLDEN = sorted(DATA.glob("checkpoint-v1-*.json"))
+GOLDEN = sorted(DATA.glob("checkpoint-v*-*.json"))
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -116,6 +116,20 @@ def test_pending_line_events_are_shown(capsys: pytest.CaptureFixture[str]) -> No
     assert json.loads(out)["port"]["rx_marks"] == [
         {"at": 3, "kind": "parity"}, {"at": 5, "kind": "break"}
     ]
+
+
+def test_what_a_stop_took_from_the_kernel_is_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    """A half-read PARMRK mark and the stop counters (v3) appear in the text and in --json."""
+    path = str(DATA / "checkpoint-v3-stop-on-serial.json")
+    code, out, _ = run(capsys, path)
+    assert code == 0
+    assert "rx_escape    ff (a PARMRK mark begun" in out
+    assert "tx_reclaimed=11" in out and "rx_saved_at_stop=3" in out
+    code, out, _ = run(capsys, path, "--json")
+    report = json.loads(out)
+    assert report["port"]["rx_escape"] == "ff"
+    assert report["port"]["tx_backlog"]["text"] == "ok..login: "
+    assert report["counters"]["port"]["rx_dropped_at_stop"] == 0
 
 
 def test_json_output_is_machine_readable(capsys: pytest.CaptureFixture[str]) -> None:

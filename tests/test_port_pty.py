@@ -45,8 +45,10 @@ def test_refused_settings_are_counted_and_the_link_keeps_running() -> None:
             g = Guest(PortSettings(url=os.ttyname(slave)))
             await g.link.open()
             g.setup(lcr=0x03)
+            await g.end_batch()
             base = g.link.status()["counters"]["settings_refused"]  # type: ignore[index]
             g.setup(lcr=0x1A)  # 7 data bits, even parity
+            await g.end_batch()
             status = g.link.status()
             assert "data_bits=7" in status["settings_refused"]  # type: ignore[operator]
             assert "parity=E" in status["settings_refused"]  # type: ignore[operator]

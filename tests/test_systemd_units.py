@@ -86,7 +86,9 @@ def copy_unit(src: Path, dest_dir: Path) -> Path:
 def verify(exe: str, unit: Path) -> None:
     """Run `systemd-analyze verify`; any stderr output (warnings included) is a failure."""
     proc = subprocess.run(
-        [exe, "verify", str(unit)],
+        # --man=no: Documentation=man:uartbridge(1) is checked where the page is installed
+        # (docs/uartbridge.1, by the service install), not here.
+        [exe, "verify", "--man=no", str(unit)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -136,7 +138,8 @@ def test_service_keys(unit: Path) -> None:
         "ProtectHome": "yes",
         "PrivateTmp": "yes",
         "SupplementaryGroups": "dialout",
-        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",  # sock_diag
+        "ReadWritePaths": "-/run/lock",  # UUCP lock files
         "LockPersonality": "yes",
         "RestrictRealtime": "yes",
         "SystemCallArchitectures": "native",
@@ -150,7 +153,15 @@ def test_service_keys(unit: Path) -> None:
     devices = values(unit, "Service", "DeviceAllow")
     for device in ("char-ttyUSB rw", "char-ttyACM rw", "/dev/ptmx rw", "char-pts rw"):
         assert device in devices
-    assert "78" in one(unit, "Service", "RestartPreventExitStatus").split()
+    # Permanent errors never restart (an instance without a config must not loop on 66).
+    assert one(unit, "Service", "RestartPreventExitStatus").split() == [
+        "64", "65", "66", "73", "75", "78"]
+    assert one(unit, "Service", "ExecReload") == "/bin/kill -HUP $MAINPID"
+    assert int(one(unit, "Service", "LimitNOFILE")) >= 4096
+    assert one(unit, "Service", "DynamicUser") == "yes"
+    # Preserved runtime directories of a DynamicUser= unit live under /run/private (0700),
+    # where socket_group members could not reach the sockets.
+    assert one(unit, "Service", "RuntimeDirectoryPreserve") == "no"
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
 
 
@@ -160,25 +171,61 @@ def test_single_unit_paths() -> None:
         f"{INSTALLED} run --config /etc/uartbridge/uartbridge.toml")
     assert one(SINGLE, "Service", "RuntimeDirectory") == "uartbridge"
     assert one(SINGLE, "Service", "StateDirectory") == "uartbridge"
+    assert one(SINGLE, "Service", "User") == "uartbridge"
 
 
 def test_template_paths_per_instance() -> None:
-    """The template reads /etc/uartbridge/%i.toml and has per-instance directories."""
+    """The template reads /etc/uartbridge/%i.toml, with its own directories beside the single
+    unit's (not inside them: both can run) and its own transient user."""
     assert one(TEMPLATE, "Service", "ExecStart") == (
         f"{INSTALLED} run --config /etc/uartbridge/%i.toml")
-    assert one(TEMPLATE, "Service", "RuntimeDirectory") == "uartbridge/%i"
-    assert one(TEMPLATE, "Service", "StateDirectory") == "uartbridge/%i"
+    assert one(TEMPLATE, "Service", "RuntimeDirectory") == "uartbridge-%i"
+    assert one(TEMPLATE, "Service", "StateDirectory") == "uartbridge-%i"
+    assert one(TEMPLATE, "Service", "User") == "uartbridge-%i"
+
+
+def test_unit_directories_are_the_daemons_defaults(tmp_path: Path) -> None:
+    """What the units name is what the daemon (and the CLI) derive from the config path, so
+    /etc/uartbridge/NAME.toml needs no paths and a hand-run CLI finds the unit's daemon."""
+    from uartbridge import paths
+
+    for unit, config, instance in ((SINGLE, "/etc/uartbridge/uartbridge.toml", None),
+                                   (TEMPLATE, "/etc/uartbridge/%i.toml", "ttyUSB0")):
+        assert one(unit, "Service", "ExecStart").endswith(f"--config {config}")
+        derived = paths.instance_of(config.replace("%i", "ttyUSB0"))
+        assert derived == instance
+        name = one(unit, "Service", "RuntimeDirectory").replace("%i", "ttyUSB0")
+        assert paths.dir_name(derived) == name
+        assert one(unit, "Service", "StateDirectory").replace("%i", "ttyUSB0") == name
 
 
 def test_units_differ_only_per_instance() -> None:
     """Both units carry the same settings, apart from the per-instance ones."""
-    per_instance = {"Description", "ExecStart", "RuntimeDirectory", "StateDirectory"}
+    per_instance = {"Description", "ExecStart", "RuntimeDirectory", "StateDirectory", "User"}
     single, template = parse_unit(SINGLE), parse_unit(TEMPLATE)
     assert single.keys() == template.keys()
     for section in single:
         assert [kv for kv in single[section] if kv[0] not in per_instance] == [
             kv for kv in template[section] if kv[0] not in per_instance
         ], section
+
+
+@pytest.mark.parametrize("unit", [SINGLE, TEMPLATE], ids=lambda p: p.name)
+def test_security_exposure_stays_low(tmp_path: Path, unit: Path) -> None:
+    """`systemd-analyze security --offline` rates both units at most 2.0 ("OK")."""
+    exe = systemd_analyze()
+    copy_unit(unit, tmp_path)
+    name = "uartbridge@ttyUSB0.service" if unit is TEMPLATE else unit.name
+    proc = subprocess.run(
+        [exe, "security", "--offline=yes", "--threshold=20", "--no-pager", name],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": "cat"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if "Overall exposure level" in line]
+    assert lines, proc.stdout
+    score = float(lines[-1].split("Overall exposure level for")[1].split(":")[1].split()[0])
+    assert score <= 2.0, lines[-1]
 
 
 def test_udev_rule_starts_the_instance() -> None:

@@ -42,9 +42,11 @@ from pathlib import Path
 
 from . import __version__
 from .errors import CheckpointError, CheckpointMissingError, InvalidStateError
+from .names import NAME_RULE, is_safe_name
 from .port.state import (
     MAX_RX_BACKLOG_BYTES,
     MAX_TX_BACKLOG_BYTES,
+    RX_ESCAPE_PREFIXES,
     RX_MARK_KINDS,
     PortCounters,
     PortState,
@@ -56,7 +58,7 @@ from .uart import Clock, LineSettings, Parity, Uart16550, UartState, UartStatist
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "uartbridge-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 #: Host-path bounds (format limits; the config's backlog sizes must stay below them).
 #: A bigger file is refused before it is parsed (two hex backlogs plus a few KiB).
 MAX_DOCUMENT_BYTES = 2 * (MAX_RX_BACKLOG_BYTES + MAX_TX_BACKLOG_BYTES) + (1 << 20)
@@ -64,7 +66,6 @@ MAX_DOCUMENT_BYTES = 2 * (MAX_RX_BACKLOG_BYTES + MAX_TX_BACKLOG_BYTES) + (1 << 2
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 MAX_STRING_CHARS = 4096
-UART_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _STOP_BITS = {1.0: "1", 1.5: "1.5", 2.0: "2"}
@@ -101,11 +102,14 @@ _UART_KEYS = (
 )
 _STATISTICS_KEYS = tuple(f.name for f in fields(UartStatistics))
 _PORT_KEYS = (
-    "reader_state", "rx_backlog", "tx_backlog", "line_settings", "counters", "rx_marks"
+    "reader_state", "rx_backlog", "tx_backlog", "line_settings", "counters", "rx_marks",
+    "rx_escape",
 )
 _MARK_KEYS = ("at", "kind")
 _LINE_KEYS = ("baud", "data_bits", "parity", "stop_bits", "break_on")
 _COUNTER_KEYS = tuple(f.name for f in fields(PortCounters))
+#: Port counters that came with format version 3 (absent from 1 and 2; 0 is what they meant).
+_COUNTERS_V3 = ("tx_reclaimed", "rx_saved_at_stop", "rx_dropped_at_stop", "rx_escape_uncertain")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -240,6 +244,7 @@ def to_document(ckpt: Checkpoint) -> dict[str, object]:
             "line_settings": _line_settings_doc(port.line_settings),
             "counters": {name: getattr(port.counters, name) for name in _COUNTER_KEYS},
             "rx_marks": [{"at": at, "kind": kind} for at, kind in port.rx_marks],
+            "rx_escape": port.rx_escape.hex(),
         },
     }
     document["sha256"] = content_hash(document)
@@ -286,11 +291,8 @@ def _check_meta(meta: CheckpointMeta, *, writing: bool) -> None:
         )
     _check_string(meta.uartbridge_version, "meta.uartbridge_version", max_chars=64)
     name = _check_string(meta.uart_name, "meta.uart_name", max_chars=64)
-    if not UART_NAME_RE.fullmatch(name):
-        raise _error(
-            "meta.uart_name",
-            f"must match {UART_NAME_RE.pattern} (it names files), got {_show(name)}",
-        )
+    if not is_safe_name(name):
+        raise _error("meta.uart_name", f"must be {NAME_RULE} (it names files), got {_show(name)}")
     _check_string(meta.port, "meta.port")
     for key in ("created_unix_ns", "generation"):
         value = getattr(meta, key)
@@ -323,7 +325,7 @@ def _check_line_settings(settings: LineSettings | None) -> None:
 
 
 def _check_port(port: PortState) -> None:
-    """Host-path rules P1–P4 (docs/checkpoint-format.md §5, step 8)."""
+    """Host-path rules P1–P6 (docs/checkpoint-format.md §5, step 8)."""
     if not isinstance(port.reader_state, ReaderState):
         raise _error(
             "port.reader_state",
@@ -337,6 +339,11 @@ def _check_port(port: PortState) -> None:
             raise _error(f"port.{name}", f"holds {len(value)} bytes, more than the {limit} allowed")
     _check_line_settings(port.line_settings)
     _check_rx_marks(port.rx_marks, len(port.rx_backlog))
+    if port.rx_escape not in RX_ESCAPE_PREFIXES:
+        raise _error(
+            "port.rx_escape",
+            f'must be "", "ff" or "ff00" (the start of a PARMRK mark), got {port.rx_escape!r}',
+        )
     for name in _COUNTER_KEYS:
         value = getattr(port.counters, name)
         if type(value) is not int or not 0 <= value <= INT64_MAX:
@@ -625,6 +632,7 @@ def _read_port(document: dict[str, object]) -> PortState:
             **{key: _count(counters_section, key, f"{path}.counters") for key in _COUNTER_KEYS}
         ),
         rx_marks=tuple(rx_marks),
+        rx_escape=_hex(section, "rx_escape", path, 2),
     )
     _check_port(port)
     return port
@@ -639,6 +647,30 @@ def _upgrade_v1(document: dict[str, object]) -> dict[str, object]:
     if "rx_marks" in port:
         raise _error("port.rx_marks", "unknown field in format version 1 (it came with 2)")
     return {**document, "port": {**port, "rx_marks": []}}
+
+
+def _upgrade_v2(document: dict[str, object], version: int) -> dict[str, object]:
+    """Version 2 had no ``port.rx_escape`` and none of the counters of ``_COUNTERS_V3``: a v2
+    writer never stood inside a PARMRK mark at a checkpoint it could not finish (it had no
+    way to say so) and never reclaimed or saved kernel buffers at a stop, so "" and 0."""
+    port = document.get("port")
+    if not isinstance(port, dict):
+        return document
+    if "rx_escape" in port:
+        raise _error(
+            "port.rx_escape", f"unknown field in format version {version} (it came with 3)"
+        )
+    upgraded: dict[str, object] = {**port, "rx_escape": ""}
+    counters = port.get("counters")
+    if isinstance(counters, dict):  # (anything else: the schema check names what is wrong)
+        for key in _COUNTERS_V3:
+            if key in counters:
+                raise _error(
+                    f"port.counters.{key}",
+                    f"unknown field in format version {version} (it came with 3)",
+                )
+        upgraded["counters"] = {**counters, **dict.fromkeys(_COUNTERS_V3, 0)}
+    return {**document, "port": upgraded}
 
 
 def from_document(document: object) -> Checkpoint:
@@ -676,6 +708,8 @@ def from_document(document: object) -> Checkpoint:
     # exactly what they meant (docs/checkpoint-format.md, §6).
     if version == 1:
         document = _upgrade_v1(document)
+    if version <= 2:
+        document = _upgrade_v2(document, version)
     for key in document:
         if key not in _TOP_KEYS:
             raise CheckpointError(f"unknown section {_key(key)} (written by a newer uartbridge?)")
@@ -703,8 +737,8 @@ def decode(data: bytes) -> Checkpoint:
 
 def checkpoint_path(state_dir: Path | str, uart_name: str) -> Path:
     """``<state_dir>/<uart_name>.checkpoint.json`` (``ValueError`` for an unsafe name)."""
-    if not isinstance(uart_name, str) or not UART_NAME_RE.fullmatch(uart_name):
-        raise ValueError(f"UART name must match {UART_NAME_RE.pattern}, got {uart_name!r}")
+    if not is_safe_name(uart_name):
+        raise ValueError(f"UART name must be {NAME_RULE}, got {uart_name!r}")
     return Path(state_dir) / f"{uart_name}.checkpoint.json"
 
 

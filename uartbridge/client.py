@@ -88,9 +88,17 @@ class BusClient:
     """A blocking bus client; one request in flight at a time. Not thread-safe."""
 
     def __init__(
-        self, target: Target, *, timeout_s: float | None = 10.0, spin_us: float = 100.0
+        self,
+        target: Target,
+        *,
+        timeout_s: float | None = 10.0,
+        spin_us: float = 100.0,
+        token: bytes | None = None,
     ) -> None:
         """Connect to ``target`` and exchange HELLO; ``timeout_s`` bounds every wait for a reply.
+
+        ``token`` (1..255 bytes) goes in HELLO for a TCP server that admits peers it cannot
+        identify by their uid only with the operator's token (docs/bus-protocol.md §1.1).
 
         While waiting for a reply the client first busy-polls the socket for up to ``spin_us``
         (0: never), as QEMU's ``poll-max-ns`` does: a reply usually comes within tens of µs,
@@ -115,7 +123,7 @@ class BusClient:
         self._wpoll = select.poll()
         self._wpoll.register(self._sock, select.POLLOUT)
         try:
-            self._sock.sendall(encode(Hello(PROTOCOL_VERSION)))
+            self._sock.sendall(encode(Hello(PROTOCOL_VERSION, token)))
             reply = self._expect(HelloReply)
         except BaseException:
             self._sock.close()
@@ -404,8 +412,10 @@ class AsyncBusClient:
         self.name = ""
 
     @classmethod
-    async def connect(cls, target: Target, *, timeout_s: float | None = 10.0) -> AsyncBusClient:
-        """Connect to ``target`` and exchange HELLO."""
+    async def connect(
+        cls, target: Target, *, timeout_s: float | None = 10.0, token: bytes | None = None
+    ) -> AsyncBusClient:
+        """Connect to ``target`` and exchange HELLO (with ``token``, as ``BusClient``)."""
         parsed = parse_target(target)
         try:
             if isinstance(parsed, tuple):
@@ -426,7 +436,7 @@ class AsyncBusClient:
         client._reader_task = asyncio.create_task(client._read_loop())
         try:
             reply = await asyncio.wait_for(
-                client._request(encode(Hello(PROTOCOL_VERSION)), HelloReply), timeout_s
+                client._request(encode(Hello(PROTOCOL_VERSION, token)), HelloReply), timeout_s
             )
         except BaseException:
             await client.close()

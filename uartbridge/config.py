@@ -8,9 +8,11 @@ one-line message names the file, the key (dotted; ``uart[0]`` is the first ``[[u
 table) and what was expected. No traceback ever reaches the user.
 
 Defaults that depend on the environment (``runtime_dir``, ``state_dir``) are resolved when the
-file is loaded, from ``uartbridge.paths``; derived paths (``control_socket``, ``bus_socket``,
-the pty ``link``) from the resolved ``runtime_dir``. Relative paths in a file resolve against
-the file's directory; symlinks are never resolved (a socat pty link must stay a link).
+file is loaded, from ``uartbridge.paths`` (a file ``/etc/uartbridge/NAME.toml`` is instance
+NAME, with the directories the ``uartbridge@NAME`` unit gets); derived paths
+(``control_socket``, ``bus_socket``, the pty ``link``) from the resolved ``runtime_dir``.
+Relative paths in a file resolve against the file's directory; symlinks are never resolved
+(a socat pty link must stay a link).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from pathlib import Path
 from typing import Literal, NoReturn, cast
 
 from . import paths
-from .errors import EX_OK, ConfigError, ConfigMissingError
+from .bus.codec import MAX_TOKEN_LEN
+from .errors import EX_NOINPUT, EX_OK, ConfigError, ConfigMissingError
+from .names import NAME_RULE, is_safe_name
 from .port.state import (
     MAX_RX_BACKLOG_BYTES,
     MAX_TX_BACKLOG_BYTES,
@@ -51,7 +55,15 @@ DISCONNECT_POLICIES: tuple[DisconnectPolicy, ...] = ("buffer", "hold", "discard"
 
 PTY_URL = "pty:"
 DEFAULT_SOURCE = "<default>"
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+# Bounds of the numbers whose extremes hurt: a checkpoint stores baudbase as an integer the
+# chip could have (a 16550's clock / 16 is at most a few MHz; 100 MHz is generous), and a
+# timer below these bounds would turn the event loop into a busy loop.
+MAX_BAUDBASE = 100_000_000
+MIN_INTERVAL_S = 0.1
+MAX_INTERVAL_S = 86_400.0
+MIN_RECONNECT_S = 0.01
+MAX_RECONNECT_S = 3_600.0
+MAX_STOP_RETRY_S = 3_600.0
 _HOSTNAME_RE = re.compile(
     r"(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
@@ -87,6 +99,7 @@ class CheckpointConfig:
     resume: ResumePolicy = "auto"
     interval_s: float = 5.0
     keep_previous: bool = True
+    stop_retry_s: float = 30.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,7 +107,9 @@ class UartConfig:
     """One ``[[uart]]`` table: the device, its host port and its sockets.
 
     ``tx_retry_limit``: None never drops the TSR byte; N drops it after N refused retries
-    (QEMU's behaviour). ``bus_tcp``: (host, port) or None. ``trace_file``: None is off.
+    (QEMU's behaviour). ``bus_tcp``: (host, port) or None. ``bus_tcp_token``: the bytes of
+    ``bus_tcp_token_file`` (None: no token; peers on another host are then refused).
+    ``trace_file``: None is off.
     """
 
     name: str
@@ -103,17 +118,23 @@ class UartConfig:
     tx_retry_limit: int | None = None
     bus_socket: Path
     bus_tcp: tuple[str, int] | None = None
+    bus_tcp_token: bytes | None = field(default=None, repr=False)
     trace_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
-    """A whole, validated configuration. ``source`` (where it came from) is not compared."""
+    """A whole, validated configuration. ``source`` (where it came from) is not compared.
+
+    ``instance``: NAME for ``/etc/uartbridge/NAME.toml`` (the ``uartbridge@NAME`` unit), None
+    for the single service's config, any other file, or the embedded default.
+    """
 
     daemon: DaemonConfig
     checkpoint: CheckpointConfig
     uarts: tuple[UartConfig, ...]
     source: str = field(compare=False)
+    instance: str | None = None
 
     def uart(self, name: str) -> UartConfig:
         """The UART called ``name`` (KeyError if there is none)."""
@@ -127,9 +148,25 @@ class Config:
 # Loading
 
 
+def default_config_path() -> Path | None:
+    """``/etc/uartbridge/uartbridge.toml`` when it exists (the single unit's config), else None."""
+    return paths.DEFAULT_CONFIG if paths.DEFAULT_CONFIG.exists() else None
+
+
+def load_config_or_default(path: str | Path | None) -> Config:
+    """``path``, else ``/etc/uartbridge/uartbridge.toml`` when it exists, else the embedded one."""
+    if path is None:
+        path = default_config_path()
+    return load_config(path) if path is not None else default_config()
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate a config file (``ConfigMissingError`` if it cannot be read)."""
     p = Path(path)
+    try:
+        instance = paths.instance_of(p)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     try:
         data = p.read_bytes()
     except OSError as exc:
@@ -140,11 +177,17 @@ def load_config(path: str | Path) -> Config:
     except UnicodeDecodeError as exc:
         where = f"{exc.reason} at byte {exc.start}"
         raise ConfigError(f"{p}: not valid TOML: not UTF-8 ({where})") from exc
-    return parse_config(text, source=str(p), base_dir=p.absolute().parent)
+    return parse_config(text, source=str(p), base_dir=p.absolute().parent, instance=instance)
 
 
-def parse_config(text: str, *, source: str, base_dir: str | Path | None = None) -> Config:
-    """Validate TOML text; ``source`` names it in errors.
+def parse_config(
+    text: str,
+    *,
+    source: str,
+    base_dir: str | Path | None = None,
+    instance: str | None = None,
+) -> Config:
+    """Validate TOML text; ``source`` names it in errors, ``instance`` picks default dirs.
 
     Relative paths resolve against ``base_dir``; by default the directory of ``source`` when
     ``source`` is a path, else the current directory.
@@ -156,7 +199,7 @@ def parse_config(text: str, *, source: str, base_dir: str | Path | None = None) 
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    return _Builder(source, Path(base_dir).absolute()).build(doc)
+    return _Builder(source, Path(base_dir).absolute(), instance).build(doc)
 
 
 def default_config() -> Config:
@@ -166,12 +209,20 @@ def default_config() -> Config:
 
 
 def check_config_command(args: argparse.Namespace) -> int:
-    """``uartbridge check-config FILE``: validate, print a short summary, return the exit code.
+    """``uartbridge check-config [FILE]``: validate, print a short summary, return the exit code.
 
-    On error: one line on stderr naming the file and key; 78 (bad config) or 66 (no file).
+    Without FILE: ``/etc/uartbridge/uartbridge.toml``. On error: one line on stderr naming the
+    file and key; 78 (bad config) or 66 (no file).
     """
+    path = args.file if args.file is not None else default_config_path()
+    if path is None:
+        print(
+            f"uartbridge: no FILE given and no {paths.DEFAULT_CONFIG}: nothing to check",
+            file=sys.stderr,
+        )
+        return EX_NOINPUT
     try:
-        cfg = load_config(args.file)
+        cfg = load_config(path)
     except ConfigError as exc:
         print(f"uartbridge: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -184,14 +235,16 @@ def summarize(cfg: Config) -> str:
     d = cfg.daemon
     c = cfg.checkpoint
     lines = [
-        f"{cfg.source}: OK, {len(cfg.uarts)} UART{'s' if len(cfg.uarts) != 1 else ''}",
+        f"{cfg.source}: OK, {len(cfg.uarts)} UART{'s' if len(cfg.uarts) != 1 else ''}"
+        + (f", instance {cfg.instance}" if cfg.instance is not None else ""),
         f"  runtime_dir {d.runtime_dir}  state_dir {d.state_dir}",
         f"  control socket {d.control_socket}"
         + (f" (group {d.socket_group}, gid {d.socket_gid})" if d.socket_group is not None else ""),
         f"  log {d.log_format}/{d.log_level}  fail_fast={_toml(d.fail_fast)}"
         f"  watchdog={_toml(d.watchdog)}",
         f"  checkpoint on_stop={_toml(c.on_stop)} resume={c.resume}"
-        f" interval_s={c.interval_s:g} keep_previous={_toml(c.keep_previous)}",
+        f" interval_s={c.interval_s:g} keep_previous={_toml(c.keep_previous)}"
+        f" stop_retry_s={c.stop_retry_s:g}",
     ]
     for u in cfg.uarts:
         port = u.port.url
@@ -286,12 +339,20 @@ class _Table:
             self.fail(name, what, value)
         return value
 
-    def number(self, name: str, default: float, *, positive: bool, what: str) -> float:
+    def seconds(
+        self, name: str, default: float, *, minimum: float, maximum: float, zero_means: str = ""
+    ) -> float:
+        """A duration from ``minimum`` to ``maximum`` seconds (or 0 when ``zero_means`` says)."""
+        what = f"a number of seconds from {minimum:g} to {maximum:g}"
+        if zero_means:
+            what += f", or 0 ({zero_means})"
         value = self.raw(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.fail(name, what, value)
         number = float(value)
-        if not math.isfinite(number) or number < 0 or (positive and number == 0):
+        if number == 0 and zero_means:
+            return 0.0
+        if not math.isfinite(number) or not minimum <= number <= maximum:
             self.fail(name, what, value)
         return number
 
@@ -322,9 +383,10 @@ class _Table:
 class _Builder:
     """Turns a parsed TOML document into a ``Config``, failing on the first bad key."""
 
-    def __init__(self, source: str, base_dir: Path) -> None:
+    def __init__(self, source: str, base_dir: Path, instance: str | None = None) -> None:
         self.source = source
         self.base_dir = base_dir
+        self.instance = instance
 
     def fail(self, key: str, message: str) -> NoReturn:
         raise ConfigError(f"{self.source}: {key}: {message}")
@@ -347,11 +409,17 @@ class _Builder:
         checkpoint = self.checkpoint(self.table(doc, "checkpoint"))
         uarts = self.uarts(doc.get("uart"), daemon)
         self.check_unique(daemon, uarts)
-        return Config(daemon=daemon, checkpoint=checkpoint, uarts=uarts, source=self.source)
+        return Config(
+            daemon=daemon,
+            checkpoint=checkpoint,
+            uarts=uarts,
+            source=self.source,
+            instance=self.instance,
+        )
 
     def daemon(self, t: _Table) -> DaemonConfig:
-        runtime_dir = t.path("runtime_dir", None) or paths.default_runtime_dir()
-        state_dir = t.path("state_dir", None) or paths.default_state_dir()
+        runtime_dir = t.path("runtime_dir", None) or paths.default_runtime_dir(self.instance)
+        state_dir = t.path("state_dir", None) or paths.default_state_dir(self.instance)
         control_socket = t.path("control_socket", paths.control_socket_path(runtime_dir))
         assert control_socket is not None
         socket_group, socket_gid = _socket_group(t)
@@ -373,10 +441,14 @@ class _Builder:
         cfg = CheckpointConfig(
             on_stop=t.boolean("on_stop", True),
             resume=cast(ResumePolicy, t.choice("resume", "auto", RESUME_POLICIES)),
-            interval_s=t.number(
-                "interval_s", 5.0, positive=False, what="a number of seconds >= 0 (0 = off)"
+            interval_s=t.seconds(
+                "interval_s", 5.0, minimum=MIN_INTERVAL_S, maximum=MAX_INTERVAL_S, zero_means="off"
             ),
             keep_previous=t.boolean("keep_previous", True),
+            stop_retry_s=t.seconds(
+                "stop_retry_s", 30.0, minimum=1.0, maximum=MAX_STOP_RETRY_S,
+                zero_means="no retry",
+            ),
         )
         t.finish()
         return cfg
@@ -394,8 +466,8 @@ class _Builder:
 
     def uart(self, t: _Table, index: int, daemon: DaemonConfig) -> UartConfig:
         name = t.string("name", f"uart{index}")
-        if not _NAME_RE.fullmatch(name):
-            t.fail("name", "1 to 32 characters from A-Z a-z 0-9 _ . -", name)
+        if not is_safe_name(name):
+            t.fail("name", NAME_RULE, name)
         url = self.port_url(t)
         link = t.path("link", None)
         if url == PTY_URL:
@@ -419,7 +491,13 @@ class _Builder:
         )
         rtscts = t.boolean("rtscts", False)
         xonxoff = t.boolean("xonxoff", False)
-        baudbase = t.integer("baudbase", 115200, minimum=1, what="a clock rate in baud > 0")
+        baudbase = t.integer(
+            "baudbase",
+            115200,
+            minimum=1,
+            maximum=MAX_BAUDBASE,
+            what=f"a clock rate in baud from 1 to {MAX_BAUDBASE}",
+        )
         retry = t.integer(
             "tx_retry_limit", -1, minimum=-1, what="-1 (never drop) or a retry count >= 0"
         )
@@ -433,10 +511,19 @@ class _Builder:
                 t.fail(
                     "bus_tcp", '"HOST:PORT" such as "127.0.0.1:5555" (or "" for none)', bus_tcp_text
                 )
+        bus_tcp_token = self.token_file(t, "bus_tcp_token_file")
+        if bus_tcp_token is not None and bus_tcp is None:
+            t.fail(
+                "bus_tcp_token_file",
+                '"" (a token is only for bus_tcp)',
+                t.table["bus_tcp_token_file"],
+            )
+        lock_dir = t.string("lock_dir", "/var/lock")
+        if lock_dir and not lock_dir.startswith("/"):
+            t.fail("lock_dir", 'an absolute directory, or "" for no UUCP lock files', lock_dir)
         trace_file = t.path("trace_file", None)
-        what_s = "a number of seconds > 0"
-        rmin = t.number("reconnect_min_s", 0.1, positive=True, what=what_s)
-        rmax = t.number("reconnect_max_s", 5.0, positive=True, what=what_s)
+        rmin = t.seconds("reconnect_min_s", 0.1, minimum=MIN_RECONNECT_S, maximum=MAX_RECONNECT_S)
+        rmax = t.seconds("reconnect_max_s", 5.0, minimum=MIN_RECONNECT_S, maximum=MAX_RECONNECT_S)
         if rmin > rmax:
             t.fail(
                 "reconnect_min_s",
@@ -456,13 +543,34 @@ class _Builder:
                 xonxoff=xonxoff,
                 reconnect_min_s=rmin,
                 reconnect_max_s=rmax,
+                lock_dir=lock_dir or None,
             ),
             baudbase=baudbase,
             tx_retry_limit=None if retry == -1 else retry,
             bus_socket=bus_socket,
             bus_tcp=bus_tcp,
+            bus_tcp_token=bus_tcp_token,
             trace_file=trace_file,
         )
+
+    def token_file(self, t: _Table, name: str) -> bytes | None:
+        """A secret read from a file only its owner can read (trailing newline stripped)."""
+        path = t.path(name, None)
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                mode = os.fstat(f.fileno()).st_mode
+                data = f.read(MAX_TOKEN_LEN + 2)
+        except OSError as exc:
+            t.fail(name, f"a readable token file ({exc.strerror})", str(path))
+        if mode & 0o077:
+            t.fail(name, f"a file only its owner can read (mode {mode & 0o777:04o}: chmod 600)",
+                   str(path))
+        token = data.rstrip(b"\r\n")
+        if not 1 <= len(token) <= MAX_TOKEN_LEN:
+            t.fail(name, f"a token of 1 to {MAX_TOKEN_LEN} bytes", f"{len(token)} bytes in {path}")
+        return token
 
     def port_url(self, t: _Table) -> str:
         """``port``: "pty:", rfc2217:// or socket:// HOST:PORT, else a path (made absolute)."""

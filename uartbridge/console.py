@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import paths
 from .client import BusClient, parse_target
-from .errors import EX_UNAVAILABLE, BusError
+from .errors import EX_UNAVAILABLE, EX_USAGE, BusError, ConfigError, ControlError
 from .guest import Guest8250
 
 EXIT_KEY = 0x1D  # Ctrl-]
@@ -33,14 +33,28 @@ _READ_SIZE = 4096
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The console's options, for ``cli.build_parser``."""
-    parser.add_argument("--uart", default=DEFAULT_UART, metavar="NAME", help="UART name")
+    parser.add_argument(
+        "--uart", default=None, metavar="NAME",
+        help=f"the UART to attach to (default: the daemon's only one, else {DEFAULT_UART})",
+    )
     parser.add_argument(
         "--socket",
         default=None,
         metavar="PATH",
-        help="bus socket (default: RUNTIME_DIR/NAME.bus; or tcp:HOST:PORT)",
+        help="the UART's bus socket, or tcp:HOST:PORT (default: found through the daemon)",
     )
-    parser.add_argument("--baud", type=int, default=115200, help="line speed to program")
+    parser.add_argument(
+        "--config", metavar="FILE", help="the daemon's config: its UART's bus socket"
+    )
+    parser.add_argument(
+        "--instance", metavar="NAME",
+        help="the running daemon of uartbridge@NAME (uartbridge: the single service)",
+    )
+    parser.add_argument(
+        "--control", metavar="PATH", help="the daemon's control socket (asked for the bus)"
+    )
+    parser.add_argument("--baud", type=int, default=115200,
+                        help="line speed the console programs (default 115200, 8N1)")
     parser.add_argument(
         "--linger",
         type=float,
@@ -50,18 +64,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _target(args: argparse.Namespace) -> str:
+def _target(args: argparse.Namespace) -> tuple[str, str]:
+    """(the bus socket or tcp: target, the UART's name) the user asked for."""
     socket_arg = getattr(args, "socket", None)
+    wanted = getattr(args, "uart", None)
     if socket_arg:
-        return str(socket_arg)
-    name = getattr(args, "uart", None) or DEFAULT_UART
-    return str(paths.bus_socket_path(paths.default_runtime_dir(), name))
+        return str(socket_arg), wanted or DEFAULT_UART
+    if getattr(args, "config", None):
+        from .config import load_config
+
+        config = load_config(args.config)
+        names = [u.name for u in config.uarts]
+        name = wanted or (names[0] if len(names) == 1 else DEFAULT_UART)
+        try:
+            return str(config.uart(name).bus_socket), name
+        except KeyError:
+            raise ConfigError(f"{config.source}: no [[uart]] named {name!r} "
+                              f"(it has {', '.join(names)})") from None
+    from .control import only_daemon, resolve_target
+
+    target = resolve_target(args)
+    if target is None and "RUNTIME_DIRECTORY" in os.environ:
+        name = wanted or DEFAULT_UART
+        return str(paths.bus_socket_path(paths.default_runtime_dir(), name)), name
+    if target is None:
+        try:
+            target = only_daemon("attach to")
+        except ControlError as exc:
+            if exc.exit_code == EX_USAGE:
+                raise
+            name = wanted or DEFAULT_UART
+            return str(paths.bus_socket_path(paths.default_runtime_dir(), name)), name
+    status = target.status or target.ask({"cmd": "status"})
+    uarts = {u["name"]: u["bus_socket"] for u in status.get("uarts", [])}
+    name = wanted or (next(iter(uarts)) if len(uarts) == 1 else DEFAULT_UART)
+    if name not in uarts:
+        raise ControlError(f"the daemon has no UART named {name!r} (it has {', '.join(uarts)})")
+    return str(uarts[name]), name
 
 
 def console_command(args: argparse.Namespace) -> int:
     """Run the console; returns the exit code (69 when the UART's bus is not there)."""
-    target = _target(args)
-    name = getattr(args, "uart", None) or DEFAULT_UART
+    target, name = _target(args)
     parsed = parse_target(target)
     if isinstance(parsed, str) and not Path(parsed).exists():
         print(

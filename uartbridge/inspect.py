@@ -189,6 +189,7 @@ def describe(ckpt: Checkpoint, path: Path, *, now_unix_ns: int) -> dict[str, obj
             "line_settings": _line_report(port.line_settings),
             "rx_backlog": buffer_report(port.rx_backlog),
             "rx_marks": [{"at": at, "kind": kind} for at, kind in port.rx_marks],
+            "rx_escape": port.rx_escape.hex(),
             "tx_backlog": buffer_report(port.tx_backlog),
         },
         "counters": {
@@ -341,6 +342,9 @@ def render_text(report: dict[str, object]) -> str:
     if marks:
         text = ", ".join(f"{m['kind']} after {m['at']} bytes" for m in marks)
         out += textwrap.wrap(text, 96, initial_indent="  rx_marks     ", subsequent_indent=" " * 15)
+    escape = port["rx_escape"]
+    if escape:
+        out.append(f"  rx_escape    {escape} (a PARMRK mark begun; its rest is still on the port)")
     out += _buffer_lines("tx_backlog", tx_backlog)
     out += ["", "counters"]
     for side in ("uart", "port"):

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import os
-import pwd
 import socket
 import stat
 import struct
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,64 +56,6 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     return PeerCredentials(pid=pid, uid=uid, gid=gid, groups=groups)
 
 
-def _proc_net_address(ip: str, port: int) -> tuple[str, str]:
-    """(the /proc/net file, the ``ADDR:PORT`` key) under which the kernel lists ``ip:port``.
-
-    Addresses are written as the kernel stores them: 32-bit words in host byte order.
-    """
-    addr = ipaddress.ip_address(ip)
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped  # a v4 peer of a dual-stack listener is in /proc/net/tcp
-    packed = addr.packed
-    if sys.byteorder == "little":
-        packed = b"".join(packed[i : i + 4][::-1] for i in range(0, len(packed), 4))
-    table = "/proc/net/tcp" if addr.version == 4 else "/proc/net/tcp6"
-    return table, f"{packed.hex().upper()}:{port:04X}"
-
-
-def tcp_peer_credentials(sock: socket.socket) -> PeerCredentials | None:
-    """Who owns the other end of a TCP connection from this host, from the kernel's table.
-
-    TCP has no ``SO_PEERCRED``; but a peer socket on this host (loopback or any of its
-    addresses) is in ``/proc/net/tcp`` (or ``tcp6``) with its owner's uid, as identd looks
-    it up. The gid and groups are the user database's for that uid; ``pid`` is 0 (unknown).
-    None for a peer on another host (nothing to look up); ``BusError`` for a loopback peer
-    that is not in the table.
-    """
-    try:
-        peer_ip, peer_port = sock.getpeername()[:2]
-        own_ip, own_port = sock.getsockname()[:2]
-    except OSError as exc:
-        raise BusError(f"cannot identify the TCP peer: {exc}") from exc
-    table, peer_key = _proc_net_address(peer_ip, peer_port)
-    own_key = _proc_net_address(own_ip, own_port)[1]
-    uid = None
-    try:
-        with open(table, encoding="ascii") as lines:
-            next(lines, None)  # the header
-            for line in lines:
-                fields = line.split()
-                # sl local rem st queues tr retrnsmt uid …: the peer's row has it as local.
-                if len(fields) > 7 and fields[1] == peer_key and fields[2] == own_key:
-                    uid = int(fields[7])
-                    break
-    except (OSError, ValueError) as exc:
-        raise BusError(f"cannot read {table}: {exc}") from exc
-    if uid is None:
-        addr = ipaddress.ip_address(peer_ip)
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        if addr.is_loopback:  # it must be here: gone already, or something is odd
-            raise BusError(f"TCP peer {peer_ip}:{peer_port} not found in {table}")
-        return None  # a peer on another host
-    try:
-        entry = pwd.getpwuid(uid)
-    except KeyError:
-        return PeerCredentials(pid=0, uid=uid, gid=-1)
-    groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
-    return PeerCredentials(pid=0, uid=uid, gid=entry.pw_gid, groups=groups)
-
-
 def default_peer_allowed(allowed_gid: int | None) -> Callable[[PeerCredentials], bool]:
     """A peer check admitting root, the daemon's own uid, and (if given) one group.
 
@@ -134,14 +73,62 @@ def default_peer_allowed(allowed_gid: int | None) -> Callable[[PeerCredentials],
     return allowed
 
 
-def ensure_private_dir(
-    path: Path, mode: int = 0o750, *, error: type[UartBridgeError] = BusError
-) -> Path:
-    """Create the runtime directory ``path`` (mode ``mode``) or check the one that is there.
+# Where systemd puts the directories of a DynamicUser= unit; the unit sees a symlink to it.
+SYSTEMD_PRIVATE_PARENTS = (Path("/run/private"), Path("/var/lib/private"))
+_SYSTEMD_DIR_VARIABLES = ("RUNTIME_DIRECTORY", "STATE_DIRECTORY")
 
-    Refuses (raising ``error``) a path that is not a directory (a symlink included), is owned
-    by another user, or is writable by everyone. An existing directory keeps its mode (systemd
-    may have set ``RuntimeDirectoryMode``).
+
+def _handed_by_systemd(path: Path) -> bool:
+    """Whether ``path`` is exactly one of the directories systemd named in our environment."""
+    for variable in _SYSTEMD_DIR_VARIABLES:
+        if str(path) in os.environ.get(variable, "").split(":"):
+            return True
+    return False
+
+
+def _systemd_private_target(path: Path, what: str, error: type[UartBridgeError]) -> Path:
+    """The directory a DynamicUser= symlink points to, checked; ``error`` if it is not one.
+
+    systemd makes ``/run/NAME`` and ``/var/lib/NAME`` symlinks to ``/run/private/NAME`` and
+    ``/var/lib/private/NAME`` (root-owned parents, mode 0700). We follow such a link only when
+    it is the path systemd handed us, is owned by root, and ends in a directory of that shape.
+    """
+    try:
+        link = path.lstat()
+        target = Path(os.path.realpath(path))
+        parent = target.parent.lstat()
+    except OSError as exc:
+        raise error(f"cannot inspect {what} {path}: {exc.strerror}") from exc
+    if (
+        link.st_uid != 0
+        or target.parent not in SYSTEMD_PRIVATE_PARENTS
+        or target.name != path.name
+        or parent.st_uid != 0
+        or parent.st_mode & 0o022
+    ):
+        raise error(
+            f"{what} {path} is a symlink to {target}, which is not the directory systemd "
+            "makes for a DynamicUser= unit; refusing to follow it"
+        )
+    return target
+
+
+def ensure_private_dir(
+    path: Path,
+    mode: int = 0o750,
+    *,
+    group: int | None = None,
+    error: type[UartBridgeError] = BusError,
+    what: str = "runtime directory",
+) -> Path:
+    """Create the directory ``path`` (mode ``mode``) or check the one that is there.
+
+    Refuses (raising ``error``) a path that is not a directory, is owned by another user, or
+    is writable by everyone. A symlink is refused too, except the one systemd hands a
+    DynamicUser= unit in ``$RUNTIME_DIRECTORY``/``$STATE_DIRECTORY`` (see
+    ``_systemd_private_target``). An existing directory keeps its mode (systemd may have set
+    ``RuntimeDirectoryMode``). With ``group``, the directory gets that group and at least
+    ``g+rx`` (so the group's members reach the sockets in it).
     """
     path = Path(path)
     try:
@@ -150,20 +137,33 @@ def ensure_private_dir(
     except FileExistsError:
         pass
     except OSError as exc:
-        raise error(f"cannot create runtime directory {path}: {exc.strerror}") from exc
+        raise error(f"cannot create {what} {path}: {exc.strerror}") from exc
     try:
         st = path.lstat()
     except OSError as exc:
-        raise error(f"cannot inspect runtime directory {path}: {exc.strerror}") from exc
+        raise error(f"cannot inspect {what} {path}: {exc.strerror}") from exc
+    if stat.S_ISLNK(st.st_mode) and _handed_by_systemd(path):
+        st = _systemd_private_target(path, what, error).lstat()
     if not stat.S_ISDIR(st.st_mode):
-        raise error(f"runtime directory {path} is not a directory (or is a symlink)")
+        raise error(f"{what} {path} is not a directory (or is a symlink)")
     if st.st_uid != os.geteuid():
         raise error(
-            f"runtime directory {path} belongs to uid {st.st_uid}, not to us "
-            f"(uid {os.geteuid()}); refusing to put sockets there"
+            f"{what} {path} belongs to uid {st.st_uid}, not to us "
+            f"(uid {os.geteuid()}); refusing to use it"
         )
     if st.st_mode & stat.S_IWOTH:
-        raise error(f"runtime directory {path} is writable by everyone; refusing to use it")
+        raise error(f"{what} {path} is writable by everyone; refusing to use it")
+    if group is not None:
+        try:
+            if st.st_gid != group:
+                os.chown(path, -1, group)
+            if st.st_mode & 0o050 != 0o050:
+                os.chmod(path, stat.S_IMODE(st.st_mode) | 0o050)
+        except OSError as exc:
+            raise error(
+                f"cannot give {what} {path} to group {group}: {exc.strerror} "
+                "(the daemon must be a member of socket_group)"
+            ) from exc
     return path
 
 
@@ -231,5 +231,4 @@ __all__ = [
     "default_peer_allowed",
     "ensure_private_dir",
     "peer_credentials",
-    "tcp_peer_credentials",
 ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 
 from ..errors import BusError
@@ -73,9 +73,21 @@ class Capability(IntFlag):
     BURST = 0x01  # WRITE_N and READ_N
     SYNC = 0x02  # SYNC / SYNC_REPLY
     IRQ_EVENTS = 0x04  # IRQ frames on every level change
+    HELLO_TOKEN = 0x08  # HELLO's TOKEN field is understood (TCP peers may authenticate)
 
 
-SERVER_CAPABILITIES = Capability.BURST | Capability.SYNC | Capability.IRQ_EVENTS
+SERVER_CAPABILITIES = (
+    Capability.BURST | Capability.SYNC | Capability.IRQ_EVENTS | Capability.HELLO_TOKEN
+)
+
+
+class HelloField(IntEnum):
+    """Tags of the optional fields after HELLO's version (``u8 tag, u8 length, value``)."""
+
+    TOKEN = 0x01  # an authentication token, 1..255 bytes (docs/bus-protocol.md §1.1)
+
+
+MAX_TOKEN_LEN = 255
 
 
 class FrameError(BusError):
@@ -105,9 +117,14 @@ class BusRefusedError(BusError):
 
 @dataclass(frozen=True, slots=True)
 class Hello:
-    """Guest → server, first frame: the protocol version the guest speaks."""
+    """Guest → server, first frame: the protocol version the guest speaks (and a token).
+
+    ``token`` authenticates a TCP peer the server cannot identify by its uid; it is left
+    out of ``repr`` so that it never reaches a log.
+    """
 
     version: int = PROTOCOL_VERSION
+    token: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +283,12 @@ def encode(frame: Frame) -> bytes:
     if isinstance(frame, Hello):
         if not 0 <= frame.version <= 0xFFFF:
             raise FrameError(ErrorCode.MALFORMED, "version must fit in 16 bits")
-        return frame_bytes(FrameType.HELLO, _U16.pack(frame.version))
+        payload = _U16.pack(frame.version)
+        if frame.token is not None:
+            if not 1 <= len(frame.token) <= MAX_TOKEN_LEN:
+                raise FrameError(ErrorCode.MALFORMED, f"token must be 1..{MAX_TOKEN_LEN} bytes")
+            payload += bytes((HelloField.TOKEN, len(frame.token))) + frame.token
+        return frame_bytes(FrameType.HELLO, payload)
     if isinstance(frame, HelloReply):
         name = frame.name.encode()
         if len(name) > MAX_NAME_LEN:
@@ -324,10 +346,21 @@ def _decode_sync(payload: bytes) -> Frame:
 
 
 def _decode_hello(payload: bytes) -> Frame:
-    # Bytes after the version are reserved for later versions and ignored by version 1.
+    # After the version: optional fields (u8 tag, u8 length, value). Unknown tags are skipped;
+    # a tail that is not a whole field ends the list (v1 called these bytes "reserved").
     if len(payload) < 2:
         raise FrameError(ErrorCode.MALFORMED, "HELLO payload must hold a u16 version")
-    return Hello(_U16.unpack_from(payload)[0])
+    token = None
+    pos = 2
+    while pos + 2 <= len(payload):
+        tag, size = payload[pos], payload[pos + 1]
+        value = payload[pos + 2 : pos + 2 + size]
+        if len(value) < size:
+            break
+        if tag == HelloField.TOKEN and size:
+            token = value
+        pos += 2 + size
+    return Hello(_U16.unpack_from(payload)[0], token)
 
 
 def _decode_hello_reply(payload: bytes) -> Frame:
@@ -414,7 +447,7 @@ class FrameDecoder:
         self._pos = 0
         self._error: FrameError | None = None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append received bytes."""
         if self._pos and self._pos == len(self._buf):
             self._buf.clear()

@@ -1,27 +1,42 @@
-"""The bus server: the asyncio protocol that puts one UART on a socket.
+"""The bus server: puts one UART on a socket (Unix, and TCP if configured) for one guest.
 
-The server side is an ``asyncio.Protocol`` so that all frames of one ``read()`` batch are
-executed back to back inside one callback: a checkpoint (another callback on the same loop)
-always falls *between* two bus operations, never inside one.
+**Who gets in.** Connections are accepted by our own ``Listener`` (not ``start_server``), so
+that a peer is vetted on the bare socket, before any transport, buffer or frame exists: on
+the Unix socket by ``SO_PEERCRED``; on TCP by one netlink ``sock_diag`` query for the peer's
+socket (``uartbridge.sockdiag``: ESTABLISHED, with an owner). A refused peer gets an ERROR
+frame and is closed at once. A TCP peer that cannot be identified as permitted (another host,
+a socket already closed, a uid not permitted) is admitted only if a ``tcp_token`` is
+configured and its HELLO carries that token; nothing it sent is executed before. Each
+listening socket keeps at most ``max_pending`` connections that are not an attached guest
+(waiting for the slot, or for HELLO): more are refused BUSY at once, so a connect storm costs
+neither file descriptors nor memory, and accept errors are logged at most once per interval.
 
-After each operation that touched the model the server calls the daemon's ``settle()``, which
-lets the wire take bytes and returns the IRQ level changes since the last call; each change
-becomes an IRQ frame, written *before* the reply, so a guest that sees a reply has already
-seen every IRQ edge the reply observes. Changes that happen outside bus operations (port
-input, the receive-timeout timer) reach the guest through ``BusServer.push_irq``.
+**Fair share.** The frames a guest sent are executed back to back in ``_run``, in order, each
+to completion, but one call executes at most ``op_budget`` register operations (a burst
+counts its length) or runs for ``time_budget_s``; then the server stops reading that guest,
+settles, flushes, and continues with ``loop.call_later(0, …)`` — after the I/O callbacks of
+the loop's next poll and every other ready callback (another UART's guest, port I/O, a
+checkpoint). A checkpoint therefore still falls between
+two bus operations, never inside one.
 
-Hostile or broken clients cannot hurt the daemon: lengths are checked as soon as the header
-is in, so the read buffer holds at most one batch plus one frame; when the transport's write
-buffer passes the high-water mark the server stops executing frames and stops reading (the
-kernel's socket buffers then hold the client back), and a client that stays that way for
-``stall_timeout_s`` is dropped. Every ERROR frame is followed by the server closing the
-connection.
+**Ordering.** After an operation that touched the model the server calls the daemon's
+``settle()``, which lets the wire take bytes and returns the IRQ level changes since the
+last call; each change becomes an IRQ frame, written *before* the reply, so a guest that sees
+a reply has already seen every IRQ edge the reply observes. Changes that happen outside bus
+operations (port input, the receive-timeout timer) reach the guest through ``push_irq``.
+
+**Hostile clients.** Lengths are checked as soon as the header is in, so the decoder holds
+at most one read plus one frame; when the transport's write buffer passes the high-water
+mark the server stops executing frames and stops reading (the kernel's socket buffers then
+hold the client back), and a client that stays that way for ``stall_timeout_s`` is dropped.
+Every ERROR frame is followed by the server closing the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import os
 import socket
 import sys
@@ -33,8 +48,10 @@ from typing import Any
 import structlog
 
 from ..errors import BusError
+from ..listener import Listener, LogLimiter
 from ..registers import FIFO_SIZE, RBR, THR
-from ..sockets import PeerCredentials, bind_unix, peer_credentials, tcp_peer_credentials
+from ..sockdiag import SockDiag, identify_tcp_peer
+from ..sockets import PeerCredentials, bind_unix, peer_credentials
 from ..uart import Clock, Uart16550
 from .codec import (
     MAX_NAME_LEN,
@@ -189,17 +206,29 @@ def accept_all_settle(
 # -- the server -----------------------------------------------------------------------------
 
 
-class _Connection(asyncio.BufferedProtocol):
-    """One client connection; at most one per server is the guest.
+def _cost(frame: Frame) -> int:
+    """Register operations a frame performs (what the fair-share budget counts)."""
+    if isinstance(frame, WriteN):
+        return len(frame.data)
+    if isinstance(frame, ReadN):
+        return frame.count
+    return 1
 
-    A ``BufferedProtocol``: the transport reads into one buffer per connection
-    (``recv_into``) instead of allocating ``max_size`` (256 KiB) for every read, which glibc
-    may serve with mmap/mremap/munmap, three more system calls per bus frame.
+
+class _Connection(asyncio.BufferedProtocol):
+    """One accepted, vetted connection; at most one per server is the guest.
+
+    ``vetted`` is False for a TCP peer that must still authenticate with HELLO's token: until
+    then it only reads (small reads, at most one frame) and never takes the guest slot.
+    Reads go into the server's one read buffer (``get_buffer``; the bytes are copied into the
+    decoder at once), a small slice of it unless this connection is the guest.
     """
 
-    def __init__(self, server: BusServer, *, unix: bool) -> None:
+    def __init__(self, server: BusServer, *, peer: str, vetted: bool, listener: int) -> None:
         self._server = server
-        self._unix = unix
+        self._peer = peer
+        self._vetted = vetted
+        self.listener = listener
         self._transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder()
         self._hello = False
@@ -207,19 +236,27 @@ class _Connection(asyncio.BufferedProtocol):
         self._irq_sent = False
         self._write_paused = False
         self._closing = False
+        self._reading = True
         self._stall_timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
         self._claim_timer: asyncio.TimerHandle | None = None
         self._hello_timer: asyncio.TimerHandle | None = None
+        self._continuation: asyncio.Handle | None = None
         self._claim_deadline = 0.0
-        self._peer = "?"
         self.frames_executed = 0
+        self.slices = 0  # how many _run calls executed frames (fair-share turns)
+        # A frame taken from the decoder and not executed yet: the budget ran out before it,
+        # or it is the HELLO that authenticated the peer.
+        self._pending_frame: Frame | None = None
         # Output of the frames being executed by _run, written with one transport.write
         # (one send: IRQ frames and the reply reach the guest together); None outside _run.
         self._out: bytearray | None = None
         self._unsettled = False  # posted writes not yet followed by a settle
-        self._rbuf = bytearray(_READ_SIZE)
-        self._rview = memoryview(self._rbuf)
+
+    @property
+    def attached(self) -> bool:
+        """This connection is the guest and has completed HELLO (it is not pending)."""
+        return self._is_guest and self._hello
 
     # -- transport callbacks --
 
@@ -228,84 +265,57 @@ class _Connection(asyncio.BufferedProtocol):
         self._transport = transport
         server = self._server
         transport.set_write_buffer_limits(high=server.high_water, low=server.high_water // 4)
-        if not self._vet_peer(transport, transport.get_extra_info("socket")):
-            server.log.warning("bus.peer_refused", uart=server.name, peer=self._peer)
-            self._fail(ErrorCode.NOT_PERMITTED, "peer credentials refused")
-            return
         if server.closing:
             self._fail(ErrorCode.SHUTTING_DOWN, "server is shutting down")
             return
+        loop = asyncio.get_running_loop()
+        # Whoever holds a connection without completing HELLO (silent, a garbage length
+        # promising more bytes, no token) is dropped: it would hold the slot or a pending place.
+        self._hello_timer = loop.call_later(server.hello_timeout_s, self._no_hello)
+        if self._vetted:
+            self._start_claim()
+
+    def _start_claim(self) -> None:
         # A guest that just closed may not have been noticed yet (its EOF is in the same
         # poll batch): give the slot a short grace before answering BUSY.
-        self._claim_deadline = asyncio.get_running_loop().time() + server.busy_grace_s
+        self._claim_deadline = asyncio.get_running_loop().time() + self._server.busy_grace_s
         self._try_claim()
-
-    def _vet_peer(self, transport: asyncio.Transport, sock: socket.socket | None) -> bool:
-        """Name the peer for the logs; False if ``peer_allowed`` refuses it (by SO_PEERCRED on
-        the Unix socket; on TCP, by the uid owning the peer's socket when it is on this host)."""
-        check = self._server.peer_allowed
-        if self._unix and sock is not None:
-            try:
-                creds = peer_credentials(sock)
-            except BusError:
-                self._peer = "unknown"
-                return check is None
-            self._peer = f"pid={creds.pid} uid={creds.uid} gid={creds.gid}"
-            return check is None or check(creds)
-        self._peer = str(transport.get_extra_info("peername"))
-        if check is None or sock is None:
-            return True
-        try:
-            tcp_creds = tcp_peer_credentials(sock)
-        except BusError:
-            return False
-        if tcp_creds is None:
-            # A peer on another host, possible only on a non-loopback address the operator
-            # configured: there is nothing to check it against.
-            return True
-        self._peer += f" uid={tcp_creds.uid}"
-        return check(tcp_creds)
 
     def _try_claim(self) -> None:
         self._claim_timer = None
         server = self._server
-        transport = self._transport
-        if self._closing or transport is None:
+        if self._closing or self._transport is None:
             return
         if server._guest is None:
             server._guest = self
             self._is_guest = True
             server.log.info("bus.guest_connected", uart=server.name, peer=self._peer)
-            # A peer holding the slot without ever completing HELLO (silent, or a garbage
-            # length promising more bytes) would lock the UART's real guest out for good.
-            self._hello_timer = asyncio.get_running_loop().call_later(
-                server.hello_timeout_s, self._no_hello
-            )
-            transport.resume_reading()
             self._run()
             return
         loop = asyncio.get_running_loop()
         if loop.time() < self._claim_deadline:
-            transport.pause_reading()
             self._claim_timer = loop.call_later(0.01, self._try_claim)
+            self._update_reading()
             return
-        server.log.warning("bus.busy", uart=server.name, peer=self._peer)
+        server.warn_limited("bus.busy", peer=self._peer)
         self._fail(ErrorCode.BUSY, f"UART {server.name} already has a guest")
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._rview
+        server = self._server
+        return server._rview if self._is_guest else server._rview_small
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(bytes(self._rview[:nbytes]))
-
-    def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        self._decoder.feed(data)
-        if self._is_guest:
-            self._run()
-        elif self._transport is not None:
-            self._transport.pause_reading()  # keep at most this batch until the slot is ours
+        view = self._server._rview_small if not self._is_guest else self._server._rview
+        self._decoder.feed(view[:nbytes])
+        if not self._vetted:
+            self._authenticate()
+        elif self._is_guest:
+            if self._continuation is None:
+                self._run()
+        else:
+            self._update_reading()  # keep at most this read until the slot is ours
 
     def eof_received(self) -> bool | None:
         if self._decoder.buffered:
@@ -316,10 +326,12 @@ class _Connection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        for timer in (self._stall_timer, self._abort_timer, self._claim_timer, self._hello_timer):
+        for timer in (self._stall_timer, self._abort_timer, self._claim_timer, self._hello_timer,
+                      self._continuation):
             if timer is not None:
                 timer.cancel()
         self._stall_timer = self._abort_timer = self._claim_timer = self._hello_timer = None
+        self._continuation = None
         server = self._server
         server._connections.discard(self)
         if self._is_guest and server._guest is self:
@@ -335,8 +347,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._write_paused = True
-        if self._transport is not None:
-            self._transport.pause_reading()
+        self._update_reading()
         if self._stall_timer is None and not self._closing:
             loop = asyncio.get_running_loop()
             self._stall_timer = loop.call_later(self._server.stall_timeout_s, self._stalled)
@@ -348,50 +359,127 @@ class _Connection(asyncio.BufferedProtocol):
             self._stall_timer = None
         if self._closing or self._transport is None:
             return
-        if self._is_guest:
-            self._transport.resume_reading()
+        if self._is_guest and self._continuation is None:
             self._run()
+        else:
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read only what may be buffered now: as the guest, while nothing waits for its
+        turn; while authenticating, up to the first frame; while waiting for the slot, one
+        small read."""
+        transport = self._transport
+        if transport is None or self._closing:
+            return
+        if not self._vetted:
+            want = True
+        elif self._is_guest:
+            want = (
+                not self._write_paused
+                and self._continuation is None
+                and self._pending_frame is None
+            )
+        else:
+            want = not self._decoder.buffered
+        if want != self._reading:
+            self._reading = want
+            if want:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    # -- authentication (TCP peers that are not identified as permitted) --
+
+    def _authenticate(self) -> None:
+        server = self._server
+        try:
+            frame = self._decoder.next_frame()
+        except FrameError as exc:
+            self._fail(exc.code, exc.message)
+            return
+        if frame is None:
+            return  # the decoder holds at most one frame: read on
+        if not isinstance(frame, Hello):
+            self._fail(ErrorCode.PROTOCOL, "the first frame must be HELLO")
+            return
+        token = server.tcp_token
+        if token is None or frame.token is None or not hmac.compare_digest(frame.token, token):
+            server.warn_limited("bus.peer_refused", peer=self._peer, reason="no valid token")
+            self._fail(ErrorCode.NOT_PERMITTED, "peer not permitted (no valid token)")
+            return
+        server.log.info("bus.peer_authenticated", uart=server.name, peer=self._peer)
+        self._vetted = True
+        self._pending_frame = frame  # executed first, as the guest's HELLO
+        self._update_reading()
+        self._start_claim()
 
     # -- frame execution --
 
     def _run(self) -> None:
-        """Execute buffered frames back to back until none is left or output is backed up."""
-        if self._out is not None:
-            self._run_frames()  # re-entered: the outer call flushes
-            return
+        """Execute buffered frames in order until none is left, output is backed up, or this
+        turn's budget is spent (then continue after everything else that is ready)."""
+        self._continuation = None
+        if self._out is not None or self._closing:
+            return  # re-entered: the outer call goes on
         self._out = bytearray()
+        more = False
         try:
-            self._run_frames()
+            more = self._run_frames()
             if self._unsettled:
-                self._settle()  # posted writes of this batch reach the wire in this step
+                self._settle()  # posted writes of this turn reach the wire in this turn
+            turn_end = self._server.on_turn_end
+            if turn_end is not None:
+                turn_end()
         except Exception:
             self._internal_error()
         finally:
             self._flush()
             self._out = None
+        if more and not self._closing and not self._write_paused:
+            # call_later(0), not call_soon: a timer that is due runs after the I/O callbacks
+            # of the loop's next poll, so whatever became ready during this turn (another
+            # UART's guest, a port) goes first; a call_soon would run before that poll.
+            self._continuation = asyncio.get_running_loop().call_later(0, self._run)
+        self._update_reading()
 
-    def _run_frames(self) -> None:
+    def _run_frames(self) -> bool:
+        """True when the budget ran out with a frame left (in ``_pending_frame``)."""
+        server = self._server
         decoder = self._decoder
+        budget = server.op_budget
+        clock = time.perf_counter_ns
+        deadline = clock() + server.time_budget_ns
+        ops = 0
         while not self._closing and not self._write_paused:
-            try:
-                frame = decoder.next_frame()
-            except FrameError as exc:
-                self._server.log.warning(
-                    "bus.bad_frame", uart=self._server.name, peer=self._peer, error=str(exc)
-                )
-                self._fail(exc.code, exc.message)
-                return
+            frame = self._pending_frame
+            self._pending_frame = None
             if frame is None:
-                return
+                try:
+                    frame = decoder.next_frame()
+                except FrameError as exc:
+                    server.warn_limited("bus.bad_frame", peer=self._peer, error=str(exc))
+                    self._fail(exc.code, exc.message)
+                    return False
+                if frame is None:
+                    return False
+            cost = _cost(frame)
+            if ops and (ops + cost > budget or clock() >= deadline):
+                self._pending_frame = frame
+                self.slices += 1
+                return True
             try:
                 self._execute(frame)
             except FrameError as exc:
                 self._fail(exc.code, exc.message)
-                return
+                return False
             except Exception:
                 self._internal_error()
-                return
+                return False
+            ops += cost
             self.frames_executed += 1
+        if ops:
+            self.slices += 1
+        return False
 
     def _execute(self, frame: Frame) -> None:
         server = self._server
@@ -416,7 +504,7 @@ class _Connection(asyncio.BufferedProtocol):
             return
         # Posted writes are settled lazily: before anything that observes the device (a
         # reply), before a THR write that would overwrite an unsent byte, and at the end of
-        # the batch. The guest cannot tell (every observation comes after a settle), and a
+        # the turn. The guest cannot tell (every observation comes after a settle), and a
         # burst of THR writes leaves in one os.write (see docs/bus-protocol.md, "Settling").
         if isinstance(frame, Write):
             self._write_register(frame.offset, frame.value)
@@ -427,9 +515,7 @@ class _Connection(asyncio.BufferedProtocol):
             self._settle()
             self._send(frame_bytes(FrameType.READ_REPLY, bytes((frame.offset, value))))
         elif isinstance(frame, WriteN):
-            offset = frame.offset
-            for value in frame.data:
-                self._write_register(offset, value)
+            self._write_burst(frame.offset, frame.data)
         elif isinstance(frame, ReadN):
             data = self._read_n(frame.offset, frame.count)
             self._settle()
@@ -463,6 +549,34 @@ class _Connection(asyncio.BufferedProtocol):
             self._settle()
         uart.write(offset, value)
         self._unsettled = True
+
+    def _write_burst(self, offset: int, data: bytes) -> None:
+        """WRITE_N: ``len(data)`` writes of ``offset``, one bus operation.
+
+        To a register other than THR the writes run back to back and are settled once, after
+        the burst (the port gets the final line settings and modem outputs, the guest the IRQ
+        edges the model kept: §4.6). To THR the port is given the chance to take what waits
+        before a write that would overwrite an unsent byte — but once per burst: if it took
+        nothing (a stalled reader), asking again for every later byte of the same burst
+        would only repeat the refusal.
+        """
+        uart = self._server.uart
+        write = uart.write
+        if self._unsettled:
+            self._settle()
+        if offset != THR or uart.dlab:
+            for value in data:
+                write(offset, value)
+            self._unsettled = True
+            return
+        refused = False
+        tx_full = uart.tx_full
+        for value in data:
+            if self._unsettled and not refused and tx_full():
+                self._settle()
+                refused = tx_full()
+            write(THR, value)
+            self._unsettled = True
 
     def _read_n(self, offset: int, count: int) -> bytes:
         """READ_N: ``count`` reads of ``offset``; RBR reads stop at DR=0 or a pending error.
@@ -534,7 +648,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._hello_timer = None
         if self._hello or self._closing:
             return
-        self._server.log.warning("bus.no_hello", uart=self._server.name, peer=self._peer)
+        self._server.warn_limited("bus.no_hello", peer=self._peer)
         self._fail(
             ErrorCode.PROTOCOL, f"no complete HELLO within {self._server.hello_timeout_s:g} s"
         )
@@ -555,6 +669,9 @@ class _Connection(asyncio.BufferedProtocol):
             return
         transport.write(encode(ErrorFrame(int(code), message)))
         self._closing = True
+        if self._continuation is not None:
+            self._continuation.cancel()
+            self._continuation = None
         transport.close()
         loop = asyncio.get_running_loop()
         self._abort_timer = loop.call_later(self._server.close_grace_s, transport.abort)
@@ -566,8 +683,17 @@ class _Connection(asyncio.BufferedProtocol):
 
 _OUT_BATCH = 16 * 1024
 _READ_SIZE = 64 * 1024
+_SMALL_READ_SIZE = 512  # what a connection that is not the guest may read at a time
 _IRQ_HIGH = frame_bytes(FrameType.IRQ, b"\x01")
 _IRQ_LOW = frame_bytes(FrameType.IRQ, b"\x00")
+_LISTEN_BACKLOG = 128
+
+
+def _refuse_now(sock: socket.socket, code: ErrorCode, message: str) -> None:
+    """ERROR frame (best effort: one non-blocking send) and close, on the bare socket."""
+    with contextlib.suppress(OSError):
+        sock.send(encode(ErrorFrame(int(code), message)))
+    sock.close()
 
 
 class BusServer:
@@ -580,31 +706,48 @@ class BusServer:
         name: str,
         settle: Callable[[], Sequence[bool]],
         peer_allowed: Callable[[PeerCredentials], bool] | None = None,
+        tcp_token: bytes | None = None,
         log: Any = None,
         high_water: int = 64 * 1024,
         stall_timeout_s: float = 30.0,
         close_grace_s: float = 1.0,
         busy_grace_s: float = 0.25,
         hello_timeout_s: float = 5.0,
+        max_pending: int = 8,
+        op_budget: int = 4096,
+        time_budget_s: float = 0.002,
+        log_interval_s: float = 10.0,
+        on_turn_end: Callable[[], None] | None = None,
     ) -> None:
         """A server for ``uart`` named ``name`` (≤ 255 UTF-8 bytes; sent in HELLO_REPLY).
 
         ``settle`` is called after every operation that touched the model and returns the
-        IRQ level changes, in order, since its last call. ``peer_allowed`` vets Unix-socket
-        peers by their kernel credentials (None: everyone who may open the socket file).
-        ``high_water`` bounds the output buffered for a guest before the server stops
-        executing its frames; a guest that does not drain it for ``stall_timeout_s`` is
-        dropped. A connection finding the guest slot taken waits up to ``busy_grace_s`` for
-        it (a guest reconnecting may race its own hang-up) before it is refused with BUSY.
-        A guest that has not completed HELLO ``hello_timeout_s`` after taking the slot is
-        refused with PROTOCOL and closed, freeing the slot.
+        IRQ level changes, in order, since its last call. ``peer_allowed`` vets peers by
+        their kernel credentials: ``SO_PEERCRED`` on the Unix socket, the owner of the peer's
+        socket on TCP (None: every peer the kernel identifies). ``tcp_token`` (1..255 bytes)
+        admits a TCP peer that is not identified as permitted — a peer on another host — if
+        its HELLO carries it; without it such peers are refused. ``high_water`` bounds the
+        output buffered for a guest before the server stops executing its frames; a guest
+        that does not drain it for ``stall_timeout_s`` is dropped. A connection finding the
+        guest slot taken waits up to ``busy_grace_s`` for it (a guest reconnecting may race
+        its own hang-up) before it is refused with BUSY. A connection that has not completed
+        HELLO ``hello_timeout_s`` after it was accepted is refused with PROTOCOL and closed.
+        ``max_pending`` caps, per listening socket, the connections that are not the
+        attached guest. ``op_budget`` register operations or ``time_budget_s`` end a
+        guest's turn; ``log_interval_s`` is the least time between two log lines about
+        refused peers or failed accepts. ``on_turn_end`` is called at the end of every turn
+        of a guest's frames, after its last settle and before its output is sent: the place
+        for a port to apply, once, what the turn's register writes changed (line settings).
         """
         if len(name.encode()) > MAX_NAME_LEN:
             raise ValueError(f"UART name longer than {MAX_NAME_LEN} bytes: {name!r}")
+        if tcp_token is not None and not 1 <= len(tcp_token) <= 255:
+            raise ValueError("tcp_token must be 1..255 bytes")
         self.uart = uart
         self.name = name
         self.settle = settle
         self.peer_allowed = peer_allowed
+        self.tcp_token = tcp_token
         self.log: Any = log if log is not None else structlog.get_logger("uartbridge.bus")
         self.high_water = high_water
         # Past this the guest is dropped (only unsolicited IRQ frames can grow it that far).
@@ -613,55 +756,178 @@ class BusServer:
         self.close_grace_s = close_grace_s
         self.busy_grace_s = busy_grace_s
         self.hello_timeout_s = hello_timeout_s
+        self.max_pending = max_pending
+        self.op_budget = op_budget
+        self.time_budget_ns = int(time_budget_s * 1e9)
+        self.log_interval_s = log_interval_s
+        self.on_turn_end = on_turn_end
         self.closing = False
         self._guest: _Connection | None = None
         self._connections: set[_Connection] = set()
-        self._servers: list[asyncio.Server] = []
+        self._listeners: list[Listener] = []
         self._unix_paths: list[tuple[Path, int]] = []
+        self._attaching: set[asyncio.Task[None]] = set()
+        self._diag: SockDiag | None = None
+        self._diag_error = ""
+        # One read buffer for every connection of this server (all on one loop): a transport
+        # reads into it and the connection copies the bytes into its decoder at once.
+        self._rbuf = bytearray(_READ_SIZE)
+        self._rview = memoryview(self._rbuf)
+        self._rview_small = self._rview[:_SMALL_READ_SIZE]
+        self._limiters: dict[str, LogLimiter] = {}
 
-    def _protocol_factory(self, *, unix: bool) -> Callable[[], _Connection]:
-        def factory() -> _Connection:
-            conn = _Connection(self, unix=unix)
-            self._connections.add(conn)
-            return conn
+    def warn_limited(self, event: str, **fields: Any) -> None:
+        """A warning about one connection that any peer can provoke at will (refused, busy,
+        garbage): at most one line per ``log_interval_s`` per event, with a count."""
+        limiter = self._limiters.get(event)
+        if limiter is None:
+            limiter = LogLimiter(self.log, event, interval_s=self.log_interval_s)
+            self._limiters[event] = limiter
+        limiter.hit(uart=self.name, **fields)
 
-        return factory
+    # -- listening --------------------------------------------------------------------------
+
+    def _listen(self, sock: socket.socket, *, unix: bool, what: str) -> None:
+        index = len(self._listeners)
+        listener = Listener(
+            sock,
+            lambda conn: self._accept(conn, unix=unix, listener=index),
+            log=self.log,
+            name=f"{self.name} {what}",
+            event="bus.accept_failed",
+            log_interval_s=self.log_interval_s,
+        )
+        self._listeners.append(listener)
 
     async def start_unix(self, path: Path, *, mode: int = 0o660) -> None:
         """Listen on a Unix socket at ``path`` (a stale socket file is replaced)."""
         path = Path(path)
         sock = bind_unix(path, mode)
-        inode = os.stat(path).st_ino
-        loop = asyncio.get_running_loop()
         try:
-            server = await loop.create_unix_server(self._protocol_factory(unix=True), sock=sock)
+            inode = os.stat(path).st_ino
+            sock.listen(_LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
-            raise BusError(f"cannot listen on {path}: {exc}") from exc
-        self._servers.append(server)
+            raise BusError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        self._listen(sock, unix=True, what=str(path))
         self._unix_paths.append((path, inode))
         self.log.info("bus.listening", uart=self.name, socket=str(path))
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen on TCP (loopback unless told otherwise); returns the bound (host, port).
 
-        A peer on this host is checked with ``peer_allowed`` by the uid that owns its socket
-        (``/proc/net/tcp``); a peer on another host (a non-loopback ``host``) is admitted.
+        A peer is admitted when the kernel identifies its socket as an ESTABLISHED socket on
+        this host owned by a user ``peer_allowed`` permits (``uartbridge.sockdiag``), or, with
+        ``tcp_token``, when its HELLO carries the token; anyone else is refused.
         """
-        loop = asyncio.get_running_loop()
+        if self._diag is None and not self._diag_error:
+            try:
+                self._diag = SockDiag()
+            except BusError as exc:
+                self._diag_error = str(exc)
+                self.log.error("bus.tcp_identification_unavailable", uart=self.name,
+                               error=str(exc))
         try:
-            server = await loop.create_server(
-                self._protocol_factory(unix=False), host, port, reuse_address=True
-            )
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
         except OSError as exc:
             raise BusError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-        for sock in server.sockets:
-            with contextlib.suppress(OSError):
+        bound: tuple[str, int] | None = None
+        socks: list[socket.socket] = []
+        try:
+            for family, kind, proto, _name, address in infos:
+                sock = socket.socket(family, kind, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                # Accepted sockets inherit it (Linux): replies leave without Nagle's delay.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._servers.append(server)
-        bound = server.sockets[0].getsockname()
+                sock.listen(_LISTEN_BACKLOG)
+                if bound is None:
+                    name = sock.getsockname()
+                    bound = (str(name[0]), int(name[1]))
+        except OSError as exc:
+            for sock in socks:
+                sock.close()
+            raise BusError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+        assert bound is not None
+        for sock in socks:
+            self._listen(sock, unix=False, what=f"tcp {bound[0]}:{bound[1]}")
         self.log.info("bus.listening", uart=self.name, tcp=f"{bound[0]}:{bound[1]}")
-        return str(bound[0]), int(bound[1])
+        return bound
+
+    # -- admission --------------------------------------------------------------------------
+
+    def _accept(self, sock: socket.socket, *, unix: bool, listener: int) -> None:
+        """A new connection, before any transport: vet, cap, then attach (or refuse)."""
+        if self.closing:
+            _refuse_now(sock, ErrorCode.SHUTTING_DOWN, "server is shutting down")
+            return
+        peer, vetted, refusal = self._vet(sock, unix=unix)
+        if refusal:
+            self.warn_limited("bus.peer_refused", peer=peer, reason=refusal)
+            _refuse_now(sock, ErrorCode.NOT_PERMITTED, f"peer not permitted: {refusal}")
+            return
+        pending = sum(
+            1 for c in self._connections if c.listener == listener and not c.attached
+        )
+        if pending >= self.max_pending:
+            self.warn_limited("bus.too_many_pending", peer=peer, pending=pending)
+            _refuse_now(sock, ErrorCode.BUSY, "too many connections waiting; try later")
+            return
+        conn = _Connection(self, peer=peer, vetted=vetted, listener=listener)
+        self._connections.add(conn)
+        task = asyncio.get_running_loop().create_task(self._attach(conn, sock))
+        self._attaching.add(task)
+        task.add_done_callback(self._attaching.discard)
+
+    async def _attach(self, conn: _Connection, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: conn, sock)
+        except OSError:
+            self._connections.discard(conn)
+            sock.close()
+
+    def _vet(self, sock: socket.socket, *, unix: bool) -> tuple[str, bool, str]:
+        """(peer name for the logs, vetted, refusal reason or "").
+
+        Not vetted (and not refused): a TCP peer that may still authenticate by token.
+        """
+        check = self.peer_allowed
+        if unix:
+            try:
+                creds = peer_credentials(sock)
+            except BusError as exc:
+                return "unknown", False, str(exc)
+            peer = f"pid={creds.pid} uid={creds.uid} gid={creds.gid}"
+            if check is None or check(creds):
+                return peer, True, ""
+            return peer, False, f"uid {creds.uid} is not permitted"
+        try:
+            peer = str(sock.getpeername()[:2])
+        except OSError:
+            peer = "?"
+        if self._diag is None:
+            reason = f"TCP peers cannot be identified: {self._diag_error}"
+        else:
+            ident = identify_tcp_peer(sock, self._diag)
+            if ident.creds is not None:
+                peer += f" uid={ident.creds.uid}"
+                if check is None or check(ident.creds):
+                    return peer, True, ""
+                reason = f"uid {ident.creds.uid} is not permitted"
+            else:
+                reason = ident.reason
+                if not ident.local and self.tcp_token is None:
+                    reason += "; a peer on another host needs a token (bus_tcp_token)"
+        if self.tcp_token is not None:
+            return peer, False, ""  # its HELLO must carry the token
+        return peer, False, reason
+
+    # -- the guest ----------------------------------------------------------------------------
 
     def push_irq(self, levels: Sequence[bool]) -> None:
         """IRQ changes that happened outside bus operations (port input, timers)."""
@@ -674,22 +940,37 @@ class BusServer:
         """A guest holds this UART's bus connection."""
         return self._guest is not None
 
+    @property
+    def accept_errors(self) -> int:
+        """Failed accept calls on all listening sockets so far."""
+        return sum(listener.errors for listener in self._listeners)
+
+    @property
+    def tcp_lookups(self) -> int:
+        """How many sock_diag queries identified TCP peers (one or so per connection)."""
+        return self._diag.queries if self._diag is not None else 0
+
     async def close(self) -> None:
         """Stop listening, close every connection (the guest is told), remove socket files."""
         self.closing = True
-        for server in self._servers:
-            server.close()
-        for conn in list(self._connections):
-            conn.shutdown()
-        for server in self._servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), timeout=self.close_grace_s + 1)
-        self._servers.clear()
+        for listener in self._listeners:
+            listener.close()
+        self._listeners.clear()
         for path, inode in self._unix_paths:
             with contextlib.suppress(OSError):
                 if os.stat(path).st_ino == inode:
                     path.unlink()
         self._unix_paths.clear()
+        for task in list(self._attaching):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, timeout=self.close_grace_s + 1)
+        for conn in list(self._connections):
+            conn.shutdown()
+        for limiter in self._limiters.values():
+            limiter.close()
+        if self._diag is not None:
+            self._diag.close()
+            self._diag = None
         # Give transports a turn to flush the ERROR frame and close.
         for _ in range(3):
             if not self._connections:

@@ -1,41 +1,181 @@
 """The daemon shell: UART services, the control socket, signals, timers and sd_notify.
 
-Life cycle (uvicorn's ``server.py`` is the model): start every UART (resuming from its newest
-valid checkpoint when ``[checkpoint] resume = "auto"``), listen, tell systemd READY=1, then
-wait for SIGTERM/SIGINT or a ``checkpoint --stop``. Stopping quiesces each port, writes each
-UART's checkpoint (``on_stop``), closes everything and exits 0. A second signal forces exit.
+Life cycle (uvicorn's ``server.py`` is the model):
 
-A marker file in the state directory says "a daemon is running here"; finding it at start
-means the previous daemon died without its final checkpoint, and the age of the state we
-resume from is logged and reported as what a crash may have lost.
+1. **Lock.** Before anything else the daemon takes ``flock`` on ``<state_dir>/daemon.lock``
+   (which holds its PID): a second daemon on the same state directory is refused (exit 75,
+   naming the holder) before it looks at, or writes, anything there.
+2. **Start.** A marker ``daemon.running`` (0600) says "a daemon is running here": finding it
+   means the previous one died without its final checkpoint, and the age of the state we
+   resume from is logged and reported as what a crash may have lost. Every UART resumes from
+   its newest valid checkpoint (``[checkpoint] resume = "auto"``; an emergency copy in the
+   runtime directory counts when it is newer), and all of them open their ports at the same
+   time (a slow ``rfc2217://`` delays nobody else). Then the control socket listens and
+   systemd hears READY=1.
+3. **Serve** until SIGTERM/SIGINT or ``checkpoint --stop``. SIGHUP re-reads the config:
+   what can change live (logging, the ``[checkpoint]`` table) is applied, the rest is named
+   in a warning as needing a restart; a bad file changes nothing.
+4. **Stop.** Quiesce each port, write each UART's final checkpoint (``on_stop``), close
+   everything, remove the marker, exit 0. A final checkpoint the state directory refuses
+   (full, read-only, I/O error) is written to ``<runtime_dir>/emergency/`` instead, logged
+   as an error naming both paths and the reason, and retried for ``stop_retry_s`` (systemd's
+   stop timeout is extended meanwhile); if the state directory never takes it the daemon
+   exits 73 (cannot create) or 74 (I/O error) and leaves the marker. Sockets and pty links
+   are removed in every case. A second signal ends the retry (or, before the final checkpoint
+   was written, skips it: exit 70); a third exits at once.
+
+Checkpoint writes take their file descriptors from a small reserve held open for them, so a
+storm of connections that uses up the descriptor limit cannot stop them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import fcntl
 import os
 import signal
-import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpoint, latest_checkpoint
+from .. import logs
+from ..checkpoint import Checkpoint, encode, latest_checkpoint
 from ..config import Config
 from ..errors import (
     EX_OK,
     EX_SOFTWARE,
     CheckpointError,
+    CheckpointWriteError,
+    ConfigError,
+    DaemonRunningError,
+    StateDirError,
     UartBridgeError,
+    exit_code_for_os_error,
 )
 from ..logs import get_logger
+from ..paths import emergency_dir
 from ..sockets import default_peer_allowed, ensure_private_dir
 from . import sdnotify as _sdnotify
 from .control_server import ControlServer
 from .service import NS_PER_S, UartService
 
 RUNNING_MARKER = "daemon.running"
+LOCK_FILE = "daemon.lock"
+# File descriptors a checkpoint write needs (temp file, directory fsync, scandir, reading
+# the previous file) and that are kept free for it.
+FD_RESERVE = 4
+STOP_RETRY_INTERVAL_S = 1.0
+# A repeated event-loop error (EMFILE on accept…) is logged at most this often.
+LOOP_ERROR_INTERVAL_S = 10.0
+
+
+class FdReserve:
+    """A few descriptors held open on /dev/null, released for the length of a write.
+
+    The event loop runs one callback at a time, so nothing can take the freed numbers
+    between ``released()`` and the write inside it.
+    """
+
+    def __init__(self, count: int = FD_RESERVE) -> None:
+        self._count = count
+        self._fds: list[int] = []
+        self.refill()
+
+    def refill(self) -> None:
+        """Open descriptors until the reserve is full again (as many as the limit allows)."""
+        while len(self._fds) < self._count:
+            try:
+                self._fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Close the reserve for the body; refill it afterwards."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        try:
+            yield
+        finally:
+            self.refill()
+
+    def close(self) -> None:
+        """Close every reserved descriptor."""
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
+def ensure_standard_fds() -> None:
+    """Open /dev/null on any of fds 0-2 that is closed, so that no socket or port we open
+    later gets number 2 and receives our log lines."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """Take the daemon's lock on ``state_dir``; returns the fd that holds it (kept open).
+
+    ``DaemonRunningError`` (75) naming the holder's PID when another daemon has it;
+    ``StateDirError`` (73/74) when the lock file cannot be created or written.
+    """
+    path = state_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as exc:
+        raise StateDirError(
+            f"state directory {state_dir}: cannot open {LOCK_FILE}: {exc.strerror}",
+            exit_code=exit_code_for_os_error(exc),
+        ) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise DaemonRunningError(
+            f"another uartbridge (pid {holder}) is running on state directory {state_dir}; "
+            "refusing to start a second one"
+        ) from exc
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        os.close(fd)
+        raise StateDirError(
+            f"state directory {state_dir}: cannot write {LOCK_FILE}: {exc.strerror}",
+            exit_code=exit_code_for_os_error(exc),
+        ) from exc
+    return fd
+
+
+def _write_marker(path: Path) -> None:
+    """``daemon.running`` with our PID, mode 0600 (``StateDirError`` if it cannot be written)."""
+    try:
+        fd = os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+        )
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StateDirError(
+            f"state directory {path.parent}: cannot write {path.name}: {exc.strerror}",
+            exit_code=exit_code_for_os_error(exc),
+        ) from exc
 
 
 class Daemon:
@@ -46,16 +186,33 @@ class Daemon:
         config: Config,
         *,
         resume: dict[str, tuple[Checkpoint, Path]] | None = None,
+        reload: Callable[[], Config] | None = None,
+        log_overrides: dict[str, str] | None = None,
     ) -> None:
         self.config = config
+        self.log_overrides = log_overrides or {}
         self.log = get_logger()
         self.explicit_resume = resume or {}
+        self._reload_config = reload  # () -> Config, for SIGHUP; None: reload not possible
         self.services: dict[str, UartService] = {}
         self.control: ControlServer | None = None
         self.stop_event = asyncio.Event()
         self.stopped_by_request = False
         self.crashed_before = False
         self.started_mono_ns = time.monotonic_ns()
+        self._lock_fd: int | None = None
+        self._marker_written = False
+        self._fd_reserve: FdReserve | None = None
+        self._signals = 0
+        self._final_written = False
+        self._stop_task: asyncio.Task[int] | None = None
+        self._final_task: asyncio.Task[dict[str, Any]] | None = None
+        self._retry_wakeup = asyncio.Event()
+        self._periodic: asyncio.Task[None] | None = None
+        self._periodic_errors: dict[str, str] = {}
+        self._emergency: set[str] = set()  # UARTs with an emergency copy on disk
+        self._unsaved: dict[str, tuple[Checkpoint, CheckpointWriteError]] = {}
+        self._loop_errors: dict[str, tuple[float, int]] = {}
 
     # -- start ----------------------------------------------------------------------------
 
@@ -67,8 +224,18 @@ class Daemon:
             return None, None
         problems: list[str] = []
         found = latest_checkpoint(self.config.daemon.state_dir, name, problems=problems)
+        emergency = self._emergency_source(name)
+        if emergency is not None and (
+            found is None or emergency[0].meta.generation > found[0].meta.generation
+        ):
+            self.log.warning(
+                "resuming from an emergency copy (the state directory refused the last one)",
+                uart=name,
+                path=str(emergency[1]),
+            )
+            return emergency
         if found is None and problems:
-            # Starting afresh would silently throw the saved device away (DESIGN.md rule 4).
+            # Starting afresh would silently throw the saved device away (docs/design.md rule 4).
             raise CheckpointError(
                 f"{name}: no valid checkpoint in {self.config.daemon.state_dir}: "
                 + "; ".join(problems)
@@ -78,19 +245,36 @@ class Daemon:
             self.log.warning("skipped an invalid checkpoint", uart=name, problem=problem)
         return found if found is not None else (None, None)
 
+    def _emergency_source(self, name: str) -> tuple[Checkpoint, Path] | None:
+        directory = emergency_dir(self.config.daemon.runtime_dir)
+        if not directory.is_dir():
+            return None
+        problems: list[str] = []
+        found = latest_checkpoint(directory, name, problems=problems)
+        for problem in problems:
+            self.log.warning("skipped an invalid emergency copy", uart=name, problem=problem)
+        if found is not None:
+            self._emergency.add(name)
+        return found
+
     async def start(self) -> None:
-        """Create directories, resume or create every UART, open ports, listen."""
+        """Lock the state directory, resume or create every UART, open ports, listen."""
         daemon_cfg = self.config.daemon
-        ensure_private_dir(daemon_cfg.runtime_dir)
-        ensure_private_dir(daemon_cfg.state_dir, mode=0o700)
-        marker = daemon_cfg.state_dir / RUNNING_MARKER
+        state_dir = daemon_cfg.state_dir
+        ensure_private_dir(state_dir, mode=0o700, error=StateDirError, what="state directory")
+        self._lock_fd = lock_state_dir(state_dir)
+        marker = state_dir / RUNNING_MARKER
         self.crashed_before = marker.exists()
+        _write_marker(marker)
+        self._marker_written = True
+        self._fd_reserve = FdReserve()
+        ensure_private_dir(daemon_cfg.runtime_dir, group=daemon_cfg.socket_gid)
         peer_allowed = default_peer_allowed(daemon_cfg.socket_gid)
         for uart_cfg in self.config.uarts:
             ckpt, path = self._resume_source(uart_cfg.name)
             service = UartService(
                 uart_cfg,
-                state_dir=daemon_cfg.state_dir,
+                state_dir=state_dir,
                 keep_previous=self.config.checkpoint.keep_previous,
                 log=self.log,
                 peer_allowed=peer_allowed,
@@ -108,63 +292,116 @@ class Daemon:
                     age_s=round(age_s, 3),
                     after_crash=self.crashed_before,
                 )
-        for service in self.services.values():
-            await service.start(fail_fast=daemon_cfg.fail_fast)
-        self.control = ControlServer(self, daemon_cfg.control_socket, peer_allowed=peer_allowed)
+        # All ports at once: one that takes seconds to answer delays no other UART.
+        results = await asyncio.gather(
+            *(
+                s.start(fail_fast=daemon_cfg.fail_fast, socket_gid=daemon_cfg.socket_gid)
+                for s in self.services.values()
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        self.control = ControlServer(
+            self,
+            daemon_cfg.control_socket,
+            peer_allowed=peer_allowed,
+            group=daemon_cfg.socket_gid,
+        )
         await self.control.start()
-        marker.write_text(f"{os.getpid()}\n")
 
     # -- run ------------------------------------------------------------------------------
 
     async def run(self) -> int:
         """Start, serve until asked to stop, stop. Returns the exit code."""
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._on_loop_error)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        code = EX_SOFTWARE
+        started = False
+        watchdog: asyncio.Task[None] | None = None
         try:
             await self.start()
-        except UartBridgeError:
-            await self._close_all()
-            raise
-        self._announce()
-        tasks = [asyncio.create_task(self._periodic_checkpoints())]
-        interval = _sdnotify.watchdog_interval_s() if self.config.daemon.watchdog else None
-        if interval:
-            tasks.append(asyncio.create_task(self._watchdog(interval)))
-        try:
+            started = True
+            self._announce()
+            self._periodic = asyncio.create_task(self._periodic_checkpoints())
+            interval = _sdnotify.watchdog_interval_s() if self.config.daemon.watchdog else None
+            if interval:
+                watchdog = asyncio.create_task(self._watchdog(interval))
             await self.stop_event.wait()
+            _sdnotify.stopping()
+            for task in (self._periodic, watchdog):
+                if task is not None:
+                    task.cancel()
+            self._stop_task = asyncio.create_task(self._stop_sequence())
+            try:
+                code = await self._stop_task
+            except asyncio.CancelledError:
+                self.log.warning("second signal: exiting without a final checkpoint")
+                code = EX_SOFTWARE
         finally:
-            for task in tasks:
-                task.cancel()
-        _sdnotify.stopping()
-        if not self.stopped_by_request and self.config.checkpoint.on_stop:
-            await self.checkpoint_all(stop=True)
-        await self._close_all()
-        with contextlib.suppress(FileNotFoundError):
-            (self.config.daemon.state_dir / RUNNING_MARKER).unlink()
-        self.log.info("stopped")
+            for task in (self._periodic, watchdog):
+                if task is not None:
+                    task.cancel()
+            await self._close_all()
+            # A start that failed is no crash: leave the marker only if one was there.
+            self._finish_files(code if started or self.crashed_before else EX_OK)
+        self.log.info("stopped", exit_code=code, log_lines_dropped=logs.dropped_lines())
+        return code
+
+    async def _stop_sequence(self) -> int:
+        """Quiesce and save (unless ``on_stop`` is off); the exit code."""
+        if not self.stopped_by_request and not self.config.checkpoint.on_stop:
+            return EX_OK
+        await self._final()
+        if self._unsaved:
+            return await self._retry_unsaved()
         return EX_OK
 
+    def _finish_files(self, code: int) -> None:
+        """The marker goes only when every UART's state is safe in the state directory."""
+        if self._marker_written and code == EX_OK:
+            with contextlib.suppress(OSError):
+                (self.config.daemon.state_dir / RUNNING_MARKER).unlink()
+        if self._fd_reserve is not None:
+            self._fd_reserve.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock; the file stays (others lock it)
+            self._lock_fd = None
+
     def _on_signal(self) -> None:
-        if self.stop_event.is_set():
-            self.log.warning("second signal: exiting without a final checkpoint")
+        self._signals += 1
+        if self._signals == 1:
+            self.log.info("stopping on signal")
+            self.stop_event.set()
+            return
+        if self._signals >= 3:
+            self.log.warning("third signal: exiting at once")
             os._exit(EX_SOFTWARE)
-        self.log.info("stopping on signal")
-        self.stop_event.set()
+        if self._unsaved:
+            self.log.warning("second signal: no more retries", unsaved=sorted(self._unsaved))
+            self._retry_wakeup.set()
+        elif self._final_written or not self.config.checkpoint.on_stop:
+            self.log.info("second signal: the final checkpoint is written; finishing the stop")
+        else:
+            for task in (self._final_task, self._stop_task):
+                if task is not None:
+                    task.cancel()
 
     def _announce(self) -> None:
-        lines = []
         for service in self.services.values():
             where = service.link.slave_path if service.port_open else None
             port = f"pty {where}" if where else f"port {service.config.port.url}"
-            lines.append(f"{service.name}: {port}  bus {service.config.bus_socket}")
             service.log.info(
                 "ready",
                 port=service.config.port.url,
                 pty=where,
                 bus_socket=str(service.config.bus_socket),
             )
-        print("\n".join(lines), flush=True)
+            logs.announce(f"{service.name}: {port}  bus {service.config.bus_socket}")
         _sdnotify.ready(self.status_line())
 
     def status_line(self) -> str:
@@ -176,6 +413,28 @@ class Daemon:
             parts.append(f"{s.name}: {state}, {guest}")
         return "; ".join(parts)
 
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's errors (an EMFILE on accept…), each kind at most once per interval."""
+        message = str(context.get("message", "event loop error"))
+        exc = context.get("exception")
+        key = f"{message}|{type(exc).__name__}"
+        now = time.monotonic()
+        last, held = self._loop_errors.get(key, (0.0, 0))
+        if now - last < LOOP_ERROR_INTERVAL_S:
+            self._loop_errors[key] = (last, held + 1)
+            return
+        self._loop_errors[key] = (now, 0)
+        fields: dict[str, Any] = {"error": str(exc) if exc is not None else None}
+        if held:
+            fields["repeated"] = held
+        if isinstance(exc, OSError) and exc.errno is not None:
+            fields["errno"] = exc.errno
+            self.log.error(message, **fields)
+        else:
+            self.log.error(message, exc_info=exc, **fields)
+
+    # -- periodic work -----------------------------------------------------------------------
+
     async def _periodic_checkpoints(self) -> None:
         interval_s = self.config.checkpoint.interval_s
         if interval_s <= 0:
@@ -183,16 +442,105 @@ class Daemon:
         while True:
             await asyncio.sleep(interval_s)
             for service in self.services.values():
-                try:
-                    service.write_checkpoint()
-                except UartBridgeError as exc:
-                    service.log.error("periodic checkpoint failed", error=str(exc))
+                self._write(service, periodic=True)
             _sdnotify.status(self.status_line())
+
+    def _write(
+        self, service: UartService, ckpt: Checkpoint | None = None, *, periodic: bool = False
+    ) -> Path | None:
+        """Write one state-directory checkpoint; None (logged once per reason) if refused."""
+        try:
+            with self._reserved_fds():
+                path = service.write_checkpoint(ckpt)
+        except CheckpointWriteError as exc:
+            if not periodic:
+                raise
+            if self._periodic_errors.get(service.name) != exc.reason:
+                self._periodic_errors[service.name] = exc.reason
+                service.log.error("periodic checkpoint failed", error=str(exc),
+                                  reason=exc.reason, hint="the device keeps its state; "
+                                  "retried every interval_s")
+            return None
+        except UartBridgeError as exc:
+            if not periodic:
+                raise
+            service.log.error("periodic checkpoint failed", error=str(exc))
+            return None
+        if self._periodic_errors.pop(service.name, None) is not None:
+            service.log.info("checkpoints written again", path=str(path))
+        self._drop_emergency(service)
+        return path
+
+    @contextlib.contextmanager
+    def _reserved_fds(self) -> Iterator[None]:
+        if self._fd_reserve is None:
+            yield
+            return
+        with self._fd_reserve.released():
+            yield
+
+    def _drop_emergency(self, service: UartService) -> None:
+        """A state-directory checkpoint supersedes an emergency copy: remove it."""
+        if service.name not in self._emergency:
+            return
+        self._emergency.discard(service.name)
+        directory = emergency_dir(self.config.daemon.runtime_dir)
+        for path in directory.glob(f"{service.name}.checkpoint*.json"):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
     async def _watchdog(self, interval_s: float) -> None:
         while True:
             _sdnotify.watchdog()
             await asyncio.sleep(interval_s / 2)
+
+    # -- SIGHUP -------------------------------------------------------------------------------
+
+    def _on_hup(self) -> None:
+        if self.stop_event.is_set():
+            return
+        asyncio.get_running_loop().call_soon(self.reload)
+
+    def reload(self) -> None:
+        """Re-read the config; apply logging and ``[checkpoint]``, name what needs a restart."""
+        if self._reload_config is None:
+            self.log.warning("SIGHUP: nothing to re-read (no config file); carrying on")
+            return
+        _sdnotify.reloading()
+        try:
+            new: Config = self._reload_config()
+        except UartBridgeError as exc:
+            self.log.error("SIGHUP: config not reloaded, the running one stays", error=str(exc))
+            _sdnotify.ready(self.status_line())
+            return
+        old = self.config
+        ignored = [
+            f"daemon.{f.name}"
+            for f in dataclasses.fields(old.daemon)
+            if f.name not in ("log_format", "log_level")
+            and getattr(old.daemon, f.name) != getattr(new.daemon, f.name)
+        ]
+        old_uarts = {u.name: u for u in old.uarts}
+        new_uarts = {u.name: u for u in new.uarts}
+        for name in sorted(old_uarts.keys() | new_uarts.keys()):
+            if old_uarts.get(name) != new_uarts.get(name):
+                ignored.append(f"uart {name}")
+        applied = dataclasses.replace(old, checkpoint=new.checkpoint, daemon=dataclasses.replace(
+            old.daemon, log_format=new.daemon.log_format, log_level=new.daemon.log_level))
+        self.config = applied
+        _setup_logging(applied, self.log_overrides)
+        for service in self.services.values():
+            service.keep_previous = applied.checkpoint.keep_previous
+        if old.checkpoint.interval_s != applied.checkpoint.interval_s and self._periodic:
+            self._periodic.cancel()
+            self._periodic = asyncio.create_task(self._periodic_checkpoints())
+        self.log.info("SIGHUP: config reloaded", source=new.source, applied=["daemon.log_format",
+                      "daemon.log_level", "checkpoint"], needs_restart=ignored or None)
+        if ignored:
+            self.log.warning("SIGHUP: these changes need a restart", keys=ignored)
+        _sdnotify.ready(self.status_line())
 
     # -- operations for the control socket --------------------------------------------------
 
@@ -201,26 +549,128 @@ class Daemon:
         *,
         stop: bool,
         only: str | None = None,
-        output: Path | None = None,
-    ) -> dict[str, str]:
-        """Write checkpoints (all UARTs, or ``only``); with ``stop``, quiesce first."""
-        targets = [self.services[only]] if only else list(self.services.values())
+        documents: bool = False,
+    ) -> dict[str, Any]:
+        """Checkpoint every UART (or ``only``) into the state directory; ``stop`` quiesces
+        every UART first and makes it the final checkpoint (then the daemon stops).
+
+        With ``documents`` the checkpoints are also returned as text (``encode``), for the
+        client to write where it wants with its own rights; without ``stop`` they are then
+        not written to the state directory at all.
+
+        Returns ``{"written": {name: path}, "documents": {name: text}, "failed": {name:
+        message}}``; ``failed`` only when stopping (see ``_final``), otherwise a refusal raises.
+        """
         if stop:
-            # Stopping saves every UART, so that nothing is lost with the process.
-            targets = list(self.services.values())
-            for service in targets:
-                await service.quiesce()
-        output_for = only or (targets[0].name if len(self.services) == 1 else None)
+            result = await self._final()
+            texts = {name: encode(ckpt).decode("utf-8")
+                     for name, ckpt in result["snapshots"].items()} if documents else {}
+            return {"written": result["written"], "documents": texts,
+                    "failed": result["failed"], "exit_code": result["exit_code"]}
+        targets = [self.services[only]] if only else list(self.services.values())
         written: dict[str, str] = {}
+        texts = {}
         for service in targets:
-            path = output if service.name == output_for else None
-            written[service.name] = str(service.write_checkpoint(path, also_state_dir=stop))
-            service.log.info("checkpoint written", path=written[service.name], stop=stop)
-        return written
+            ckpt = service.snapshot()
+            if documents:
+                texts[service.name] = encode(ckpt).decode("utf-8")
+                continue
+            written[service.name] = str(self._write(service, ckpt))
+            service.log.info("checkpoint written", path=written[service.name], stop=False)
+        return {"written": written, "documents": texts, "failed": {}}
+
+    async def _final(self) -> dict[str, Any]:
+        """The final checkpoint, taken once however many ask (a signal, ``checkpoint --stop``)."""
+        if self._final_task is None:
+            self._final_task = asyncio.create_task(self._save_final())
+        return await self._final_task
+
+    async def _save_final(self) -> dict[str, Any]:
+        """Quiesce every UART and write its final checkpoint; a refused one goes to the
+        emergency directory and into ``_unsaved`` for ``_retry_unsaved``."""
+        services = list(self.services.values())
+        for service in services:
+            await service.quiesce()
+        written: dict[str, str] = {}
+        failed: dict[str, str] = {}
+        snapshots: dict[str, Checkpoint] = {}
+        for service in services:
+            ckpt = snapshots[service.name] = service.snapshot()
+            try:
+                written[service.name] = str(self._write(service, ckpt))
+            except CheckpointWriteError as exc:
+                failed[service.name] = self._save_emergency(service, ckpt, exc)
+                continue
+            service.log.info("checkpoint written", path=written[service.name], stop=True)
+        self._final_written = not failed
+        codes = [exc.exit_code for _ckpt, exc in self._unsaved.values()]
+        return {"written": written, "failed": failed, "snapshots": snapshots,
+                "exit_code": max(codes, default=EX_OK)}
+
+    def _save_emergency(
+        self, service: UartService, ckpt: Checkpoint, exc: CheckpointWriteError
+    ) -> str:
+        """Write ``ckpt`` to the emergency directory; log and return what happened."""
+        self._unsaved[service.name] = (ckpt, exc)
+        directory = emergency_dir(self.config.daemon.runtime_dir)
+        try:
+            with self._reserved_fds():
+                ensure_private_dir(directory, mode=0o700, error=StateDirError,
+                                   what="emergency directory")
+                path = service.write_checkpoint(ckpt, directory=directory)
+        except UartBridgeError as second:
+            message = (f"final checkpoint not written: {exc.reason} "
+                       f"(and no emergency copy: {second})")
+            service.log.error("final checkpoint failed", error=str(exc), reason=exc.reason,
+                              emergency_error=str(second))
+            return message
+        self._emergency.add(service.name)
+        service.log.error(
+            "final checkpoint failed; emergency copy written",
+            error=str(exc),
+            reason=exc.reason,
+            emergency_copy=str(path),
+            hint="free the state directory, or resume from the emergency copy",
+        )
+        return f"final checkpoint not written: {exc.reason}; emergency copy at {path}"
+
+    async def _retry_unsaved(self) -> int:
+        """Retry the refused final checkpoints for ``stop_retry_s``; the exit code."""
+        retry_s = self.config.checkpoint.stop_retry_s
+        deadline = time.monotonic() + retry_s
+        if retry_s > 0:
+            self.log.warning("retrying the final checkpoint", seconds=retry_s,
+                             uarts=sorted(self._unsaved))
+        while self._unsaved and time.monotonic() < deadline and not self._retry_wakeup.is_set():
+            _sdnotify.extend_timeout(STOP_RETRY_INTERVAL_S * 5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_wakeup.wait(), STOP_RETRY_INTERVAL_S)
+            for name, (ckpt, _exc) in list(self._unsaved.items()):
+                service = self.services[name]
+                try:
+                    path = self._write(service, ckpt)
+                except CheckpointWriteError as again:
+                    self._unsaved[name] = (ckpt, again)
+                    continue
+                del self._unsaved[name]
+                service.log.info("final checkpoint written after a retry", path=str(path))
+        if not self._unsaved:
+            self._final_written = True
+            return EX_OK
+        for name, (_ckpt, failure) in self._unsaved.items():
+            self.services[name].log.error(
+                "exiting with the final checkpoint not in the state directory",
+                reason=failure.reason,
+                emergency_copy=str(emergency_dir(self.config.daemon.runtime_dir))
+                if name in self._emergency else None,
+                exit_code=failure.exit_code,
+            )
+        return max(failure.exit_code for _c, failure in self._unsaved.values())
 
     def request_stop(self) -> None:
         """Stop after a ``checkpoint --stop`` has been answered."""
         self.stopped_by_request = True
+        self._signals = max(self._signals, 1)
         self.stop_event.set()
 
     def status(self) -> dict[str, Any]:
@@ -229,7 +679,12 @@ class Daemon:
             "pid": os.getpid(),
             "uptime_s": round((time.monotonic_ns() - self.started_mono_ns) / NS_PER_S, 3),
             "config": self.config.source,
+            "instance": self.config.instance,
+            "runtime_dir": str(self.config.daemon.runtime_dir),
+            "state_dir": str(self.config.daemon.state_dir),
             "resumed_after_crash": self.crashed_before,
+            "checkpoint_errors": dict(self._periodic_errors),
+            "log_lines_dropped": logs.dropped_lines(),
             "uarts": [s.status() for s in self.services.values()],
         }
 
@@ -237,63 +692,127 @@ class Daemon:
         if self.control is not None:
             await self.control.close()
         for service in self.services.values():
-            await service.stop()
+            with contextlib.suppress(Exception):
+                await service.stop()
 
 
-def serve(config: Config, *, resume: dict[str, tuple[Checkpoint, Path]] | None = None) -> int:
+def serve(
+    config: Config,
+    *,
+    resume: dict[str, tuple[Checkpoint, Path]] | None = None,
+    reload: Callable[[], Config] | None = None,
+    log_overrides: dict[str, str] | None = None,
+) -> int:
     """Run a daemon for ``config`` until it stops; returns the exit code."""
+
+    async def main() -> int:
+        daemon = Daemon(config, resume=resume, reload=reload, log_overrides=log_overrides)
+        return await daemon.run()
+
     try:
-        return asyncio.run(Daemon(config, resume=resume).run())
+        return asyncio.run(main())
     except UartBridgeError as exc:
-        print(f"uartbridge: {exc}", file=sys.stderr)
+        logs.fatal(str(exc), exit_code=exc.exit_code)
         return exc.exit_code
+    except Exception as exc:
+        get_logger().exception("internal error", error=str(exc))
+        logs.fatal(f"internal error: {exc!r}", exit_code=EX_SOFTWARE)
+        return EX_SOFTWARE
 
 
-def _load_config(path: str | None) -> Config:
-    from ..config import default_config, load_config
+def _setup_logging(config: Config, overrides: dict[str, str] | None = None) -> None:
+    overrides = overrides or {}
+    logs.configure_logging(
+        overrides.get("log_format") or config.daemon.log_format,
+        overrides.get("log_level") or config.daemon.log_level,
+    )
 
-    return load_config(path) if path else default_config()
+
+def _log_overrides(args: Any) -> dict[str, str]:
+    overrides: dict[str, str] = {}
+    if getattr(args, "verbose", False):
+        overrides["log_level"] = "debug"
+    if getattr(args, "log_level", None):
+        overrides["log_level"] = args.log_level
+    if getattr(args, "log_format", None):
+        overrides["log_format"] = args.log_format
+    return overrides
 
 
-def _setup_logging(config: Config) -> None:
-    from ..logs import configure_logging
+def _start_logging(args: Any) -> dict[str, str]:
+    """Logging before the config is read (so that its errors go where the logs go)."""
+    ensure_standard_fds()
+    overrides = _log_overrides(args)
+    logs.configure_logging(overrides.get("log_format", "auto"),
+                           overrides.get("log_level", "info"))
+    return overrides
 
-    configure_logging(config.daemon.log_format, config.daemon.log_level)
+
+def _load(path: str | None) -> Config:
+    from ..config import load_config_or_default
+
+    return load_config_or_default(path)
+
+
+def _fail(exc: UartBridgeError) -> int:
+    logs.fatal(str(exc), exit_code=exc.exit_code)
+    return exc.exit_code
 
 
 def run_command(args: Any) -> int:
     """``uartbridge run [--config FILE]``: serve until stopped."""
-    config = _load_config(args.config)
-    _setup_logging(config)
-    return serve(config)
+    overrides = _start_logging(args)
+    try:
+        config = _load(args.config)
+    except UartBridgeError as exc:
+        return _fail(exc)
+    _setup_logging(config, overrides)
+    return serve(config, reload=lambda: _load(args.config), log_overrides=overrides)
 
 
 def resume_command(args: Any) -> int:
-    """``uartbridge resume FILE [--config FILE] [--port URL]``: run, starting from FILE."""
-    import dataclasses
+    """``uartbridge resume FILE [--config FILE] [--uart NAME] [--port URL]``.
 
+    The checkpoint's UART must be one of the config's, under the same name; ``--uart NAME``
+    maps it onto the config's UART NAME explicitly (it is then saved under NAME).
+    """
     from ..checkpoint import read_checkpoint
-    from ..errors import ConfigError
 
-    ckpt = read_checkpoint(Path(args.file))
-    config = _load_config(args.config)
-    name = ckpt.meta.uart_name
+    overrides = _start_logging(args)
+    try:
+        ckpt = read_checkpoint(Path(args.file))
+        config = _load(args.config)
+        name, config = _resume_target(config, ckpt, args)
+    except UartBridgeError as exc:
+        return _fail(exc)
+    _setup_logging(config, overrides)
+
+    def reload() -> Config:
+        return _resume_target(_load(args.config), ckpt, args)[1]
+
+    return serve(config, resume={name: (ckpt, Path(args.file))}, reload=reload,
+                 log_overrides=overrides)
+
+
+def _resume_target(config: Config, ckpt: Checkpoint, args: Any) -> tuple[str, Config]:
+    """The config UART the checkpoint resumes into (and the config, with ``--port``)."""
+    saved = ckpt.meta.uart_name
+    wanted = getattr(args, "uart", None) or saved
+    names = [u.name for u in config.uarts]
+    if wanted not in names:
+        if getattr(args, "uart", None):
+            raise ConfigError(f"{config.source}: no [[uart]] named {wanted!r} (it has "
+                              f"{', '.join(names)}); --uart names one of them")
+        raise ConfigError(
+            f"{args.file} is UART {saved!r}, and {config.source} has no [[uart]] named "
+            f"{saved!r} (it has {', '.join(names)}): its state would be saved where this "
+            f"config never looks. Resume it into one of them explicitly with --uart NAME"
+        )
     uarts = list(config.uarts)
-    index = next((i for i, u in enumerate(uarts) if u.name == name), None)
-    if index is None:
-        if len(uarts) != 1:
-            raise ConfigError(
-                f"{config.source}: no [[uart]] named {name!r} for checkpoint {args.file}"
-            )
-        index = 0
-    uart_cfg = uarts[index]
-    if uart_cfg.name != name:
-        uart_cfg = dataclasses.replace(uart_cfg, name=name)
+    index = names.index(wanted)
     if args.port:
-        uart_cfg = dataclasses.replace(
+        uart_cfg = uarts[index]
+        uarts[index] = dataclasses.replace(
             uart_cfg, port=dataclasses.replace(uart_cfg.port, url=args.port)
         )
-    uarts[index] = uart_cfg
-    config = dataclasses.replace(config, uarts=tuple(uarts))
-    _setup_logging(config)
-    return serve(config, resume={name: (ckpt, Path(args.file))})
+    return wanted, dataclasses.replace(config, uarts=tuple(uarts))

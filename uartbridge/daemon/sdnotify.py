@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 # A notification is a handful of bytes; never let a wedged manager stall the event loop long.
 _SEND_TIMEOUT_S = 1.0
@@ -57,6 +58,20 @@ def status(text: str) -> bool:
 def stopping() -> bool:
     """``STOPPING=1``: shutdown has begun (checkpointing, closing ports)."""
     return notify("STOPPING=1")
+
+
+def reloading() -> bool:
+    """``RELOADING=1`` (with ``MONOTONIC_USEC=``, as systemd ≥ 253 asks): re-reading the config.
+
+    Send ``ready()`` when done.
+    """
+    return notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+
+
+def extend_timeout(seconds: float) -> bool:
+    """``EXTEND_TIMEOUT_USEC=``: we are still working (a final checkpoint being retried);
+    systemd should wait ``seconds`` more before it gives up on the stop."""
+    return notify(f"EXTEND_TIMEOUT_USEC={max(1, int(seconds * 1_000_000))}")
 
 
 def watchdog() -> bool:

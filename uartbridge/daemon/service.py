@@ -1,36 +1,29 @@
-"""One UART in the daemon: the model, its port link, its bus server and its checkpoints.
+"""One UART in the daemon: the device (model, port link, timer, snapshots) plus a bus server.
 
-The glue has one rule (DESIGN.md, the flow of data): after anything changes the model —
-a bus operation, bytes from the port, a timer — ``settle()`` hands the model's events to the
-port link (eager transmit, line settings, modem lines) until there are none left, and returns
-the IRQ level changes for the bus to push, in order, before any reply that observes them.
+The glue between the model and its port — ``settle()``, the receive-timeout timer, the
+snapshot — is ``uartbridge.device.UartDevice``, shared with ``uartbridge.embed.Bridge``. This
+service adds what only the daemon has: the bus server (IRQ changes are pushed to the guest,
+in order, before any reply that observes them), the config, the state directory and status.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
 from ..bus import BusServer
-from ..checkpoint import (
-    FORMAT_VERSION,
-    Checkpoint,
-    CheckpointMeta,
-    checkpoint_path,
-    write_checkpoint,
-)
+from ..checkpoint import Checkpoint, checkpoint_path, write_checkpoint
 from ..config import UartConfig
-from ..logs import TraceFile
+from ..device import UartDevice
+from ..errors import CheckpointError, CheckpointWriteError, exit_code_for_os_error
 from ..port import PortLink
-from ..port.state import ReaderState
 from ..registers import REGISTER_BITS, Lsr, decode_bits
 from ..sockets import PeerCredentials
-from ..uart import NO_EVENTS, Uart16550
+from ..uart import Uart16550
 
 NS_PER_S = 1_000_000_000
 
@@ -53,151 +46,128 @@ class UartService:
         self.name = config.name
         self.state_dir = state_dir
         self.keep_previous = keep_previous
-        self.log = log.bind(uart=config.name)
-        if resume_from is not None:
-            self.uart = Uart16550.from_state(resume_from.uart, clock=time.monotonic_ns)
-            self.generation = resume_from.meta.generation
-        else:
-            self.uart = Uart16550(
-                baudbase=config.baudbase,
-                clock=time.monotonic_ns,
-                tx_retry_limit=config.tx_retry_limit,
-            )
-            self.generation = 0
+        self.device = UartDevice(
+            config.name,
+            config.port,
+            baudbase=config.baudbase,
+            tx_retry_limit=config.tx_retry_limit,
+            log=log,
+            trace_file=config.trace_file,
+            resume_from=resume_from,
+            on_change=self._push_irq,
+        )
+        self.log = self.device.log
         self.resumed_from = resume_from
         self.resumed_path = resumed_path
-        self.trace_file = TraceFile(config.trace_file) if config.trace_file else None
-        self.link = PortLink(
-            self.uart,
-            config.port,
-            on_uart_change=self.on_uart_change,
-            log=self.log,
-            trace=self._trace if self.trace_file is not None else None,
-        )
-        if resume_from is not None:
-            self.link.restore(resume_from.port)
         self.bus = BusServer(
-            self.uart,
+            self.device.uart,
             name=config.name,
-            settle=self.settle,
+            settle=self.device.settle,
             peer_allowed=peer_allowed,
+            tcp_token=config.bus_tcp_token,
             log=self.log,
         )
         self.last_checkpoint_path: Path | None = None
         self.last_checkpoint_unix_ns: int | None = None
-        self.port_open = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_deadline_ns: int | None = None
 
-    # -- the glue ---------------------------------------------------------------------------
+    @property
+    def uart(self) -> Uart16550:
+        """The register model."""
+        return self.device.uart
 
-    def settle(self) -> list[bool]:
-        """Hand the model's events to the port link until none are left; return IRQ changes."""
-        levels: list[bool] = []
-        uart = self.uart
-        while (events := uart.take_events()) is not NO_EVENTS:
-            if self.port_open:
-                self.link.on_events(events)
-            levels.extend(events.irq_changes)
-        self._arm_timer()
-        return levels
+    @property
+    def link(self) -> PortLink:
+        """The port link."""
+        return self.device.link
 
-    def on_uart_change(self) -> None:
-        """The port link (or a timer) changed the model: settle and push IRQ changes."""
-        levels = self.settle()
+    @property
+    def port_open(self) -> bool:
+        """Whether the port link is open."""
+        return self.device.port_open
+
+    @property
+    def generation(self) -> int:
+        """The generation of the last checkpoint (or of the one resumed from)."""
+        return self.device.generation
+
+    def _push_irq(self, levels: list[bool]) -> None:
+        """The port link or the timer changed the device: push its IRQ changes to the guest."""
         if levels:
             self.bus.push_irq(levels)
 
-    def _arm_timer(self) -> None:
-        deadline_ns = self.uart.next_deadline_ns()
-        if deadline_ns is None:
-            return
-        armed = self._timer_deadline_ns
-        if armed is not None and armed <= deadline_ns:
-            return  # the armed timer fires first; it re-arms for the later deadline
-        if self._timer is not None:
-            self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        # loop.time() is time.monotonic(), the model's clock in seconds.
-        self._timer = loop.call_at(deadline_ns / NS_PER_S, self._on_timer)
-        self._timer_deadline_ns = deadline_ns
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_deadline_ns = None
-        self.uart.poll()
-        self.on_uart_change()
-
-    def _trace(self, direction: str, data: bytes) -> None:
-        assert self.trace_file is not None
-        self.trace_file.write(direction, data, time.monotonic_ns())
-
     # -- life cycle -------------------------------------------------------------------------
 
-    async def start(self, *, fail_fast: bool) -> None:
-        """Open the port (or keep trying in the background) and listen on the bus."""
+    async def start(self, *, fail_fast: bool, socket_gid: int | None = None) -> None:
+        """Open the port (or keep trying in the background) and listen on the bus.
+
+        ``socket_gid`` (``socket_group``) gets the bus socket and our pty's slave, mode 0660;
+        without one the slave is 0600 (the tty layer hands it out 0620, group tty).
+        """
         await self.bus.start_unix(self.config.bus_socket)
+        self._share(self.config.bus_socket, socket_gid, private_mode=None)
         if self.config.bus_tcp is not None:
             host, port = self.config.bus_tcp
             await self.bus.start_tcp(host, port)
-        # Without fail_fast, a port that is not there yet is reopened by the link with
-        # backoff, and its on_disconnect policy applies meanwhile.
-        await self.link.open(retry=not fail_fast)
-        self.port_open = True
-        if self.link.reader_state is ReaderState.DISCONNECTED and self.config.port.url != "pty:":
-            self.log.warning("port unavailable, retrying", port=self.config.port.url)
-        self.on_uart_change()
+        # Without fail_fast, a port that is not there yet (or in use, or not permitted) is
+        # reopened by the link with backoff, and its on_disconnect policy applies meanwhile;
+        # the link logs each new reason once (port.open_failed, with errno and a hint).
+        await self.device.open(retry=not fail_fast)
+        if self.link.slave_path is not None:  # a link to /dev/pts/N: chown/chmod follow it
+            self._share(Path(self.link.slave_path), socket_gid, private_mode=0o600)
+
+    def _share(self, path: Path, gid: int | None, *, private_mode: int | None) -> None:
+        try:
+            if gid is not None:
+                os.chown(path, -1, gid)
+                os.chmod(path, 0o660)
+            elif private_mode is not None:
+                os.chmod(path, private_mode)
+        except OSError as exc:
+            self.log.warning("socket_group not applied", path=str(path), error=exc.strerror)
 
     async def stop(self) -> None:
         """Close the bus and the port; the model's state stays as it was."""
-        if self._timer is not None:
-            self._timer.cancel()
         await self.bus.close()
-        if self.port_open:
-            await self.link.close()
-            self.port_open = False
-        if self.trace_file is not None:
-            self.trace_file.close()
+        await self.device.close()
 
     # -- checkpoints ------------------------------------------------------------------------
 
     def snapshot(self) -> Checkpoint:
         """The whole UART as one value, taken in one event-loop step (between bus operations)."""
-        self.generation += 1
-        return Checkpoint(
-            meta=CheckpointMeta(
-                format_version=FORMAT_VERSION,
-                uartbridge_version=__version__,
-                uart_name=self.name,
-                port=self.config.port.url,
-                created_unix_ns=time.time_ns(),
-                generation=self.generation,
-            ),
-            uart=self.uart.state(),
-            port=self.link.state(),
-        )
+        return self.device.snapshot()
 
-    def write_checkpoint(self, output: Path | None = None, *, also_state_dir: bool = False) -> Path:
-        """Snapshot and write atomically (to ``output``, else the state directory).
+    def write_checkpoint(
+        self, ckpt: Checkpoint | None = None, *, directory: Path | None = None
+    ) -> Path:
+        """Write ``ckpt`` (default: a new snapshot) atomically into the state directory (or
+        ``directory``: the emergency one); returns the path.
 
-        ``also_state_dir`` writes the same snapshot to the state directory too, so that a
-        later ``run`` never resumes from an older state than the one just handed out.
+        ``CheckpointWriteError`` (exit code 73 or 74 from the errno) when the filesystem
+        refuses it; the state it would have saved is still in ``ckpt`` and in the device.
         """
-        ckpt = self.snapshot()
-        default = checkpoint_path(self.state_dir, self.name)
-        path = output if output is not None else default
-        write_checkpoint(path, ckpt, keep_previous=self.keep_previous)
-        if also_state_dir and path != default:
-            write_checkpoint(default, ckpt, keep_previous=self.keep_previous)
-        self.last_checkpoint_path = path
-        self.last_checkpoint_unix_ns = ckpt.meta.created_unix_ns
+        if ckpt is None:
+            ckpt = self.snapshot()
+        path = checkpoint_path(directory or self.state_dir, self.name)
+        try:
+            write_checkpoint(path, ckpt, keep_previous=self.keep_previous and directory is None)
+        except CheckpointError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, OSError):
+                raise
+            raise CheckpointWriteError(
+                str(exc),
+                exit_code=exit_code_for_os_error(cause),
+                reason=cause.strerror or str(cause),
+            ) from cause
+        if directory is None:
+            self.last_checkpoint_path = path
+            self.last_checkpoint_unix_ns = ckpt.meta.created_unix_ns
         return path
 
     async def quiesce(self) -> None:
         """Stop taking input from the port and let the OS finish what it accepted."""
         await self.bus.close()
-        if self.port_open:
-            await self.link.quiesce()
+        await self.device.quiesce()
 
     # -- status -----------------------------------------------------------------------------
 
@@ -245,6 +215,7 @@ class UartService:
             "temt": bool(state.lsr & Lsr.TEMT),
             "counters": dataclasses.asdict(state.statistics),
             "link": port_status,
+            "last_error": port_status["last_error"],
             "last_checkpoint": last_ckpt,
             "resumed_from": resumed,
         }

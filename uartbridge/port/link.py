@@ -26,10 +26,39 @@ The link owns the host port and moves bytes between it and the model with exact 
   Ports without modem ioctls (ptys, sockets, RFC 2217 here) report DSR/DCD from the
   connection (high unless disconnected) and CTS from flow (high only while connected).
 
+What a tty gets at open
+-----------------------
+The path is checked and taken exclusively first (``claim``: only terminals are ports; UUCP
+lock files, flock, TIOCEXCL; a port in use is refused naming its holder). Then, before
+anything else, ``termios_ops.take_raw_mode``: raw (no echo, no canonical mode, no signals, no
+input or output translation), HUPCL off, CLOCAL|CREAD on, the configured flow control, and
+PARMRK|INPCK on serial ports (a pty never marks anything, so its PARMRK is left as found).
+The escaping of the input changes only there, and the bytes the kernel queued before it are
+counted and read as they are (see ``take_raw_mode`` for the race and why it is closed). Then
+the line: the guest's settings if it has set the line, else 115200 8N1 (what QEMU's tty
+backend sets at open); then DTR/RTS from the guest's MCR (the kernel raises both at open).
+
+Transmit on serial ports is paced: the kernel's output queue (TIOCOUTQ) is kept at most
+``_outq_limit`` bytes (64, or 5 ms of characters at high rates) and re-checked on a timer at
+the character time, so the bytes the wire has not taken stay in the device, where a
+checkpoint sees them. At a stop (``quiesce``), after the peer is held (RTS down / XOFF) and a
+bounded drain, what the kernel still holds for output is taken back (TCOOFF, TIOCOUTQ,
+TCOFLUSH: those are the last bytes written, kept in ``_tx_tail``) to the front of
+``tx_backlog``, and what it holds for input is read into ``rx_backlog`` (up to the format's
+bound), since the last close of a serial port discards both. Ptys keep their buffers across
+closes and show TIOCOUTQ 0, so neither happens there.
+
 Choices worth knowing:
 - pyserial 3.5 flushes the input queue at open and clears PARMRK/INPCK when it configures, so
   for tty paths the link opens the fd itself (``O_RDWR|O_NOCTTY|O_NONBLOCK``) and configures
   termios through ``termios_ops``; pyserial is used for the ``rfc2217://`` handler.
+- Line settings are applied once per batch of bus operations, when they changed: a change
+  is queued and applied in a ``call_soon`` at the end of the batch, or at once before any byte
+  is written or read, so bytes go out under the settings the guest set before them. A break
+  (LCR bit 6) switched on and off again between two byte writes still reaches the port (as a
+  pulse); several such switches between the same bytes count as one.
+- A transmitter waiting for the port (stalled on EAGAIN, CTS low, after an XOFF, or paced)
+  does not try a write per THR write: the wake-up it waits for transmits.
 - A byte marked ``ff 00 X`` is reported as a parity error when the port has parity enabled,
   else as a framing error (Linux marks both alike). The byte ``X`` is then received as data.
 - Breaks and line errors keep their place in the received stream (``_rx_marks``, saved in
@@ -39,7 +68,9 @@ Choices worth knowing:
   ``rtscts`` it reads CTS before writing. Either way bytes the peer holds back stay in the
   device (and its checkpoint) instead of in the kernel's output buffer.
 
-Errors: ``PortUnavailableError`` from ``open()`` when the path is not there; every other
+Errors: ``PortUnavailableError`` from ``open()`` when the port is not there or in use (a
+retrying link logs each new reason once, with its errno, and shows it with a hint as
+``last_error`` in ``status``); ``PortError`` for a path that cannot be a port; every other
 ``OSError`` / ``termios.error`` / ``serial.SerialException`` is mapped where it enters.
 """
 
@@ -52,6 +83,7 @@ import os
 import socket
 import termios
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -63,10 +95,12 @@ import structlog
 
 from ..errors import PortError, PortUnavailableError
 from ..uart import LineSettings, ModemOutputs, Uart16550, UartEvents
+from .claim import Claim, claim_tty, errno_name, failure_hint
 from .owned_pty import Inotify, OwnedPty, create_pty, master_hung_up
 from .rfc2217 import PortGone, Rfc2217Io, WriteInFlight
 from .state import (
     MAX_RX_BACKLOG_BYTES,
+    MAX_TX_BACKLOG_BYTES,
     PortCounters,
     PortSettings,
     PortState,
@@ -84,6 +118,7 @@ from .termios_ops import (
     TermiosOps,
     apply_line_settings,
     nearest_baud,
+    take_raw_mode,
 )
 
 _XON, _XOFF = b"\x11", b"\x13"
@@ -92,13 +127,16 @@ CTS_POLL_S = 0.010  # CTS is re-read this often only while it holds the transmit
 DRAIN_TIMEOUT_S = 5.0  # quiesce waits this long for the OS to send what it accepted
 OWNED_PTY_POLL_S = 1.0
 WRITE_STALL_S = 1.0
+OUTQ_MIN_BYTES = 64  # at most this much in a serial port's output queue (or OUTQ_TARGET_S)
+OUTQ_TARGET_S = 0.005  # ... or this much line time, at rates where 64 bytes drain in < 5 ms
+PACE_MIN_S = 0.001  # the loop's timers are no finer than this (epoll's millisecond)
+PACE_MAX_S = 0.05  # ... and a slow line is looked at no less often than this
+TX_TAIL_BYTES = 4096  # the last bytes written to a serial port, to take back at a stop
+#: What a tty gets at open until the guest has set the line (QEMU's tty backend does this).
+OPEN_LINE = LineSettings(baud=115200, data_bits=8, parity="N", stop_bits=1.0, break_on=False)
 _GONE_ERRNOS = frozenset(
     {errno.EIO, errno.ENXIO, errno.ENODEV, errno.EPIPE, errno.ECONNRESET, errno.EBADF,
      errno.ENOTCONN, errno.ESHUTDOWN, errno.ETIMEDOUT, errno.EHOSTUNREACH}
-)
-_MISSING_ERRNOS = frozenset(
-    {errno.ENOENT, errno.ENXIO, errno.ENODEV, errno.EACCES, errno.EBUSY, errno.ECONNREFUSED,
-     errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT, errno.ENOTDIR, errno.ELOOP}
 )
 
 
@@ -237,9 +275,23 @@ class PortLink:
         self._break_on = False
         self._refused: list[str] = []
         self._refused_logged: set[str] = set()
-        self._last_error: str | None = None
+        # (message, errno name, hint, monotonic ns) of the last error; the last open failure
+        # that was logged (each new reason once, not once per retry).
+        self._last_error: tuple[str, str | None, str | None, int] | None = None
+        self._open_failure_logged: str | None = None
         self._decoder = ParmrkDecoder()
         self._parmrk = False
+        self._claim: Claim | None = None
+        self._rx_plain_left = 0  # queued before PARMRK was on: read as they are
+        self._rx_window_left = 0  # queued while it was turned on (take_raw_mode)
+        self._line_pending: LineSettings | None = None  # the guest's, not applied yet
+        self._break_toggles = 0  # LCR.SBC changes queued since the last application
+        self._line_handle: asyncio.Handle | None = None
+        self._pace_handle: asyncio.TimerHandle | None = None
+        self._pace_outq = 0  # the output queue at the last pacing check
+        self._pace_progress_ns = 0  # when the output queue last shrank
+        self._tx_tail = bytearray()  # the last bytes written to a serial port
+        self._rx_left_counted = 0  # input left in the kernel at a stop, already counted
         self._has_modem_lines = False
         self._reading = False
         self._writing = False
@@ -281,12 +333,16 @@ class PortLink:
         self._tx_backlog = bytearray(state.tx_backlog)
         self._counters = asdict(state.counters)
         self._line = state.line_settings
+        self._decoder.resume(state.rx_escape)
 
     def state(self) -> PortState:
         """The host path as a checkpoint sees it (take it with ``uart.state()``)."""
+        self._flush_line()
         if isinstance(self._io, Rfc2217Io):
             # Bounded by what a checkpoint may hold; the rest stays queued for the link.
             self._rx_backlog += self._io.drain(MAX_RX_BACKLOG_BYTES - len(self._rx_backlog))
+        elif self._quiesced and self._serial:
+            self._save_kernel_input()  # what came in since quiesce: the close would drop it
         return PortState(
             rx_backlog=bytes(self._rx_backlog),
             tx_backlog=bytes(self._tx_backlog),
@@ -294,10 +350,12 @@ class PortLink:
             line_settings=self._line,
             counters=PortCounters(**self._counters),
             rx_marks=tuple(self._rx_marks),
+            rx_escape=self._decoder.partial,
         )
 
     def status(self) -> dict[str, object]:
         """A JSON-able picture: url, reader state, backlogs, counters, refusals, last error."""
+        claim = self._claim
         return {
             "url": self._settings.url,
             "kind": self._kind,
@@ -310,7 +368,22 @@ class PortLink:
             "settings_refused": list(self._refused),
             "modem_lines": "port" if self._has_modem_lines else "synthesized",
             "held_by_peer": self._held_by_peer() if self._io is not None else None,
-            "last_error": self._last_error,
+            "tty": None if claim is None else ("pty" if claim.pty else "serial"),
+            "parmrk": self._parmrk,
+            "exclusive": None if claim is None else claim.status(),
+            "last_error": self.last_error(),
+        }
+
+    def last_error(self) -> dict[str, object] | None:
+        """The last error: ``message`` (with the errno name), ``errno``, ``hint``, ``age_s``."""
+        if self._last_error is None:
+            return None
+        message, name, hint, at_ns = self._last_error
+        return {
+            "message": message,
+            "errno": name,
+            "hint": hint,
+            "age_s": round((time.monotonic_ns() - at_ns) / 1e9, 3),
         }
 
     async def open(self, *, retry: bool = False) -> None:
@@ -332,7 +405,7 @@ class PortLink:
                 if not retry:
                     raise
                 self._opened = True
-                self._error("open failed", exc)
+                self._open_failed(exc)
                 self._synthesize_modem_inputs()
                 self._schedule_reconnect()
                 return
@@ -345,7 +418,7 @@ class PortLink:
         self._in_events = True
         try:
             if events.line_settings is not None:
-                self._apply_line(events.line_settings)
+                self._queue_line(events.line_settings)
             if events.modem_outputs is not None:
                 self._apply_modem_outputs(events.modem_outputs)
                 self._schedule_refresh(self._uart.char_time_ns / 1e9)
@@ -354,7 +427,7 @@ class PortLink:
             if events.rx_space:
                 self._changed_in_events |= self._pump_rx()
                 self._update_reading()
-            if events.tx_ready:
+            if events.tx_ready and not self._tx_parked():
                 self._changed_in_events |= self._transmit()
         finally:
             self._in_events = False
@@ -363,10 +436,17 @@ class PortLink:
             self._schedule_notify()
 
     async def quiesce(self) -> None:
-        """Stop reading and writing, hold the peer back, and let the OS send what it took."""
+        """Stop reading and writing, hold the peer back, and let the OS send what it took.
+
+        On a serial port, then take back what the OS accepted and could not send within the
+        bounded drain (to the front of ``tx_backlog``) and read what it received (into
+        ``rx_backlog``): the last close of a serial port would discard both.
+        """
+        self._flush_line()
         self._quiesced = True
         self._set_reading(False)
         self._set_writing(False)
+        self._cancel_pace()
         io = self._io
         if io is None:
             return
@@ -380,9 +460,92 @@ class PortLink:
                     self._ops.tcflow(fd, termios.TCIOFF)
             if self._kind == "tty":
                 await self._drain(fd)
+            if self._serial:
+                self._reclaim_output(fd)
+                self._check_transmitter(fd)
+                self._save_kernel_input()
         elif isinstance(io, Rfc2217Io):
             await io.wait_writes()
             self._transmit_backlog_or_model_count(io)
+
+    def _reclaim_output(self, fd: int) -> None:
+        """Take what the kernel still holds for output back into ``tx_backlog``.
+
+        The kernel's output queue holds the *last* bytes written (in ``_tx_tail``). Output is
+        suspended first (TCOOFF: the driver stops feeding the UART), so the count taken
+        before the flush holds still; what a flush cannot drop (a USB adapter's URB in
+        flight) is still counted after it and is not taken back.
+        """
+        queued = self._os_queued(fd)
+        if not queued:
+            return
+        tail = self._tx_tail
+        if queued > len(tail) or len(self._tx_backlog) + queued > MAX_TX_BACKLOG_BYTES:
+            self._log.warning(
+                "port.tx_not_reclaimed", os_queued_bytes=queued, known_bytes=len(tail),
+                hint="more is queued than this link wrote, or the backlog is full: left to the OS",
+            )
+            return
+        try:
+            self._ops.tcflow(fd, termios.TCOOFF)
+            before = self._ops.output_queued(fd)
+            self._ops.flush_output(fd)
+            after = self._ops.output_queued(fd)
+        except OSError as exc:
+            self._error("taking back the output queue failed", exc)
+            self._log.warning("port.tx_not_reclaimed", error=str(exc))
+            return
+        finally:
+            with contextlib.suppress(OSError):
+                self._ops.tcflow(fd, termios.TCOON)
+        taken = max(0, min(before, len(tail)) - after)
+        if taken:
+            self._tx_backlog[:0] = tail[len(tail) - taken:]
+            self._counters["tx_reclaimed"] += taken
+            self._log.info("port.tx_reclaimed", bytes=taken, still_in_flight=after)
+        tail.clear()
+
+    def _check_transmitter(self, fd: int) -> None:
+        """Warn if the UART itself still holds bytes (its FIFO): the close resets it."""
+        if self._ops.transmitter_empty(fd) is False:
+            self._log.warning(
+                "port.transmitter_not_empty",
+                hint="the UART's own FIFO still holds bytes the wire has not taken; the "
+                "driver resets it at close (at most its FIFO size), so they may not arrive",
+            )
+
+    def _save_kernel_input(self) -> None:
+        """Read what the kernel holds for input into ``rx_backlog``, up to the format's bound
+        (``MAX_RX_BACKLOG_BYTES``); what is left beyond it is counted as dropped at stop."""
+        io = self._io
+        if io is None or io.fd is None:
+            return
+        read_before = self._counters["bytes_read"]
+        room = MAX_RX_BACKLOG_BYTES - len(self._rx_backlog) - 2  # 2: a mark's tail
+        while room > 0:
+            try:
+                raw = io.read(min(room, 65536))
+            except (BlockingIOError, PortGone, PortError):
+                break
+            room -= len(raw)
+            if self._trace is not None:
+                self._trace("rx", raw)
+            self._receive_raw(raw, pump=False)
+        self._finish_mark(pump=False)
+        saved = self._counters["bytes_read"] - read_before
+        self._counters["rx_saved_at_stop"] += saved
+        left = 0
+        with contextlib.suppress(OSError):
+            left = self._ops.input_queued(io.fd)
+        if left > self._rx_left_counted:  # (state() may look again: count each byte once)
+            self._counters["rx_dropped_at_stop"] += left - self._rx_left_counted
+            self._rx_left_counted = left
+            self._log.warning(
+                "port.rx_dropped_at_stop", bytes=left, bound=MAX_RX_BACKLOG_BYTES,
+                hint="more input than a checkpoint holds: the close discards the rest",
+            )
+        if saved:
+            self._log.info("port.rx_saved_at_stop", bytes=saved)
 
     def _os_queued(self, fd: int) -> int | None:
         """Bytes the OS accepted and has not sent yet, or None if it cannot say."""
@@ -422,7 +585,8 @@ class PortLink:
         """Close the port and stop every timer and watch."""
         self._closed = True
         for handle in (self._reconnect_handle, self._msi_handle, self._refresh_handle,
-                       self._owned_poll_handle, self._stall_handle, self._cts_handle):
+                       self._owned_poll_handle, self._stall_handle, self._cts_handle,
+                       self._line_handle):
             if handle is not None:
                 handle.cancel()
         if self._reconnect_task is not None:
@@ -460,7 +624,21 @@ class PortLink:
         self._loop.call_soon(run)
 
     def _error(self, message: str, exc: BaseException | None = None) -> None:
-        self._last_error = message if exc is None else f"{message}: {exc}"
+        text = message if exc is None else f"{message}: {exc}"
+        self._last_error = (text, errno_name(_errno_of(exc)), None, time.monotonic_ns())
+
+    def _open_failed(self, exc: PortError) -> None:
+        """The port could not be opened: shown in status; logged once per new reason."""
+        err = _errno_of(exc)
+        hint = failure_hint(self._settings.url, err) if self._kind == "tty" else None
+        text = str(exc)
+        self._last_error = (text, errno_name(err), hint, time.monotonic_ns())
+        if text != self._open_failure_logged:
+            self._open_failure_logged = text
+            self._log.warning(
+                "port.open_failed", error=text, errno=errno_name(err), hint=hint,
+                retry_max_s=self._settings.reconnect_max_s,
+            )
 
     # -- opening and reconnecting ---------------------------------------------------------------
 
@@ -510,16 +688,22 @@ class PortLink:
         assert self._loop is not None
         url = self._settings.url
         io: _Io
+        resumed_stream = not self._opened  # a restored link continues the stream it left
         if self._kind == "tty":
+            claim = claim_tty(url, self._ops, lock_dir=self._settings.lock_dir,
+                              note=lambda text: self._log.warning("port.lock_files", note=text))
             try:
-                fd = os.open(url, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+                mode = take_raw_mode(self._ops, claim.fd, serial=not claim.pty,
+                                     rtscts=self._settings.rtscts, xonxoff=self._settings.xonxoff)
             except OSError as exc:
-                if exc.errno in _MISSING_ERRNOS:
-                    raise PortUnavailableError(f"cannot open {url}: {exc.strerror}") from exc
-                raise PortError(f"cannot open {url}: {exc}") from exc
-            is_tty = os.isatty(fd)
-            io = _FdIo(self._loop, fd, is_tty=is_tty)
-            self._parmrk = is_tty
+                claim.release(self._ops)
+                os.close(claim.fd)
+                raise PortUnavailableError(f"cannot configure {url}: {exc}") from exc
+            self._claim = claim
+            io = _FdIo(self._loop, claim.fd, is_tty=True)
+            self._parmrk = mode.parmrk
+            self._rx_plain_left = mode.plain_bytes
+            self._rx_window_left = mode.window_bytes
         elif self._kind == "socket":
             parts = urlsplit(url)
             host, port = parts.hostname or "localhost", parts.port
@@ -544,7 +728,16 @@ class PortLink:
                 raise PortUnavailableError(f"cannot open {url}: {exc}") from exc
             self._parmrk = False
         self._io = io
-        self._decoder = ParmrkDecoder()
+        if not (resumed_stream and self._parmrk):
+            if self._decoder.partial and resumed_stream:
+                self._log.warning(
+                    "port.rx_escape_dropped", partial=self._decoder.partial.hex(),
+                    hint="the checkpoint held half a PARMRK mark; this port's input is not escaped",
+                )
+            self._decoder = ParmrkDecoder()
+        if self._open_failure_logged is not None:
+            self._log.info("port.opened", after=self._open_failure_logged)
+            self._open_failure_logged = None
         self._soft_flow = self._settings.xonxoff and io.is_tty
         self._xoff = False  # a new connection starts with the peer ready, as IXON would
         self._configure_port()
@@ -563,9 +756,16 @@ class PortLink:
             except OSError:
                 self._has_modem_lines = False
         self._refused = []
-        # Like QEMU, leave the port's own settings alone until the guest has set the line.
-        line = self._line or (self._uart.line_settings if self._uart.line_configured else None)
+        # The guest's line once it has set one; until then a tty path gets what QEMU's tty
+        # backend sets at open. (A pty the daemon owns is its client's: left alone.)
+        if self._uart.line_configured:
+            line: LineSettings | None = self._uart.line_settings
+        else:
+            line = OPEN_LINE if self._kind == "tty" else None
         self._line = None
+        self._line_pending = None
+        self._break_toggles = 0
+        self._break_on = False  # a port comes out of open() without a break
         if line is not None:
             self._apply_line(line)
         self._apply_modem_outputs(self._uart.modem_outputs)
@@ -589,7 +789,7 @@ class PortLink:
         if self._state is ReaderState.DISCONNECTED:
             return
         self._counters["disconnects"] += 1
-        self._last_error = f"disconnected: {reason}"
+        self._error(f"disconnected: {reason}")
         self._log.warning("port.disconnected", reason=reason)
         self._set_reading(False)
         self._set_writing(False)
@@ -608,9 +808,16 @@ class PortLink:
         io = self._io
         self._set_reading(False)
         self._set_writing(False)
+        self._cancel_pace()
         self._io = None
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.release(self._ops)  # TIOCNXCL and our lock file, before the fd goes
         if io is not None:
             io.close()
+        self._tx_tail.clear()
+        self._pace_outq = self._pace_progress_ns = 0
+        self._rx_plain_left = self._rx_window_left = 0  # they counted that port's queue
 
     def _schedule_reconnect(self) -> None:
         if self._closed or self._loop is None or self._quiesced:
@@ -628,7 +835,7 @@ class PortLink:
         try:
             await self._connect()
         except PortError as exc:
-            self._error("reconnect failed", exc)
+            self._open_failed(exc)
             self._schedule_reconnect()
         finally:
             self._reconnect_task = None
@@ -673,6 +880,15 @@ class PortLink:
         if self._transmit():
             self._notify()
 
+    def _tx_parked(self) -> bool:
+        """The transmitter waits for a wake-up that will transmit (the kernel's queue to
+        drain, POLLOUT, CTS, XON): a new THR byte need not try a write of its own."""
+        if self._pace_handle is not None:
+            return True
+        return self._state is ReaderState.STALLED and (
+            self._writing or self._cts_handle is not None or self._xoff
+        )
+
     def _transmit(self) -> bool:
         """Move bytes towards the wire; True if the model changed."""
         if self._quiesced:
@@ -680,6 +896,7 @@ class PortLink:
         io = self._io
         if io is None or self._state is ReaderState.DISCONNECTED:
             return self._apply_disconnect_policy()
+        self._flush_line()  # bytes go out under the settings the guest set before them
         uart = self._uart
         changed = False
         held_by = self._held_by_peer()
@@ -700,10 +917,14 @@ class PortLink:
             # A thread-backed port returns the count of a write that finished: start the next.
             threaded = isinstance(io, Rfc2217Io)
             while self._tx_backlog:
-                k = self._write(io, bytes(self._tx_backlog[:65536]))
+                room = self._pace_room(io)
+                if room == 0:
+                    return changed  # the kernel's queue is full enough: a timer re-checks
+                chunk = bytes(self._tx_backlog[: min(65536, room or 65536)])
+                k = self._write(io, chunk)
                 del self._tx_backlog[:k]
                 self._counters["bytes_written"] += k
-                if self._tx_backlog and not (threaded and k):
+                if k < len(chunk) and not (threaded and k):
                     raise BlockingIOError
             while True:
                 pending = uart.tx_pending()
@@ -711,17 +932,23 @@ class PortLink:
                     self._set_writing(False)
                     self._set_state(ReaderState.CONNECTED)
                     return changed
-                k = self._write(io, pending)
+                room = self._pace_room(io)
+                if room == 0:
+                    return changed
+                data = pending if room is None else pending[:room]
+                k = self._write(io, data)
                 if k:
                     uart.tx_sent(k)
                     self._counters["bytes_written"] += k
                     changed = True
-                if k < len(pending) and not (threaded and k):
+                if k < len(data) and not (threaded and k):
                     raise BlockingIOError
                 if not threaded:
                     self._set_writing(False)
                     self._set_state(ReaderState.CONNECTED)
-                    return changed
+                    if room is None:
+                        return changed
+                    # Paced: go round, to write what the queue still has room for.
         except BlockingIOError:
             if uart.tx_pending():
                 uart.tx_blocked()
@@ -740,6 +967,67 @@ class PortLink:
             self._error("write failed", exc)
             self._lost(str(exc))
             return True
+
+    # -- pacing a serial port's output queue ---------------------------------------------
+
+    @property
+    def _serial(self) -> bool:
+        """The link holds a serial port (not a pty): its kernel buffers need care."""
+        return self._claim is not None and not self._claim.pty and self._io is not None
+
+    def _char_s(self) -> float:
+        """One character on the port's line, in seconds (as last applied)."""
+        ls = self._line or OPEN_LINE
+        bits = 1 + ls.data_bits + (0 if ls.parity == "N" else 1) + (1 if ls.stop_bits == 1 else 2)
+        return bits / nearest_baud(ls.baud)
+
+    def _outq_limit(self) -> int:
+        """How much the kernel's output queue may hold: a FIFO's worth, or OUTQ_TARGET_S."""
+        return min(TX_TAIL_BYTES, max(OUTQ_MIN_BYTES, int(OUTQ_TARGET_S / self._char_s())))
+
+    def _pace_room(self, io: _Io) -> int | None:
+        """How much may be written now (None: no limit); 0 arms the re-check timer."""
+        if not self._serial or io.fd is None:
+            return None
+        queued = self._os_queued(io.fd)
+        if queued is None:
+            return None
+        now_ns = time.monotonic_ns()
+        if queued < self._pace_outq or not self._pace_progress_ns:
+            self._pace_progress_ns = now_ns  # the wire takes bytes
+        self._pace_outq = queued
+        room = self._outq_limit() - queued
+        if room > 0:
+            return room
+        self._arm_pace(queued, now_ns)
+        return 0
+
+    def _arm_pace(self, queued: int, now_ns: int) -> None:
+        """Re-check at about the time the queue is half drained (a character time at the
+        least: never a spin). A queue that has not shrunk for WRITE_STALL_S is a stall."""
+        if self._pace_handle is not None or self._loop is None:
+            return
+        char_s = self._char_s()
+        half_drained_s = (queued - self._outq_limit() // 2) * char_s
+        delay_s = min(PACE_MAX_S, max(PACE_MIN_S, char_s, half_drained_s))
+        if now_ns - self._pace_progress_ns >= WRITE_STALL_S * 1e9:
+            if self._state is not ReaderState.STALLED:
+                self._set_state(ReaderState.STALLED)
+                if self._uart.tx_pending():
+                    self._uart.tx_blocked()
+                self._notify()
+            delay_s = max(delay_s, CTS_POLL_S)
+
+        def tick() -> None:
+            self._pace_handle = None
+            self._on_writable()
+
+        self._pace_handle = self._loop.call_later(delay_s, tick)
+
+    def _cancel_pace(self) -> None:
+        if self._pace_handle is not None:
+            self._pace_handle.cancel()
+            self._pace_handle = None
 
     def _held_by_peer(self) -> str | None:
         """While there is data to send: "xoff" after the peer's XOFF under ``xonxoff``, "cts"
@@ -777,6 +1065,13 @@ class PortLink:
             return 0
         if k and self._trace is not None:
             self._trace("tx", data[:k])
+        if k and self._serial:
+            # What the kernel holds is the last bytes written: keep them to take back.
+            tail = self._tx_tail
+            tail += data[:k]
+            if len(tail) > TX_TAIL_BYTES:
+                del tail[: len(tail) - TX_TAIL_BYTES]
+            self._pace_outq += k
         return k
 
     def _transmit_backlog_or_model_count(self, io: Rfc2217Io) -> None:
@@ -901,6 +1196,7 @@ class PortLink:
     def _on_readable(self) -> None:
         if self._closed or self._io is None:
             return
+        self._flush_line()  # bytes are read under the settings the guest set before
         changed = self._pump_rx()
         room = self._rx_room()
         if room <= 0:
@@ -923,6 +1219,9 @@ class PortLink:
             if self._trace is not None:
                 self._trace("rx", raw)
             changed |= self._receive_raw(raw)
+            changed |= self._finish_mark()
+            if self._io is None:
+                return  # the mark's rest found the port gone
         self._update_reading()
         if changed:
             self._notify()
@@ -942,40 +1241,113 @@ class PortLink:
                 self._loop.call_soon(self._on_writable)
         return data.replace(_XON, b"").replace(_XOFF, b"")
 
-    def _receive_raw(self, raw: bytes) -> bool:
-        if not self._parmrk:
-            if self._soft_flow:
-                raw = self._take_flow_chars(raw)
-            self._rx_backlog += raw
-            self._counters["bytes_read"] += len(raw)
+    def _finish_mark(self, *, pump: bool = True) -> bool:
+        """A read that ended inside a PARMRK mark reads its rest at once (1 or 2 bytes).
+
+        The kernel queues a mark whole and makes it readable whole (n_tty commits after each
+        chunk it received), so the rest is there; reading it keeps the link from ever
+        standing inside a mark between two events (a checkpoint then has no half mark to
+        save, though ``rx_escape`` could carry one).
+        """
+        changed = False
+        for _ in range(2):
+            io = self._io
+            if io is None or not (self._parmrk and self._decoder.partial):
+                break
+            try:
+                raw = io.read(1)
+            except BlockingIOError:
+                break
+            except PortGone as exc:
+                self._lost(str(exc))
+                return True
+            except PortError as exc:
+                self._error("read failed", exc)
+                self._lost(str(exc))
+                return True
+            if self._trace is not None:
+                self._trace("rx", raw)
+            changed |= self._receive_raw(raw, pump=pump)
+        return changed
+
+    def _take_data(self, value: bytes) -> None:
+        if self._soft_flow:  # after PARMRK decoding: ff 00 13 is an error, not XOFF
+            value = self._take_flow_chars(value)
+        self._rx_backlog += value
+        self._counters["bytes_read"] += len(value)
+
+    def _receive_raw(self, raw: bytes, *, pump: bool = True) -> bool:
+        """Decode bytes read from the port into rx_backlog (and its marks), each under the
+        mode it was queued in (``take_raw_mode``); with ``pump``, feed the model."""
+        if self._rx_plain_left:
+            k = min(len(raw), self._rx_plain_left)
+            self._rx_plain_left -= k
+            self._take_data(raw[:k])  # queued before PARMRK was on: nothing is escaped
+            raw = raw[k:]
+        if raw and self._rx_window_left:
+            k = min(len(raw), self._rx_window_left)
+            self._rx_window_left -= k
+            if 0xFF in raw[:k]:
+                # Queued while PARMRK was turned on, on either side of it: read as escaped,
+                # which is exact unless a 0xFF among them came in just before.
+                self._counters["rx_escape_uncertain"] += k
+                self._log.warning("port.rx_escape_uncertain", bytes=k)
+        if not raw:
+            pass
+        elif not self._parmrk:
+            self._take_data(raw)
+        else:
+            parity_on = self._line is not None and self._line.parity != "N"
+            backlog = self._rx_backlog
+            for kind, value in self._decoder.feed(raw):
+                if kind == "data":
+                    assert isinstance(value, bytes)
+                    self._take_data(value)
+                elif kind == "break":
+                    self._rx_marks.append((len(backlog), "break"))
+                    self._counters["breaks_received"] += 1
+                else:
+                    assert isinstance(value, int)
+                    # PARMRK does not say which error: parity if the line has parity, else
+                    # framing.
+                    error = "parity" if parity_on else "framing"
+                    self._rx_marks.append((len(backlog), error))
+                    self._counters[f"{error}_errors"] += 1
+                    backlog.append(value)
+                    self._counters["bytes_read"] += 1
+        if pump:
             self._pump_rx()
-            return True
-        parity_on = self._line is not None and self._line.parity != "N"
-        backlog = self._rx_backlog
-        for kind, value in self._decoder.feed(raw):
-            if kind == "data":
-                assert isinstance(value, bytes)
-                if self._soft_flow:  # after PARMRK decoding: ff 00 13 is an error, not XOFF
-                    value = self._take_flow_chars(value)
-                backlog += value
-                self._counters["bytes_read"] += len(value)
-            elif kind == "break":
-                self._rx_marks.append((len(backlog), "break"))
-                self._counters["breaks_received"] += 1
-            else:
-                assert isinstance(value, int)
-                # PARMRK does not say which error: parity if the line has parity, else framing.
-                error = "parity" if parity_on else "framing"
-                self._rx_marks.append((len(backlog), error))
-                self._counters[f"{error}_errors"] += 1
-                backlog.append(value)
-                self._counters["bytes_read"] += 1
-        self._pump_rx()
         return True
 
     # -- line settings and modem lines ----------------------------------------------------------
 
-    def _apply_line(self, ls: LineSettings) -> None:
+    def _queue_line(self, ls: LineSettings) -> None:
+        """The guest changed the line: apply it at the end of this batch of bus operations
+        (or before the next byte goes out or comes in), once, however often it changed."""
+        last_break = self._break_on if self._line_pending is None else self._line_pending.break_on
+        if ls.break_on != last_break:
+            self._break_toggles += 1
+        self._line_pending = ls
+        if self._line_handle is None and self._loop is not None:
+            self._line_handle = self._loop.call_soon(self._flush_line_soon)
+
+    def _flush_line_soon(self) -> None:
+        self._line_handle = None
+        if not self._closed:
+            self._flush_line()
+
+    def _flush_line(self) -> None:
+        """Apply the queued line settings, if any (see ``_queue_line``)."""
+        ls = self._line_pending
+        if ls is None:
+            return
+        self._line_pending = None
+        # A break switched on and off again (or off and on) between two bytes: a pulse.
+        pulse = self._break_toggles >= 2 and ls.break_on == self._break_on
+        self._break_toggles = 0
+        self._apply_line(ls, pulse=pulse)
+
+    def _apply_line(self, ls: LineSettings, *, pulse: bool = False) -> None:
         io = self._io
         plain = replace(ls, break_on=False)
         if io is not None and (self._line is None or replace(self._line, break_on=False) != plain):
@@ -995,17 +1367,21 @@ class PortLink:
                 self._error("line settings failed", exc)
                 self._log.warning("port.line_settings_failed", error=str(exc))
             self._record_refused(refused)
-        if io is not None and ls.break_on != self._break_on:
-            try:
-                if isinstance(io, Rfc2217Io):
-                    on = ls.break_on
-                    io.run_blocking(lambda: io.set_break(on))
-                elif io.is_tty and io.fd is not None:
-                    self._ops.set_break(io.fd, ls.break_on)
-            except (OSError, serial.SerialException) as exc:
-                self._error("break failed", exc)
+        if io is not None and (pulse or ls.break_on != self._break_on):
+            levels = (not ls.break_on, ls.break_on) if pulse else (ls.break_on,)
+            for on in levels:
+                self._set_break(io, on)
             self._break_on = ls.break_on
         self._line = ls
+
+    def _set_break(self, io: _Io, on: bool) -> None:
+        try:
+            if isinstance(io, Rfc2217Io):
+                io.run_blocking(lambda: io.set_break(on))
+            elif io.is_tty and io.fd is not None:
+                self._ops.set_break(io.fd, on)
+        except (OSError, serial.SerialException) as exc:
+            self._error("break failed", exc)
 
     def _line_refused_done(self, fut: asyncio.Future[list[str]]) -> None:
         if fut.cancelled():
@@ -1084,6 +1460,15 @@ class PortLink:
         self._msi_handle = None
         self._refresh_modem_inputs()
         self._update_msi_poll()
+
+
+def _errno_of(exc: BaseException | None) -> int | None:
+    """The errno of ``exc`` or of the OSError it was raised from, if any."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno:
+            return exc.errno
+        exc = exc.__cause__
+    return None
 
 
 __all__ = ["PortLink"]

@@ -1,5 +1,10 @@
 """A pty the daemon owns: create it, publish its slave, and watch clients come and go.
 
+The slave is published at the configured link path as a symlink; that path is only ever
+created, or replaced when it holds our own symlink to a pty (a stale one, after a crash), and
+removed at close only while it is still our symlink to our slave: a file, a directory or
+another user's symlink there is refused at start (``PortError``, exit 69) and never touched.
+
 The daemon holds the master. Its slave is opened and closed once at creation, which arms
 HUP, so "no client yet" and "client left" look the same (reference/host-ports.md). Clients
 are seen through inotify on the slave's ``/dev/pts/N`` (IN_OPEN, IN_CLOSE_WRITE,
@@ -13,10 +18,14 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import re
 import select
+import stat
 import struct
 import tty
 from dataclasses import dataclass
+
+from ..errors import PortError
 
 IN_OPEN = 0x00000020
 IN_CLOSE_WRITE = 0x00000008
@@ -40,17 +49,60 @@ class OwnedPty:
         return self.link_path or self.slave_name
 
     def close(self) -> None:
-        """Close the master and remove the link if it still points at our slave."""
+        """Close the master and remove the link if it is still our symlink to our slave."""
         if self.link_path is not None:
             with contextlib.suppress(OSError):
-                if os.readlink(self.link_path) == self.slave_name:
+                if _our_symlink(self.link_path) == self.slave_name:
                     os.unlink(self.link_path)
         with contextlib.suppress(OSError):
             os.close(self.master_fd)
 
 
+_PTS_RE = re.compile(r"/dev/pts/[0-9]+")
+
+
+def _our_symlink(path: str) -> str | None:
+    """The target of ``path`` if it is a symlink we own to a pty slave, else None."""
+    info = os.lstat(path)
+    if not stat.S_ISLNK(info.st_mode) or info.st_uid != os.geteuid():
+        return None
+    target = os.readlink(path)
+    return target if _PTS_RE.fullmatch(target) else None
+
+
+def _what_is_at(path: str) -> str | None:
+    """None if ``path`` is free or our own (stale) symlink to a pty; else what is there."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        if _our_symlink(path) is not None:
+            return None
+        if info.st_uid != os.geteuid():
+            return f"a symlink of uid {info.st_uid}"
+        return f"a symlink to {os.readlink(path)}, not to a pty"
+    if stat.S_ISREG(info.st_mode):
+        return "a regular file"
+    if stat.S_ISDIR(info.st_mode):
+        return "a directory"
+    return "not a symlink"
+
+
 def create_pty(link_path: str | None) -> OwnedPty:
-    """Open a raw pty pair, arm HUP, and publish the slave at ``link_path`` (atomically)."""
+    """Open a raw pty pair, arm HUP, and publish the slave at ``link_path`` (atomically).
+
+    ``link_path`` may be free or hold our own symlink to a pty (left by a daemon that died);
+    anything else there (a file, a directory, another user's symlink, a symlink elsewhere) is
+    never replaced: ``PortError`` naming it.
+    """
+    if link_path is not None:
+        what = _what_is_at(link_path)
+        if what is not None:
+            raise PortError(
+                f"link path {link_path} holds {what}; uartbridge replaces only its own "
+                "symlink to a pty: move it away or choose another link"
+            )
     master_fd, slave_fd = os.openpty()
     try:
         slave_name = os.ttyname(slave_fd)
@@ -59,16 +111,35 @@ def create_pty(link_path: str | None) -> OwnedPty:
         os.close(slave_fd)  # opened and closed once: HUP is armed until a client opens it
     os.set_blocking(master_fd, False)
     if link_path is not None:
-        tmp = f"{link_path}.{os.getpid()}.tmp"
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
         try:
-            os.symlink(slave_name, tmp)
-            os.replace(tmp, link_path)
-        except OSError:
+            _publish(slave_name, link_path)
+        except BaseException:
             os.close(master_fd)
             raise
     return OwnedPty(master_fd=master_fd, slave_name=slave_name, link_path=link_path)
+
+
+def _publish(slave_name: str, link_path: str) -> None:
+    """symlink() where the path is free (it never overwrites); our stale symlink is replaced
+    by rename, after a new check, so a client never sees the link missing."""
+    try:
+        os.symlink(slave_name, link_path)
+        return
+    except FileExistsError:
+        pass
+    tmp = f"{link_path}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    os.symlink(slave_name, tmp)
+    try:
+        what = _what_is_at(link_path)
+        if what is not None:
+            raise PortError(f"link path {link_path} holds {what} (it appeared meanwhile)")
+        os.replace(tmp, link_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def master_hung_up(master_fd: int) -> bool:

@@ -17,6 +17,7 @@ DisconnectPolicy = Literal["buffer", "hold", "discard"]
 # Bounds of the host buffers: the config refuses more, and so does a checkpoint reader.
 MAX_RX_BACKLOG_BYTES = 1 << 20
 RX_MARK_KINDS = ("break", "parity", "framing")
+RX_ESCAPE_PREFIXES = (b"", b"\xff", b"\xff\x00")  # a PARMRK mark cut after 0, 1 or 2 bytes
 MAX_TX_BACKLOG_BYTES = 16 << 20
 
 
@@ -41,6 +42,12 @@ class PortCounters:
     breaks_received: int = 0
     parity_errors: int = 0
     framing_errors: int = 0
+    # Format version 3: what a stop takes out of a real tty's kernel buffers, and the one
+    # thing an open cannot always tell (see PortLink, "What a tty gets at open").
+    tx_reclaimed: int = 0
+    rx_saved_at_stop: int = 0
+    rx_dropped_at_stop: int = 0
+    rx_escape_uncertain: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -54,6 +61,8 @@ class PortState:
     ``rx_marks``: breaks and line errors read from the port that wait for the guest to read
     the bytes before them: ``(bytes of rx_backlog before it, kind)``, in order; kind is one of
     ``RX_MARK_KINDS``.
+    ``rx_escape``: the start of a PARMRK mark read from the port whose rest was not read yet
+    (one of ``RX_ESCAPE_PREFIXES``): the decoder continues from it.
     """
 
     rx_backlog: bytes = b""
@@ -62,6 +71,7 @@ class PortState:
     line_settings: LineSettings | None = None
     counters: PortCounters = field(default_factory=PortCounters)
     rx_marks: tuple[tuple[int, str], ...] = ()
+    rx_escape: bytes = b""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -71,6 +81,8 @@ class PortSettings:
     ``url``: a tty path (``/dev/ttyUSB0``, a ``/dev/serial/by-id/…`` link, a socat pty link),
     ``pty:`` (the daemon creates a pty and publishes its slave at ``link_path``),
     ``rfc2217://host:port`` or ``socket://host:port`` (pyserial URL handlers).
+    ``lock_dir``: where UUCP lock files (``LCK..<tty>``) are honoured and created for tty
+    paths; None: none are (flock and TIOCEXCL still apply).
     """
 
     url: str
@@ -82,3 +94,4 @@ class PortSettings:
     xonxoff: bool = False
     reconnect_min_s: float = 0.1
     reconnect_max_s: float = 5.0
+    lock_dir: str | None = "/var/lock"

@@ -1,0 +1,198 @@
+"""One UART and its wire, without a bus: the model, its port link, the timer and snapshots.
+
+This is the glue between the pure model (``Uart16550``) and its host port (``PortLink``),
+shared by the daemon's ``UartService`` (which adds a ``BusServer`` and the config) and by
+``uartbridge.embed.Bridge`` (which an emulator drives in-process). It has one rule (DESIGN.md,
+the flow of data): after anything changes the model — a register access, bytes from the port,
+a timer — ``settle()`` hands the model's events to the port link (eager transmit, line
+settings, modem lines) until there are none left, and returns the IRQ level changes in order,
+so the caller can deliver them before anything that observes them.
+
+Who calls what:
+
+- the owner of the register interface calls ``settle()`` after each access (or burst);
+- the port link calls ``on_uart_change()`` when it changed the model (input, TX accepted,
+  reconnect) and so does the receive-timeout timer; both settle and hand the IRQ changes to
+  ``on_change`` (possibly an empty list: the device changed without an IRQ edge).
+
+Everything runs on the thread of the event loop ``open()`` ran on; ``settle()`` may be called
+while that loop is not running (an emulator between two ``Bridge.poll`` calls): the link's
+writes happen at once, and what it schedules on the loop runs when the loop next runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .checkpoint import Checkpoint, CheckpointMeta, restore
+from .logs import TraceFile, get_logger
+from .names import NAME_RULE, is_safe_name
+from .port import PortLink
+from .port.state import PortSettings
+from .port.termios_ops import TermiosOps
+from .uart import NO_EVENTS, Uart16550
+
+NS_PER_S = 1_000_000_000
+
+
+class UartDevice:
+    """One UART: its model, its port link, its receive-timeout timer and its snapshots."""
+
+    def __init__(
+        self,
+        name: str,
+        port: PortSettings,
+        *,
+        baudbase: int = 115200,
+        tx_retry_limit: int | None = None,
+        log: Any = None,
+        trace_file: str | Path | None = None,
+        termios_ops: TermiosOps | None = None,
+        resume_from: Checkpoint | None = None,
+        on_change: Callable[[list[bool]], None] | None = None,
+    ) -> None:
+        """Build the device (resumed from ``resume_from`` if given); nothing is opened yet.
+
+        ``baudbase`` and ``tx_retry_limit`` apply to a new device only (a resumed one has
+        its own). ``on_change(levels)`` is called after the port link or the timer changed
+        the model, with the IRQ level changes in order (maybe none). ``termios_ops``
+        substitutes the termios/modem calls (tests with a fake port, as ``PortLink``).
+        """
+        if not is_safe_name(name):
+            raise ValueError(f"UART name must be {NAME_RULE}, got {name!r}")
+        self.name = name
+        self.settings = port
+        self.log = (log if log is not None else get_logger()).bind(uart=name)
+        if resume_from is not None:
+            self.uart = restore(resume_from, clock=time.monotonic_ns)
+            self.generation = resume_from.meta.generation
+        else:
+            self.uart = Uart16550(
+                baudbase=baudbase, clock=time.monotonic_ns, tx_retry_limit=tx_retry_limit
+            )
+            self.generation = 0
+        self.resumed_from = resume_from
+        self.on_change = on_change
+        self.trace_file = TraceFile(trace_file) if trace_file else None
+        self.link = PortLink(
+            self.uart,
+            port,
+            on_uart_change=self.on_uart_change,
+            log=self.log,
+            termios_ops=termios_ops,
+            trace=self._trace if self.trace_file is not None else None,
+        )
+        if resume_from is not None:
+            self.link.restore(resume_from.port)
+        self.port_open = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline_ns: int | None = None
+
+    # -- the glue ---------------------------------------------------------------------------
+
+    def settle(self) -> list[bool]:
+        """Hand the model's events to the port link until none are left; return IRQ changes."""
+        uart = self.uart
+        events = uart.take_events()
+        if events is NO_EVENTS:
+            if uart.next_deadline_ns() is not None:
+                self._arm_timer()
+            return []  # the common case (a status poll): decided without building a list
+        levels: list[bool] = []
+        while events is not NO_EVENTS:
+            if self.port_open:
+                self.link.on_events(events)
+            levels.extend(events.irq_changes)
+            events = uart.take_events()
+        self._arm_timer()
+        return levels
+
+    def on_uart_change(self) -> None:
+        """The port link (or the timer) changed the model: settle and report the IRQ changes."""
+        levels = self.settle()
+        if self.on_change is not None:
+            self.on_change(levels)
+
+    def _arm_timer(self) -> None:
+        deadline_ns = self.uart.next_deadline_ns()
+        loop = self._loop
+        if deadline_ns is None or loop is None:
+            return  # no deadline, or not open yet: open() settles and arms it
+        armed = self._timer_deadline_ns
+        if armed is not None and armed <= deadline_ns:
+            return  # the armed timer fires first; it re-arms for the later deadline
+        if self._timer is not None:
+            self._timer.cancel()
+        # loop.time() is time.monotonic(), the model's clock in seconds.
+        self._timer = loop.call_at(deadline_ns / NS_PER_S, self._on_timer)
+        self._timer_deadline_ns = deadline_ns
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_deadline_ns = None
+        self.uart.poll()
+        self.on_uart_change()
+
+    def _trace(self, direction: str, data: bytes) -> None:
+        assert self.trace_file is not None
+        self.trace_file.write(direction, data, time.monotonic_ns())
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def open(self, *, retry: bool = False) -> None:
+        """Open the port on the running loop; ``PortUnavailableError`` if it is not there.
+
+        With ``retry`` a port that is not there yet is no error: the link starts
+        disconnected (``on_disconnect`` applies meanwhile) and reopens it with backoff.
+        """
+        self._loop = asyncio.get_running_loop()
+        await self.link.open(retry=retry)
+        self.port_open = True
+        self.on_uart_change()
+
+    async def quiesce(self) -> None:
+        """Stop taking input from the port and let the OS finish what it accepted."""
+        if self.port_open:
+            await self.link.quiesce()
+
+    async def close(self) -> None:
+        """Close the port and the trace; the model's state stays as it was."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_deadline_ns = None
+        if self.port_open:
+            await self.link.close()
+            self.port_open = False
+        if self.trace_file is not None:
+            self.trace_file.close()
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def snapshot(self) -> Checkpoint:
+        """The whole UART as one value: model, host path and metadata (next generation).
+
+        Take it between two register accesses, on the loop's thread, so that it is one
+        instant of the device.
+        """
+        self.generation += 1
+        return Checkpoint(
+            meta=CheckpointMeta(
+                uartbridge_version=__version__,
+                uart_name=self.name,
+                port=self.settings.url,
+                created_unix_ns=time.time_ns(),
+                generation=self.generation,
+            ),
+            uart=self.uart.state(),
+            port=self.link.state(),
+        )
+
+
+__all__ = ["UartDevice"]
