@@ -644,10 +644,30 @@ def test_restart_keeps_far_end_bytes_the_kernel_held(clean: Vm) -> None:
     assert not problem, f"{problem} (the kernel held {last} before the restart)"
 
 
-def test_stop_with_an_undrained_wire_loses_nothing(clean: Vm) -> None:
+# What a 16550A itself holds for output: its 16-byte TX FIFO and the shift register. The
+# kernel's 8250 driver clears the FIFOs at the last close (serial8250_do_shutdown ->
+# serial8250_clear_fifos) and again at the next open; no program can read them back.
+CHIP_TX_BYTES = 16 + 1
+
+
+def _one_gap(expected: bytes, got: bytes) -> tuple[int, int] | None:
+    """(offset, length) if ``got`` is ``expected`` with one run of bytes missing, else None."""
+    if got == expected:
+        return (len(expected), 0)
+    first = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
+                 len(got))
+    missing = len(expected) - len(got)
+    if missing > 0 and got[first:] == expected[first + missing:]:
+        return (first, missing)
+    return None
+
+
+def test_stop_with_an_undrained_wire_loses_only_what_the_chip_held(clean: Vm) -> None:
     """The far end does not read (its socket fills, the 16550 holds its transmitter): 4,400
-    bytes written by the guest, `systemctl stop` then `start`, the guest writes what it was
-    held back from, the far end reads: all 4,400 once, in order."""
+    bytes written by the guest (what the device does not take, it writes after the restart),
+    `systemctl stop` then `start`, the far end reads. Every byte arrives once, in order,
+    except at most what the UART chip itself held (its TX FIFO and shift register, which the
+    driver clears at close), in one gap, and then the daemon warned at the stop."""
     vm = clean
     start(vm, TEMPLATE)
     init_uart(vm, TEMPLATE)
@@ -658,6 +678,7 @@ def test_stop_with_an_undrained_wire_loses_nothing(clean: Vm) -> None:
     outq = gu(vm, "tty /dev/ttyS1")["outq"]
     print(f"the guest got {held} of 4400 bytes into the device; the kernel's output queue "
           f"held {outq}")
+    invocation = show(vm, TEMPLATE, "InvocationID")["InvocationID"]
     stop = vm.sh(f"timeout 120 systemctl stop {TEMPLATE}", timeout_s=180)
     assert stop.rc == 0, f"{stop}\n{explain(vm, TEMPLATE)}"
     start(vm, TEMPLATE)
@@ -665,9 +686,20 @@ def test_stop_with_an_undrained_wire_loses_nothing(clean: Vm) -> None:
     rest = gu(vm, f"write {bus(vm, TEMPLATE)} --seed undrained --count 4400 --skip {held}",
               timeout_s=300)
     assert rest["written"] == 4400, rest
-    problem = same_bytes("guest -> far end across a stop with an undrained wire",
-                         pattern("undrained", 4400), far(vm).wait_for(4400, timeout_s=180))
-    assert not problem, f"{problem} (kernel output queue held {outq} at the stop)"
+    expected = pattern("undrained", 4400)
+    got = far(vm).wait_for(4400, timeout_s=180)
+    what = "guest -> far end across a stop with an undrained wire"
+    gap = _one_gap(expected, got)
+    assert gap is not None and gap[1] <= CHIP_TX_BYTES, (
+        f"{same_bytes(what, expected, got)} (kernel output queue held {outq} at the stop; "
+        f"at most {CHIP_TX_BYTES} bytes in the UART chip may be lost, in one gap)")
+    print(f"lost {gap[1]} bytes at offset {gap[0]} (in the UART chip at the stop)")
+    if gap[1]:
+        warned = vm.sh(f"journalctl -b --no-pager _SYSTEMD_INVOCATION_ID={invocation} "
+                       "-o verbose | grep -c transmitter_not_empty").stdout.strip()
+        assert warned not in ("", "0"), (
+            f"{gap[1]} bytes lost in the chip without a warning at the stop:\n"
+            f"{journal_fields(vm, TEMPLATE, lines=12)}")
 
 
 # -- uninstall (last: it removes what the tests above use) ---------------------------------
