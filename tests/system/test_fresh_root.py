@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
 import tempfile
@@ -118,6 +119,34 @@ def root(
         print(f"[{suite}] root total {time.monotonic() - start:.1f} s")
 
 
+class Terminal:
+    """The master side of the pty a command runs on, copied to a log file as it comes."""
+
+    def __init__(self, master: int, log_path: Path) -> None:
+        self.master = master
+        self.log = log_path.open("wb")
+        self.data = bytearray()
+
+    def read(self, timeout_s: float) -> None:
+        """Take what the terminal shows within ``timeout_s``."""
+        if select.select([self.master], [], [], timeout_s)[0]:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: nothing has the slave open any more
+                time.sleep(timeout_s)
+                return
+            self.data += chunk
+            self.log.write(chunk)
+            self.log.flush()
+
+    def text(self) -> str:
+        return self.data.decode(errors="replace")
+
+    def close(self) -> None:
+        self.log.close()
+        os.close(self.master)
+
+
 def _daemon_pid(root: Root) -> int | None:
     """The uartbridge daemon running in the root (its python process), if any."""
     for pid in rootfs.processes_in(root.path):
@@ -137,16 +166,22 @@ def test_readme_run_command_in_fresh_root(root: Root) -> None:
     run_cmd, _ = quick_start_commands()
     log_path = root.logs / "run.log"
     start = time.monotonic()
-    with log_path.open("wb") as log:
+    # On a terminal, as README's reader runs it: the daemon then logs in plain words and
+    # announces "uart0: pty … bus …" (its JSON and journal logs have a "ready" event instead).
+    master, slave = os.openpty()
+    try:
         proc = subprocess.Popen(root.command(f"cd ~/uartbridge && {run_cmd}", user=True),
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    finally:
+        os.close(slave)
+    terminal = Terminal(master, log_path)
     try:
         found = None
         while found is None and proc.poll() is None:
             if time.monotonic() - start > RUN_READY_TIMEOUT_S:
                 break
-            found = READY_LINE.search(log_path.read_text(errors="replace"))
-            time.sleep(0.5)
+            terminal.read(0.5)
+            found = READY_LINE.search(terminal.text())
         assert found, (f"[{root.suite}] no 'pty … bus …' line "
                        f"(exit {proc.poll()}):\n{rootfs.tail(log_path)}")
         ready_s = time.monotonic() - start
@@ -158,11 +193,16 @@ def test_readme_run_command_in_fresh_root(root: Root) -> None:
         assert pid is not None, f"no uartbridge process in the root:\n{rootfs.tail(log_path)}"
         stopped_at = time.time()
         os.kill(pid, signal.SIGTERM)
-        code = proc.wait(timeout=STOP_TIMEOUT_S)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while proc.poll() is None and time.monotonic() < deadline:
+            terminal.read(0.2)
+        code = proc.wait(timeout=5)
+        terminal.read(0.5)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        terminal.close()
     output = log_path.read_text(errors="replace")
     assert code == 0, f"[{root.suite}] exit {code} after SIGTERM:\n{rootfs.tail(log_path)}"
     assert "Traceback" not in output, output
