@@ -27,6 +27,18 @@ emulator that runs its CPU on another thread must take its own lock around every
 Register accesses are ``read(offset)`` / ``write(offset, value)`` with offsets 0–7 (DLAB as
 on the chip: map your bus's ``reg-shift`` / ``reg-io-width`` onto them). The IRQ output is
 ``irq``; ``on_irq(level)`` is called for every change, in order.
+
+Time
+----
+By default the device runs on the host's clock: the receive timeout (and line-rate pacing,
+``pace="line"``) fire inside ``poll`` when they are due. An emulator with a virtual clock
+passes ``clock=``: a ``uartbridge.clock.GuestClock`` it moves with ``advance_to(now_ns)``,
+or any callable returning its own time in ns (then call ``run_timers()`` when that time
+reaches ``next_deadline_ns``). Either way the device's timers fire at guest deadlines only:
+``advance_to`` / ``run_timers`` return the next deadline (None: none), which the emulator
+schedules as one of its own timer events; a paused guest sees no timeout. A timer run late
+(the emulator advanced past the deadline in one step) leaves the device exactly as one run
+on time. Checkpoints store timers as time remaining, so a checkpoint resumes in either mode.
 """
 
 from __future__ import annotations
@@ -43,12 +55,13 @@ from typing import Any
 import structlog
 
 from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from .clock import GuestClock
 from .device import UartDevice
 from .errors import PortError
 from .logs import get_logger
 from .port.state import PortSettings, ReaderState
 from .port.termios_ops import TermiosOps
-from .uart import Uart16550
+from .uart import Clock, Pace, Uart16550
 
 IrqCallback = Callable[[bool], None]
 
@@ -88,6 +101,8 @@ class Bridge:
         name: str = "uart0",
         baudbase: int = 115200,
         tx_retry_limit: int | None = None,
+        pace: Pace = "none",
+        clock: Clock | None = None,
         on_irq: IrqCallback | None = None,
         log: Any = None,
         trace_file: str | Path | None = None,
@@ -98,6 +113,8 @@ class Bridge:
         ``PortSettings`` for the policies); nothing is opened until ``open()``/``aopen()``.
 
         ``name`` is the UART's name in checkpoints. ``on_irq(level)`` sees every IRQ change.
+        ``pace="line"`` moves bytes at the line rate (default ``"none"``: QEMU's instant
+        line). ``clock`` is the guest's time (module docstring, "Time"); None: the host's.
         ``log`` is a structlog logger (default: ``default_log()``); ``trace_file`` records
         every chunk to and from the port, as the daemon's ``trace_file``.
         ``termios_ops`` replaces the termios and modem calls (tests with a fake port).
@@ -109,6 +126,8 @@ class Bridge:
             _settings(port),
             baudbase=baudbase,
             tx_retry_limit=tx_retry_limit,
+            pace=pace,
+            clock=clock,
             log=log if log is not None else default_log(),
             trace_file=trace_file,
             termios_ops=termios_ops,
@@ -131,6 +150,7 @@ class Bridge:
         path: str | Path,
         *,
         port: str | PortSettings | None = None,
+        clock: Clock | None = None,
         on_irq: IrqCallback | None = None,
         log: Any = None,
         trace_file: str | Path | None = None,
@@ -141,12 +161,14 @@ class Bridge:
         The port is the checkpoint's unless ``port`` names another (a URL or settings); the
         name, the device and the host path — RX backlog, line events, TX backlog, the byte
         in the shift register — are the checkpoint's. ``CheckpointError`` (or
-        ``CheckpointMissingError``) if the file is not a valid checkpoint.
+        ``CheckpointMissingError``) if the file is not a valid checkpoint. ``clock`` as for a
+        new Bridge: the timers continue with the time they had left, on that clock.
         """
         ckpt = read_checkpoint(path)
         return cls(
             port if port is not None else ckpt.meta.port,
             name=ckpt.meta.uart_name,
+            clock=clock,
             on_irq=on_irq,
             log=log,
             trace_file=trace_file,
@@ -308,6 +330,37 @@ class Bridge:
     def status(self) -> dict[str, object]:
         """The port link's picture: reader state, backlogs, counters, last error."""
         return self._device.link.status()
+
+    # -- guest time ---------------------------------------------------------------------------
+
+    @property
+    def next_deadline_ns(self) -> int | None:
+        """When, on the device's clock, its next timer falls due (None: no timer armed).
+
+        With a guest clock, schedule an event of your own then and call ``advance_to`` (or
+        ``run_timers``) when your time reaches it. It changes after register accesses and
+        input from the port too: read it again after each, or after ``poll``.
+        """
+        return self._device.next_deadline_ns
+
+    def run_timers(self) -> int | None:
+        """Run the device's timers due at its clock's time now (IRQ changes go to
+        ``on_irq``); returns the next deadline, or None."""
+        if self._closed:
+            self._check_usable()
+        levels = self._device.run_timers()
+        if levels:
+            self._deliver(levels)
+        return self._device.next_deadline_ns
+
+    def advance_to(self, now_ns: int) -> int | None:
+        """The guest's time is now ``now_ns`` (``clock`` must be a ``GuestClock``): the timers
+        due by then run, each at its own time; returns the next deadline, or None."""
+        clock = self._device.clock
+        if not isinstance(clock, GuestClock):
+            raise TypeError("advance_to() needs Bridge(clock=GuestClock()); use run_timers()")
+        clock.set(now_ns)
+        return self.run_timers()
 
     def _deliver(self, levels: list[bool]) -> None:
         callback = self.on_irq
