@@ -1022,10 +1022,13 @@ def _problem(problems: list[str] | None, message: str) -> None:
         problems.append(message)
 
 
-def restore(ckpt: Checkpoint, *, clock: Clock) -> Uart16550:
-    """A device that continues where the checkpoint left it (timers re-armed on ``clock``)."""
+def restore(
+    ckpt: Checkpoint, *, clock: Clock, model: type[Uart16550] = Uart16550
+) -> Uart16550:
+    """A device that continues where the checkpoint left it (timers re-armed on ``clock``);
+    ``model`` is the class to build (``uartbridge.record.RecordingUart`` to record it)."""
     try:
-        return Uart16550.from_state(ckpt.uart, clock=clock)
+        return model.from_state(ckpt.uart, clock=clock)
     except InvalidStateError as exc:
         raise CheckpointError(str(exc)) from exc
 

@@ -43,6 +43,7 @@ from .names import NAME_RULE, is_safe_name
 from .port import PortLink
 from .port.state import PortSettings
 from .port.termios_ops import TermiosOps
+from .record import RecordingUart, RecordWriter, clock_kind
 from .uart import NO_EVENTS, Clock, Pace, Uart16550
 
 NS_PER_S = 1_000_000_000
@@ -65,6 +66,7 @@ class UartDevice:
         termios_ops: TermiosOps | None = None,
         resume_from: Checkpoint | None = None,
         on_change: Callable[[list[bool]], None] | None = None,
+        record: RecordWriter | None = None,
     ) -> None:
         """Build the device (resumed from ``resume_from`` if given); nothing is opened yet.
 
@@ -74,6 +76,8 @@ class UartDevice:
         is called after the port link or the timer changed the model, with the IRQ level
         changes in order (maybe none). ``termios_ops``
         substitutes the termios/modem calls (tests with a fake port, as ``PortLink``).
+        ``record``: every input operation of the model goes to this recording, from the
+        device's state now (``uartbridge.record``).
         """
         if not is_safe_name(name):
             raise ValueError(f"UART name must be {NAME_RULE}, got {name!r}")
@@ -82,14 +86,17 @@ class UartDevice:
         self.log = (log if log is not None else get_logger()).bind(uart=name)
         self.clock: Clock = clock if clock is not None else time.monotonic_ns
         self._host_clock = clock is None
+        model = RecordingUart if record is not None else Uart16550
         if resume_from is not None:
-            self.uart = restore(resume_from, clock=self.clock)
+            self.uart = restore(resume_from, clock=self.clock, model=model)
             self.generation = resume_from.meta.generation
         else:
-            self.uart = Uart16550(
+            self.uart = model(
                 baudbase=baudbase, clock=self.clock, tx_retry_limit=tx_retry_limit, pace=pace
             )
             self.generation = 0
+        if isinstance(self.uart, RecordingUart) and record is not None:
+            self.uart.start_recording(record, name, clock=clock_kind(self.clock))
         self.resumed_from = resume_from
         self.on_change = on_change
         self.trace_file = TraceFile(trace_file) if trace_file else None

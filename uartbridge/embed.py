@@ -61,6 +61,7 @@ from .errors import PortError
 from .logs import get_logger
 from .port.state import PortSettings, ReaderState
 from .port.termios_ops import TermiosOps
+from .record import RecordWriter
 from .uart import Clock, Pace, Uart16550
 
 IrqCallback = Callable[[bool], None]
@@ -108,6 +109,7 @@ class Bridge:
         trace_file: str | Path | None = None,
         termios_ops: TermiosOps | None = None,
         resume_from: Checkpoint | None = None,
+        record: str | Path | None = None,
     ) -> None:
         """A device on ``port`` (a URL such as ``"pty:"`` or ``"/dev/ttyUSB0"``, or
         ``PortSettings`` for the policies); nothing is opened until ``open()``/``aopen()``.
@@ -119,8 +121,18 @@ class Bridge:
         every chunk to and from the port, as the daemon's ``trace_file``.
         ``termios_ops`` replaces the termios and modem calls (tests with a fake port).
         ``resume_from`` continues a checkpoint (``Bridge.resume`` reads one from a file).
+        ``record`` writes every input of the device to that file (``uartbridge replay`` runs
+        it again without a port; ``uartbridge.record.replay`` in-process); closed by
+        ``close``.
         """
         self.on_irq = on_irq
+        self.log = log if log is not None else default_log()
+        self._recorder: RecordWriter | None = None
+        if record is not None:
+            self._recorder = RecordWriter(
+                record, on_error=lambda message: self.log.error("recording stopped",
+                                                                reason=message)
+            )
         self._device = UartDevice(
             name,
             _settings(port),
@@ -128,11 +140,12 @@ class Bridge:
             tx_retry_limit=tx_retry_limit,
             pace=pace,
             clock=clock,
-            log=log if log is not None else default_log(),
+            log=self.log,
             trace_file=trace_file,
             termios_ops=termios_ops,
             resume_from=resume_from,
             on_change=self._on_change,
+            record=self._recorder,
         )
         self._uart_read = self._device.uart.read
         self._uart_write = self._device.uart.write
@@ -155,6 +168,7 @@ class Bridge:
         log: Any = None,
         trace_file: str | Path | None = None,
         termios_ops: TermiosOps | None = None,
+        record: str | Path | None = None,
     ) -> Bridge:
         """A Bridge that continues the checkpoint at ``path`` (not opened yet).
 
@@ -174,6 +188,7 @@ class Bridge:
             trace_file=trace_file,
             termios_ops=termios_ops,
             resume_from=ckpt,
+            record=record,
         )
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -221,12 +236,18 @@ class Bridge:
         self._closed = True
         loop = self._own_loop
         if loop is None:
+            self._close_recording()
             return
         try:
             loop.run_until_complete(self._device.close())
         finally:
             loop.close()
             self._own_loop = None
+            self._close_recording()
+
+    def _close_recording(self) -> None:
+        if self._recorder is not None:
+            self._recorder.close()
 
     async def aclose(self) -> None:
         """Close the port (asyncio). Idempotent."""
@@ -235,7 +256,10 @@ class Bridge:
         if self._own_loop is not None:
             raise PortError("opened with open(): use close()")
         self._closed = True
-        await self._device.close()
+        try:
+            await self._device.close()
+        finally:
+            self._close_recording()
 
     def __enter__(self) -> Bridge:
         if self._own_loop is None:

@@ -26,6 +26,7 @@ from ..config import UartConfig
 from ..device import UartDevice
 from ..errors import CheckpointError, CheckpointWriteError, exit_code_for_os_error
 from ..port import PortLink
+from ..record import RecordWriter
 from ..registers import REGISTER_BITS, Lsr, decode_bits
 from ..sockets import PeerCredentials
 from ..uart import Uart16550
@@ -46,6 +47,7 @@ class UartService:
         peer_allowed: Callable[[PeerCredentials], bool] | None = None,
         resume_from: Checkpoint | None = None,
         resumed_path: Path | None = None,
+        record: RecordWriter | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -63,6 +65,7 @@ class UartService:
             trace_file=config.trace_file,
             resume_from=resume_from,
             on_change=self._push_irq,
+            record=record,
         )
         self.log = self.device.log
         self.resumed_from = resume_from
