@@ -26,6 +26,7 @@ from uartbridge.bus import (
     Time,
     VirtualWire,
     Write,
+    encode,
 )
 from uartbridge.clock import GuestClock
 from uartbridge.registers import FCR, IER, IIR, LCR, MCR, THR
@@ -159,3 +160,30 @@ def test_a_host_time_uart_does_not_grant_guest_time() -> None:
         assert error.code == ErrorCode.PROTOCOL
 
     serve_time(body, guest_clock=False, pace="line")
+
+
+def test_the_v2_session_of_the_protocol_page_is_what_the_server_does() -> None:
+    """docs/bus-protocol.md §7's guest-time session, byte for byte (the line settings are
+    the writes the page leaves out)."""
+
+    def wire(text: str) -> bytes:
+        return bytes.fromhex(text)
+
+    async def body(server: BusServer, uart: Uart16550, clock: GuestClock, path: Path) -> None:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(wire("00 13 01 00 02 02 04 00 00 00 10 03 08 00 00 00 00 00 0f 42 40"))
+        expected = wire("00 0d 81 00 02 00 00 00 3f 00 75 61 72 74 30")
+        expected += wire("00 09 91 ff ff ff ff ff ff ff ff")
+        assert await reader.readexactly(len(expected)) == expected
+        for offset, value in ((LCR, 0x83), (0, 1), (1, 0), (LCR, 0x03)):
+            writer.write(encode(Write(offset, value)))
+        writer.write(wire("00 03 03 00 41") + wire("00 05 06 00 00 00 01"))
+        expected = wire("00 09 91 00 00 00 00 00 10 95 55") + wire("00 05 86 00 00 00 01")
+        assert await reader.readexactly(len(expected)) == expected
+        writer.write(wire("00 09 07 00 00 00 00 00 10 95 55") + wire("00 05 06 00 00 00 02"))
+        expected = wire("00 09 91 ff ff ff ff ff ff ff ff") + wire("00 05 86 00 00 00 02")
+        assert await reader.readexactly(len(expected)) == expected
+        assert uart.read(5) & 0x40  # TEMT: 'A' has been shifted out, in the guest's time
+        writer.close()
+
+    serve_time(body, pace="line")
