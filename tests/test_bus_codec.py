@@ -204,7 +204,6 @@ def test_v2_frames_on_the_wire() -> None:
         b"\x00\x09\x07" + b"\xff" * 8,  # TIME cannot be "no time"
         b"\x00\x05\x07\x00\x00\x00\x01",  # TIME is 8 bytes
         b"\x00\x03\x91\x00\x00",  # DEADLINE is 8 bytes
-        b"\x00\x0d\x01\x00\x02\x03\x08" + b"\xff" * 8,  # HELLO's TIME neither
     ],
 )
 def test_bad_v2_frames_refused(wire: bytes) -> None:

@@ -412,8 +412,6 @@ def _decode_hello(payload: bytes) -> Frame:
             caps = U32.unpack(value)[0]
         elif tag == HelloField.TIME and size == 8:
             time_ns = U64.unpack(value)[0]
-            if time_ns == NO_DEADLINE:
-                raise FrameError(ErrorCode.MALFORMED, "HELLO TIME must be 0..2**64-2 ns")
         pos += 2 + size
     return Hello(_U16.unpack_from(payload)[0], token, caps, time_ns)
 
