@@ -359,3 +359,85 @@ def test_the_firmware_boards_scripted_run_replays(requirements: None, tmp_path: 
     assert stream.rx_bytes == len(COMMAND)
     print(f"board recording: {record.stat().st_size} bytes for {stream.operations} operations "
           f"({stream.reads} register reads)")
+
+
+def test_two_uarts_share_one_recording(tmp_path: Path) -> None:
+    """Two devices on one writer, their operations interleaved (and on clocks of their own):
+    two streams, each replayed on its own model, identical."""
+    path = tmp_path / "two.ubrec"
+    writer = RecordWriter(path)
+    clocks = [FakeClock(), FakeClock()]
+    clocks[1].advance(10**12)
+    uarts = [RecordingUart(clock=clocks[0]), RecordingUart(clock=clocks[1], pace="line")]
+    for i, uart in enumerate(uarts):
+        uart.start_recording(writer, f"u{i}")
+    for step in range(50):
+        for i, uart in enumerate(uarts):
+            clocks[i].advance(30_000 * (i + 1))
+            uart.write(7, (step * (i + 3)) & 0xFF)
+            assert uart.read(7) == (step * (i + 3)) & 0xFF
+            uart.write(THR, step)
+            pending = uart.tx_pending()
+            if pending:
+                uart.tx_sent(len(pending))
+    writer.close()
+    report = replay(path)
+    assert report.identical, report.divergence
+    assert [s.name for s in report.streams.values()] == ["u0", "u1"]
+    assert [s.reads for s in report.streams.values()] == [50, 50]
+    assert report.streams[0].tx_bytes == 50 and report.streams[1].pace == "line"
+
+
+def test_a_recording_path_that_cannot_be_one_is_refused(tmp_path: Path) -> None:
+    """A directory that is not there (73), a device or FIFO (73, and /dev/null keeps its
+    mode): refused with one line before anything starts; a symlink is not followed."""
+    with pytest.raises(RecordingError) as info:
+        RecordWriter(tmp_path / "no" / "such" / "dir.ubrec")
+    assert info.value.exit_code == 73
+    before = os.stat("/dev/null").st_mode
+    with pytest.raises(RecordingError, match="not a regular file") as info:
+        RecordWriter("/dev/null")
+    assert info.value.exit_code == 73 and os.stat("/dev/null").st_mode == before
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(RecordingError):
+        RecordWriter(fifo)
+    target = tmp_path / "target"
+    target.write_bytes(b"keep")
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(RecordingError):
+        RecordWriter(tmp_path / "link")
+    assert target.read_bytes() == b"keep"
+    done = subprocess.run(
+        [sys.executable, "-m", "uartbridge", "run", "--record", str(tmp_path / "no" / "x")],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+        env=dict(os.environ, RUNTIME_DIRECTORY=str(tmp_path / "run"),
+                 STATE_DIRECTORY=str(tmp_path / "state")),
+    )
+    assert done.returncode == 73 and "cannot create the recording" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_full_disk_ends_the_recording_not_the_device(tmp_path: Path) -> None:
+    """The recording's filesystem fills up: the recording stops (reported once), the device
+    goes on, and what was written before replays identically."""
+    from procs import fill_filesystem, small_tmpfs
+
+    errors: list[str] = []
+    with small_tmpfs(tmp_path / "small", "256k") as small:
+        path = small / "run.ubrec"
+        writer = RecordWriter(path, on_error=errors.append)
+        clock = FakeClock()
+        uart = RecordingUart(clock=clock)
+        uart.start_recording(writer, "uart0")
+        uart.write(7, 1)
+        writer.flush()
+        fill_filesystem(small)
+        for i in range(30_000):  # far more than the 64 KiB buffer: the flush must fail
+            clock.advance(1_000)
+            uart.write(7, i & 0xFF)
+        assert uart.read(7) == 29_999 & 0xFF  # the device did not notice
+        writer.close()
+        assert len(errors) == 1 and "No space left" in errors[0]
+        report = replay(path)
+        assert report.identical and not report.ended

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +40,7 @@ from typing import IO, Any, BinaryIO
 from . import __version__
 from .checkpoint import read_uart_section, uart_section
 from .errors import (
+    EX_CANTCREAT,
     EX_NOINPUT,
     EX_OK,
     CheckpointError,
@@ -105,7 +107,8 @@ def _unzigzag(value: int) -> int:
 class RecordWriter:
     """One recording file, shared by the UARTs it records (each its own stream).
 
-    Created mode 0600 (an existing file is replaced). Records are buffered and written at
+    A regular file, mode 0600 (an existing one is replaced; a symlink, device or FIFO is
+    refused). Records are buffered and written at
     most ``FLUSH_BYTES`` or ``FLUSH_INTERVAL_S`` late, and at ``close``. A write that fails
     (disk full) ends the recording, logged once through ``on_error``; the device goes on.
     """
@@ -115,17 +118,35 @@ class RecordWriter:
         self.path = Path(path)
         self._on_error = on_error
         try:
+            # O_NONBLOCK: a FIFO given by mistake must not hang the open (it is refused below).
             fd = os.open(
                 self.path,
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
                 0o600,
             )
-            os.fchmod(fd, 0o600)
         except OSError as exc:
             raise RecordingError(
                 f"{self.path}: cannot create the recording: {exc.strerror or exc}",
                 exit_code=exit_code_for_os_error(exc),
             ) from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RecordingError(
+                    f"{self.path}: cannot record there: not a regular file",
+                    exit_code=EX_CANTCREAT,
+                )
+            os.ftruncate(fd, 0)
+            os.fchmod(fd, 0o600)
+            os.set_blocking(fd, True)
+        except OSError as exc:
+            os.close(fd)
+            raise RecordingError(
+                f"{self.path}: cannot create the recording: {exc.strerror or exc}",
+                exit_code=exit_code_for_os_error(exc),
+            ) from exc
+        except RecordingError:
+            os.close(fd)
+            raise
         self._fd: int | None = fd
         self._buffer = bytearray(MAGIC)
         self._buffer.append(FORMAT_VERSION)
