@@ -9,6 +9,9 @@ from hypothesis import strategies as st
 from uartbridge.bus import (
     MAX_BURST,
     MAX_FRAME_LEN,
+    NO_DEADLINE,
+    Capability,
+    Deadline,
     ErrorCode,
     ErrorFrame,
     Frame,
@@ -23,6 +26,7 @@ from uartbridge.bus import (
     ReadReply,
     Sync,
     SyncReply,
+    Time,
     Write,
     WriteN,
     encode,
@@ -32,9 +36,13 @@ from uartbridge.errors import BusError
 offsets = st.integers(0, 7)
 bytes8 = st.integers(0, 255)
 u32 = st.integers(0, 0xFFFFFFFF)
+times = st.integers(0, NO_DEADLINE - 1)
 
 frames: st.SearchStrategy[Frame] = st.one_of(
     st.builds(Hello, st.integers(0, 0xFFFF)),
+    st.builds(Hello, st.integers(0, 0xFFFF), st.none(), u32, st.one_of(st.none(), times)),
+    st.builds(Time, times),
+    st.builds(Deadline, st.one_of(st.none(), times)),
     st.builds(
         HelloReply,
         st.integers(0, 0xFFFF),
@@ -174,3 +182,39 @@ def test_encode_refuses_values_the_protocol_cannot_carry(frame: Frame) -> None:
     """Encoding an out-of-range field raises FrameError instead of sending garbage."""
     with pytest.raises(FrameError):
         encode(frame)
+
+
+def test_v2_frames_on_the_wire() -> None:
+    """TIME and DEADLINE carry a big-endian u64 (all ones: no deadline); HELLO v2 asks for
+    GUEST_TIME with a CAPS field (tag 2, u32) and gives the guest's time in TIME (tag 3)."""
+    assert encode(Time(0x0102030405060708)) == b"\x00\x09\x07\x01\x02\x03\x04\x05\x06\x07\x08"
+    assert encode(Deadline(None)) == b"\x00\x09\x91" + b"\xff" * 8
+    assert encode(Deadline(5)) == b"\x00\x09\x91" + bytes(7) + b"\x05"
+    hello = Hello(2, None, int(Capability.GUEST_TIME), 7)
+    assert encode(hello) == (
+        b"\x00\x13\x01\x00\x02" + b"\x02\x04\x00\x00\x00\x10" + b"\x03\x08" + bytes(7) + b"\x07"
+    )
+    assert decode_all(encode(hello)) == [hello]
+    assert encode(Hello(1)) == b"\x00\x03\x01\x00\x01"  # v1 unchanged
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"\x00\x09\x07" + b"\xff" * 8,  # TIME cannot be "no time"
+        b"\x00\x05\x07\x00\x00\x00\x01",  # TIME is 8 bytes
+        b"\x00\x03\x91\x00\x00",  # DEADLINE is 8 bytes
+    ],
+)
+def test_bad_v2_frames_refused(wire: bytes) -> None:
+    """A v2 frame of the wrong size, or a time of all ones, is MALFORMED."""
+    with pytest.raises(FrameError) as info:
+        decode_all(wire)
+    assert info.value.code == ErrorCode.MALFORMED
+
+
+def test_encode_refuses_a_time_the_protocol_cannot_carry() -> None:
+    """Negative times and 2**64-1 and beyond do not fit a TIME."""
+    for value in (-1, NO_DEADLINE, NO_DEADLINE + 1):
+        with pytest.raises(FrameError):
+            encode(Time(value))

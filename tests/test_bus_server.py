@@ -36,6 +36,7 @@ from uartbridge.bus import (
     ReadReply,
     Sync,
     SyncReply,
+    Time,
     VirtualWire,
     Write,
     WriteN,
@@ -289,8 +290,11 @@ def test_reconnect_leaves_device_state() -> None:
 @pytest.mark.parametrize(
     ("first", "code"),
     [
-        (encode(Hello(2)), ErrorCode.VERSION_MISMATCH),
+        (encode(Hello(3)), ErrorCode.VERSION_MISMATCH),  # it speaks 1 and 2
+        (encode(Hello(0)), ErrorCode.VERSION_MISMATCH),
         (encode(Read(0)), ErrorCode.PROTOCOL),
+        (encode(Hello(1)) + encode(Time(5)), ErrorCode.UNKNOWN_TYPE),  # TIME is v2's
+        (encode(Hello(2)) + encode(Time(5)), ErrorCode.PROTOCOL),  # ... with GUEST_TIME
         (encode(Hello(1)) + encode(Hello(1)), ErrorCode.PROTOCOL),
         (encode(Hello(1)) + encode(ReadReply(0, 0)), ErrorCode.PROTOCOL),
         (b"\x00\x01\x42", ErrorCode.UNKNOWN_TYPE),

@@ -27,6 +27,7 @@ from procs import require_program
 
 from uartbridge.bus.codec import (
     MAX_FRAME_LEN,
+    Deadline,
     ErrorFrame,
     Frame,
     FrameDecoder,
@@ -41,6 +42,7 @@ from uartbridge.bus.codec import (
     ReadReply,
     Sync,
     SyncReply,
+    Time,
     Write,
     WriteN,
     encode,
@@ -307,6 +309,10 @@ def _token(frame: Frame, payload: bytes) -> str:
             return f"sync_reply:{token}"
         case IrqEvent(level):
             return f"irq:{int(level)}"
+        case Time(now_ns):
+            return f"time:{now_ns}"
+        case Deadline(deadline_ns):
+            return f"deadline:{'none' if deadline_ns is None else deadline_ns}"
         case ErrorFrame(code, _message):
             return f"error:{code}:{payload[1:].hex()}"  # the raw bytes, not the decoded text
     raise AssertionError(f"no token for {frame!r}")
@@ -391,6 +397,8 @@ _valid = st.one_of(
     st.builds(ReadN, st.integers(0, 7), st.integers(1, 4094)),
     st.builds(Sync, st.integers(0, 0xFFFFFFFF)),
     st.builds(Hello, st.integers(0, 0xFFFF)),
+    st.builds(Time, st.integers(0, 2**64 - 2)),  # v2: the decoder knows them too
+    st.builds(Deadline, st.one_of(st.none(), st.integers(0, 2**64 - 2))),
 ).map(encode)
 _types = st.sampled_from([int(t) for t in FrameType] + [0x00, 0x07, 0x80, 0x83, 0x91, 0xFE])
 _odd = st.one_of(

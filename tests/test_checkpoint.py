@@ -49,6 +49,8 @@ DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent
 GOLDEN = sorted(DATA.glob("checkpoint-v1-*.json"))
 GOLDEN_V3 = DATA / "checkpoint-v3-stop-on-serial.json"
+GOLDEN_V4 = DATA / "checkpoint-v4-paced-mid-character.json"
+PACED = GOLDEN_V4.name
 
 
 def make_checkpoint(
@@ -80,7 +82,7 @@ def golden_doc(name: str) -> dict[str, Any]:
 
 
 def upgraded_to_current(doc: dict[str, Any]) -> dict[str, Any]:
-    """What a v1/v2 document says when written again by this version (docs §6): the keys
+    """What a v1/v2/v3 document says when written again by this version (docs §6): the keys
     each later version added, with the values that mean exactly the old behaviour."""
     doc = copy.deepcopy(doc)
     version = doc["format_version"]
@@ -90,6 +92,11 @@ def upgraded_to_current(doc: dict[str, Any]) -> dict[str, Any]:
         doc["port"]["rx_escape"] = ""
         doc["port"]["counters"].update(
             tx_reclaimed=0, rx_saved_at_stop=0, rx_dropped_at_stop=0, rx_escape_uncertain=0
+        )
+    if version < 4:
+        doc["uart"].update(
+            pace="none", tx_shift_remaining_ns=None, tx_line="", rx_line="",
+            rx_slot_remaining_ns=None,
         )
     doc["format_version"] = FORMAT_VERSION
     del doc["sha256"]
@@ -191,7 +198,8 @@ def test_golden_file_set_is_complete() -> None:
         f"checkpoint-v1-{name}.json" for name in GOLDEN_EXPECTATIONS
     )
     assert sorted(p.name for p in DATA.glob("checkpoint-v[2-9]*.json")) == [
-        "checkpoint-v2-line-events.json", "checkpoint-v3-stop-on-serial.json"
+        "checkpoint-v2-line-events.json", "checkpoint-v3-stop-on-serial.json",
+        "checkpoint-v4-paced-mid-character.json",
     ]
 
 
@@ -242,6 +250,63 @@ def test_golden_v3_file_loads_with_what_a_stop_took_from_the_kernel() -> None:
     assert ckpt.uart.rx_fifo == b"o"
     if FORMAT_VERSION == 3:  # the newest golden file is exactly what this version writes
         assert encode(ckpt) == GOLDEN_V3.read_bytes()
+
+
+def test_golden_v4_file_loads_a_paced_device_mid_character() -> None:
+    """The format-4 golden file: line-rate pacing, 'e' on the transmit line refused once by
+    a stalled reader, three bytes on the receive line; the newest golden file is exactly
+    what this version writes."""
+    ckpt = read_checkpoint(GOLDEN_V4)
+    assert ckpt.meta.format_version == 4
+    uart = ckpt.uart
+    assert uart.pace == "line"
+    assert (uart.tx_shift_remaining_ns, uart.rx_slot_remaining_ns) == (541_666, 841_666)
+    assert (uart.tx_line, uart.tsr_retry, uart.tx_fifo) == (b"e", 1, b"llo")
+    assert (uart.rx_line, uart.rx_fifo) == (b"abc", b"x")
+    assert not uart.tsr_busy and uart.lsr == 0x01
+    assert uart.tx_waiting() == b"ello"
+    if FORMAT_VERSION == 4:
+        assert encode(ckpt) == GOLDEN_V4.read_bytes()
+
+
+def test_golden_v4_file_resumes_mid_character_on_a_new_clock() -> None:
+    """Resumed on a clock far from the writer's: the refused byte is offered again and holds
+    the line until the wire takes it; the bytes on the receive line enter one character time
+    apart from their slot, to the nanosecond."""
+    char_ns = 1_041_666  # 9600 8N1, 10 bits
+    clock = FakeClock()
+    clock.advance(987_654_321)
+    uart = restore(read_checkpoint(GOLDEN_V4), clock=clock)
+    assert uart.tx_pending() == b"e"
+    clock.advance(541_666)
+    uart.poll()
+    assert uart.tx_pending() == b"e"  # held by the refusal: 'l' does not start
+    uart.tx_sent(1)
+    assert uart.tx_pending() == b"l"  # the character had ended: 'l' starts when 'e' is taken
+    uart.tx_sent(1)
+    clock.advance(841_666 - 541_666 - 1)
+    uart.poll()
+    assert uart.state().rx_fifo == b"x"
+    clock.advance(1)
+    uart.poll()
+    assert uart.state().rx_fifo == b"xa"
+    clock.advance(char_ns)
+    uart.poll()
+    assert uart.state().rx_fifo == b"xab" and uart.state().rx_line == b"c"
+
+
+def test_v3_documents_load_as_qemus_unpaced_device() -> None:
+    """A version-3 file (and so every older one) upgrades to pace "none" with no character
+    on the line and nothing waiting on it; one that has a v4 field is refused, naming it."""
+    ckpt = read_checkpoint(GOLDEN_V3)
+    assert ckpt.uart.pace == "none"
+    assert ckpt.uart.tx_shift_remaining_ns is None and ckpt.uart.rx_slot_remaining_ns is None
+    assert ckpt.uart.rx_line == b"" and ckpt.uart.tx_line == b""
+    doc = golden_doc(GOLDEN_V3.name)
+    doc["uart"]["pace"] = "none"
+    assert "uart.pace: unknown field in format version 3 (it came with 4)" in refused(
+        rehashed(doc)
+    )
 
 
 def test_v2_documents_load_with_no_half_mark_and_zero_stop_counters() -> None:
@@ -608,6 +673,24 @@ VALIDATE_RULES = [
     ("nonfifo-break", {"rx_fifo": "41"}, "rx_fifo: holds non-NUL data while FIFOs are disabled"),
     ("idle", {"timeout_ipending": True}, "timeout_ipending: set without data"),
     ("nonfifo-break", {"timeout_remaining_ns": 5}, "timeout_remaining_ns: receive timeout armed"),
+    (PACED, {"pace": "fast"}, 'pace: must be "none" or "line"'),
+    (PACED, {"rx_line": "00" * 257}, "rx_line: must be at most 256 bytes"),
+    (PACED, {"pace": "none"}, "tx_shift_remaining_ns: line-rate timing without pace = line"),
+    (PACED, {"pace": "none", "tx_shift_remaining_ns": None, "lsr": 0x41, "tx_fifo": "",
+             "tx_line": "", "tsr_retry": 0}, "rx_line: line-rate timing without pace = line"),
+    (PACED, {"pace": "none", "tx_shift_remaining_ns": None, "lsr": 0x41, "tx_fifo": "",
+             "tx_line": "", "tsr_retry": 0, "rx_line": ""},
+     "rx_slot_remaining_ns: line-rate timing without pace = line"),
+    (PACED, {"rx_slot_remaining_ns": None}, "rx_slot_remaining_ns: None while bytes wait"),
+    (PACED, {"tx_line": "00" * 257}, "tx_line: must be at most 256 bytes"),
+    (PACED, {"pace": "none", "tx_shift_remaining_ns": None, "lsr": 0x41, "tx_fifo": "",
+             "rx_line": "", "rx_slot_remaining_ns": None, "tsr_retry": 0},
+     "tx_line: line-rate timing without pace = line"),
+    (PACED, {"tsr_busy": True}, "tsr_busy: set with pace = line"),
+    (PACED, {"tx_line": ""}, "tsr_retry: tsr empty but tsr_retry=1"),
+    (PACED, {"lsr": 0x41}, "lsr: a character is on the line but TEMT=1"),
+    (PACED, {"tx_shift_remaining_ns": -1}, "tx_shift_remaining_ns: must be None or >= 0"),
+    (PACED, {"rx_slot_remaining_ns": -1}, "rx_slot_remaining_ns: must be None or >= 0"),
 ]
 
 

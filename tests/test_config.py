@@ -101,7 +101,8 @@ def test_example_documents_every_key() -> None:
     expected |= {f.name for f in dataclasses.fields(CheckpointConfig)}
     expected |= {"name", "port", "link", "baudbase", "tx_retry_limit", "bus_socket", "bus_tcp",
                  "trace_file", "on_disconnect", "backlog_bytes", "rx_backlog_bytes", "rtscts",
-                 "xonxoff", "reconnect_min_s", "reconnect_max_s", "bus_tcp_token_file", "lock_dir"}
+                 "xonxoff", "reconnect_min_s", "reconnect_max_s", "bus_tcp_token_file", "lock_dir",
+                 "clock", "pace"}
     assert keys == expected
 
 
@@ -143,6 +144,8 @@ rx_backlog_bytes = 1
 rtscts = true
 xonxoff = true
 tx_retry_limit = 4
+clock = "guest"
+pace = "line"
 bus_socket = "/srv/ub/b.sock"
 bus_tcp = "[::1]:5555"
 trace_file = "/srv/ub/trace.txt"
@@ -161,6 +164,7 @@ reconnect_max_s = 1
                                   backlog_bytes=0, rx_backlog_bytes=1, rtscts=True, xonxoff=True,
                                   reconnect_min_s=1.0, reconnect_max_s=1.0)
     assert (u.name, u.baudbase, u.tx_retry_limit) == ("con-1.a_b", 1843200, 4)
+    assert (u.clock, u.pace) == ("guest", "line")
     assert (u.bus_socket, u.bus_tcp, u.trace_file) == (
         Path("/srv/ub/b.sock"), ("::1", 5555), Path("/srv/ub/trace.txt"))
 
@@ -291,6 +295,9 @@ BAD = [
     ("uart[0].baudbase", f"baudbase = {2**63}", "from 1 to 100000000"),
     ("uart[0].baudbase", "baudbase = 100000001", "from 1 to 100000000"),
     ("uart[0].tx_retry_limit", "tx_retry_limit = -2", "-1 (never drop)"),
+    ("uart[0].clock", "clock = \"virtual\"", '"host", "guest"'),
+    ("uart[0].pace", "pace = \"fast\"", '"none", "line"'),
+    ("uart[0].pace", "pace = true", "got true (a boolean)"),
     ("uart[0].name", "name = \"has space\"", "A-Z a-z 0-9 _ . -"),
     ("uart[0].name", "name = \"\"", "1 to 32 characters"),
     ("uart[0].name", f"name = \"{'x' * 33}\"", "1 to 32 characters"),

@@ -311,3 +311,33 @@ def test_the_readme_example_runs_a_console_on_its_own_pty(tmp_path: Path) -> Non
     counters = json.loads(inspected.stdout)["counters"]
     assert counters["uart"]["bytes_transmitted"] == 13
     assert counters["uart"]["bytes_received"] == 6
+
+
+def test_a_bridge_on_a_guest_clock_times_out_in_guest_time_only(tmp_path: Path) -> None:
+    """With ``clock=GuestClock()`` the receive timeout waits for the emulator's time: polling
+    the port for a second of host time fires nothing; ``advance_to`` one ns short of the
+    deadline the Bridge reported fires nothing; at it, CTI rises (``on_irq``), and a
+    checkpoint taken meanwhile holds the time left, not the host's."""
+    from uartbridge.clock import GuestClock
+
+    irqs: list[bool] = []
+    clock = GuestClock(42)
+    with socat_pair(tmp_path) as s, raw_peer(s.b) as far, \
+            Bridge(str(s.a), clock=clock, on_irq=irqs.append) as br:
+        for offset, value in ((LCR, 0x83), (0, 1), (1, 0), (LCR, 0x03), (FCR, 0x81), (IER, 1)):
+            br.write(offset, value)
+        assert br.next_deadline_ns is None
+        os.write(far, b"abc")
+        poll_until(br, lambda: br.read(LSR) & LSR_DR)
+        deadline = br.next_deadline_ns
+        assert deadline == 42 + 4 * 86_805
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            br.poll(0.05)
+        assert br.read(IIR) == 0xC1 and irqs == []
+        assert br.snapshot().uart.timeout_remaining_ns == 4 * 86_805
+        assert br.advance_to(deadline - 1) == deadline
+        assert br.read(IIR) == 0xC1 and irqs == []
+        assert br.advance_to(deadline) is None
+        assert irqs == [True] and br.read(IIR) == 0xCC
+        assert read_all(br) == b"abc"

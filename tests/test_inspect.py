@@ -132,6 +132,26 @@ def test_what_a_stop_took_from_the_kernel_is_shown(capsys: pytest.CaptureFixture
     assert report["counters"]["port"]["rx_dropped_at_stop"] == 0
 
 
+def test_line_rate_pacing_state_is_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    """A paced checkpoint (v4) shows its pace, the character on the transmit line and its
+    time left, and the bytes on the receive line, in the text and in --json; an unpaced one
+    shows no pacing lines."""
+    path = str(DATA / "checkpoint-v4-paced-mid-character.json")
+    code, out, _ = run(capsys, path)
+    assert code == 0
+    assert "pace         line: 1041666 ns a character; 541666 ns left" in out
+    assert "tx line      1 byte" in out and "rx line      3 bytes" in out
+    assert "the next byte can enter in 841666 ns" in out
+    code, out, _ = run(capsys, path, "--json")
+    report = json.loads(out)
+    assert report["derived"]["pace"] == "line"
+    assert report["transmitter"]["tx_line"]["text"] == "e"
+    assert report["receiver"]["rx_line"]["text"] == "abc"
+    assert report["receiver"]["rx_slot_remaining_ns"] == 841_666
+    code, out, _ = run(capsys, str(STUCK))
+    assert code == 0 and "pace " not in out and "rx line" not in out
+
+
 def test_json_output_is_machine_readable(capsys: pytest.CaptureFixture[str]) -> None:
     """--json prints one JSON document with the decoded registers, buffers and verdict."""
     code, out, _ = run(capsys, str(STUCK), "--json")

@@ -25,6 +25,11 @@ class FakeClock:
     def advance(self, ns: int) -> None:
         self.now_ns += ns
 
+    def set(self, now_ns: int) -> None:
+        """Jump to ``now_ns`` (forward only, as a clock goes)."""
+        assert now_ns >= self.now_ns, (now_ns, self.now_ns)
+        self.now_ns = now_ns
+
 
 def _value(text: str) -> int:
     return ord(text[1]) if text.startswith("'") else int(text, 16)

@@ -39,6 +39,7 @@ import secrets
 import stat
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import cast
 
 from . import __version__
 from .errors import CheckpointError, CheckpointMissingError, InvalidStateError
@@ -53,12 +54,22 @@ from .port.state import (
     ReaderState,
 )
 from .registers import IIR_FIFO_BITS, Iir
-from .uart import Clock, LineSettings, Parity, Uart16550, UartState, UartStatistics
+from .uart import (
+    RX_LINE_BYTES,
+    TX_LINE_BYTES,
+    Clock,
+    LineSettings,
+    Pace,
+    Parity,
+    Uart16550,
+    UartState,
+    UartStatistics,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "uartbridge-checkpoint"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 #: Host-path bounds (format limits; the config's backlog sizes must stay below them).
 #: A bigger file is refused before it is parsed (two hex backlogs plus a few KiB).
 MAX_DOCUMENT_BYTES = 2 * (MAX_RX_BACKLOG_BYTES + MAX_TX_BACKLOG_BYTES) + (1 << 20)
@@ -99,7 +110,20 @@ _UART_KEYS = (
     "timeout_remaining_ns",
     "reset_timing",
     "statistics",
+    "pace",
+    "tx_shift_remaining_ns",
+    "tx_line",
+    "rx_line",
+    "rx_slot_remaining_ns",
 )
+#: Device keys that came with format version 4 (line-rate pacing), with what older files meant.
+_UART_V4: dict[str, object] = {
+    "pace": "none",
+    "tx_shift_remaining_ns": None,
+    "tx_line": "",
+    "rx_line": "",
+    "rx_slot_remaining_ns": None,
+}
 _STATISTICS_KEYS = tuple(f.name for f in fields(UartStatistics))
 _PORT_KEYS = (
     "reader_state", "rx_backlog", "tx_backlog", "line_settings", "counters", "rx_marks",
@@ -198,6 +222,40 @@ def _line_settings_doc(settings: LineSettings | None) -> dict[str, object] | Non
     }
 
 
+def uart_section(uart: UartState) -> dict[str, object]:
+    """The ``uart`` section of a checkpoint document (also a recording's initial state)."""
+    return {
+        "baudbase": uart.baudbase,
+        "tx_retry_limit": uart.tx_retry_limit,
+        "divisor": uart.divisor,
+        "rbr": uart.rbr,
+        "ier": uart.ier,
+        "iir_fifo": bool(uart.iir & IIR_FIFO_BITS),
+        "lcr": uart.lcr,
+        "mcr": uart.mcr,
+        "lsr": uart.lsr,
+        "msr": uart.msr,
+        "scr": uart.scr,
+        "fcr": uart.fcr,
+        "thr": uart.thr,
+        "tsr": uart.tsr,
+        "tsr_busy": uart.tsr_busy,
+        "tsr_retry": uart.tsr_retry,
+        "thr_ipending": uart.thr_ipending,
+        "timeout_ipending": uart.timeout_ipending,
+        "rx_fifo": uart.rx_fifo.hex(),
+        "tx_fifo": uart.tx_fifo.hex(),
+        "timeout_remaining_ns": uart.timeout_remaining_ns,
+        "reset_timing": uart.reset_timing,
+        "statistics": {name: getattr(uart.statistics, name) for name in _STATISTICS_KEYS},
+        "pace": uart.pace,
+        "tx_shift_remaining_ns": uart.tx_shift_remaining_ns,
+        "tx_line": uart.tx_line.hex(),
+        "rx_line": uart.rx_line.hex(),
+        "rx_slot_remaining_ns": uart.rx_slot_remaining_ns,
+    }
+
+
 def to_document(ckpt: Checkpoint) -> dict[str, object]:
     """The JSON document of a checkpoint (validated first), ``sha256`` included."""
     _check_checkpoint(ckpt)
@@ -212,31 +270,7 @@ def to_document(ckpt: Checkpoint) -> dict[str, object]:
             "created_unix_ns": meta.created_unix_ns,
             "generation": meta.generation,
         },
-        "uart": {
-            "baudbase": uart.baudbase,
-            "tx_retry_limit": uart.tx_retry_limit,
-            "divisor": uart.divisor,
-            "rbr": uart.rbr,
-            "ier": uart.ier,
-            "iir_fifo": bool(uart.iir & IIR_FIFO_BITS),
-            "lcr": uart.lcr,
-            "mcr": uart.mcr,
-            "lsr": uart.lsr,
-            "msr": uart.msr,
-            "scr": uart.scr,
-            "fcr": uart.fcr,
-            "thr": uart.thr,
-            "tsr": uart.tsr,
-            "tsr_busy": uart.tsr_busy,
-            "tsr_retry": uart.tsr_retry,
-            "thr_ipending": uart.thr_ipending,
-            "timeout_ipending": uart.timeout_ipending,
-            "rx_fifo": uart.rx_fifo.hex(),
-            "tx_fifo": uart.tx_fifo.hex(),
-            "timeout_remaining_ns": uart.timeout_remaining_ns,
-            "reset_timing": uart.reset_timing,
-            "statistics": {name: getattr(uart.statistics, name) for name in _STATISTICS_KEYS},
-        },
+        "uart": uart_section(uart),
         "port": {
             "reader_state": str(port.reader_state.value),
             "rx_backlog": port.rx_backlog.hex(),
@@ -385,7 +419,8 @@ def _check_uart(uart: UartState) -> None:
     except InvalidStateError as exc:
         raise CheckpointError(str(exc)) from exc
     # What the writer writes, the reader must read: every integer fits 64 bits.
-    for name in ("baudbase", "tx_retry_limit", "tsr_retry", "timeout_remaining_ns"):
+    for name in ("baudbase", "tx_retry_limit", "tsr_retry", "timeout_remaining_ns",
+                 "tx_shift_remaining_ns", "rx_slot_remaining_ns"):
         value = getattr(uart, name)
         if value is not None and value > INT64_MAX:
             raise _error(f"uart.{name}", "must fit a signed 64-bit integer")
@@ -535,14 +570,19 @@ def _read_meta(document: dict[str, object], version: int) -> CheckpointMeta:
 
 
 def _read_uart(document: dict[str, object]) -> UartState:
-    path = "uart"
-    section = _section(document[path], path, _UART_KEYS)
+    return read_uart_section(document["uart"])
+
+
+def read_uart_section(value: object, path: str = "uart") -> UartState:
+    """The device of a ``uart`` section, fully validated (``CheckpointError`` naming the
+    field and the rule otherwise)."""
+    section = _section(value, path, _UART_KEYS)
     iir_fifo = _bool(section, "iir_fifo", path)
     stats_section = _section(section["statistics"], f"{path}.statistics", _STATISTICS_KEYS)
     statistics = UartStatistics(
         **{key: _int(stats_section, key, f"{path}.statistics") for key in _STATISTICS_KEYS}
     )
-    # FIFO lengths are UartState.validate's rule; 64 bytes only bounds the work done here.
+    # FIFO and line lengths are UartState.validate's rule; the limits here only bound the work.
     state = UartState(
         baudbase=_int(section, "baudbase", path),
         tx_retry_limit=_opt_int(section, "tx_retry_limit", path),
@@ -567,9 +607,19 @@ def _read_uart(document: dict[str, object]) -> UartState:
         timeout_remaining_ns=_opt_int(section, "timeout_remaining_ns", path),
         reset_timing=_bool(section, "reset_timing", path),
         statistics=statistics,
+        pace=_pace(section, path),
+        tx_shift_remaining_ns=_opt_int(section, "tx_shift_remaining_ns", path),
+        tx_line=_hex(section, "tx_line", path, 4 * TX_LINE_BYTES),
+        rx_line=_hex(section, "rx_line", path, 4 * RX_LINE_BYTES),
+        rx_slot_remaining_ns=_opt_int(section, "rx_slot_remaining_ns", path),
     )
     _check_uart(state)
     return state
+
+
+def _pace(section: dict[str, object], path: str) -> Pace:
+    # Any string here: UartState.validate names an unknown one with the other device rules.
+    return cast(Pace, _str(section, "pace", path))
 
 
 def _derive(state: UartState) -> UartState:
@@ -673,6 +723,20 @@ def _upgrade_v2(document: dict[str, object], version: int) -> dict[str, object]:
     return {**document, "port": upgraded}
 
 
+def _upgrade_v3(document: dict[str, object], version: int) -> dict[str, object]:
+    """Versions 1 to 3 had no line-rate pacing: the device was QEMU's (``pace`` "none"), with
+    no character on the line and nothing waiting to come in at line rate."""
+    uart = document.get("uart")
+    if not isinstance(uart, dict):
+        return document
+    for key in _UART_V4:
+        if key in uart:
+            raise _error(
+                f"uart.{key}", f"unknown field in format version {version} (it came with 4)"
+            )
+    return {**document, "uart": {**uart, **_UART_V4}}
+
+
 def from_document(document: object) -> Checkpoint:
     """Validate a parsed JSON document (format, version, hash, schema, consistency)."""
     if not isinstance(document, dict):
@@ -710,6 +774,8 @@ def from_document(document: object) -> Checkpoint:
         document = _upgrade_v1(document)
     if version <= 2:
         document = _upgrade_v2(document, version)
+    if version <= 3:
+        document = _upgrade_v3(document, version)
     for key in document:
         if key not in _TOP_KEYS:
             raise CheckpointError(f"unknown section {_key(key)} (written by a newer uartbridge?)")
@@ -956,10 +1022,13 @@ def _problem(problems: list[str] | None, message: str) -> None:
         problems.append(message)
 
 
-def restore(ckpt: Checkpoint, *, clock: Clock) -> Uart16550:
-    """A device that continues where the checkpoint left it (timers re-armed on ``clock``)."""
+def restore(
+    ckpt: Checkpoint, *, clock: Clock, model: type[Uart16550] = Uart16550
+) -> Uart16550:
+    """A device that continues where the checkpoint left it (timers re-armed on ``clock``);
+    ``model`` is the class to build (``uartbridge.record.RecordingUart`` to record it)."""
     try:
-        return Uart16550.from_state(ckpt.uart, clock=clock)
+        return model.from_state(ckpt.uart, clock=clock)
     except InvalidStateError as exc:
         raise CheckpointError(str(exc)) from exc
 
@@ -980,7 +1049,9 @@ __all__ = [
     "latest_checkpoint",
     "previous_path",
     "read_checkpoint",
+    "read_uart_section",
     "restore",
     "to_document",
+    "uart_section",
     "write_checkpoint",
 ]

@@ -25,8 +25,9 @@ from .errors import EX_OK, EX_USAGE, UartBridgeError
 DESCRIPTION = "A checkpointable 16550A UART for emulators, wired to a real serial port."
 EXIT_STATUS = """\
 exit status (sysexits.h):
-  0   ok                          65  bad checkpoint (corrupt, truncated, inconsistent)
-  64  usage error                 66  missing or unreadable input file (config, checkpoint)
+  0   ok                          1   replay: the run diverged from its recording
+  64  usage error                 65  bad checkpoint or recording (corrupt, inconsistent)
+  66  missing or unreadable input file (config, checkpoint, recording)
   69  port or daemon unavailable  70  internal error
   73  cannot create (read-only or forbidden state directory, --output)
   74  I/O error (state directory full or failing; see the emergency copy)
@@ -45,7 +46,8 @@ COMMANDS: list[tuple[str, str, str, str]] = [
         "once; anything else is named as needing a restart).",
         "examples:\n"
         "  uartbridge run\n"
-        "  uartbridge run --config /etc/uartbridge/ttyUSB0.toml -v",
+        "  uartbridge run --config /etc/uartbridge/ttyUSB0.toml -v\n"
+        "  uartbridge run --config /tmp/walk/walk.toml --record /tmp/walk/run.ubrec",
     ),
     (
         "resume",
@@ -80,6 +82,17 @@ COMMANDS: list[tuple[str, str, str, str]] = [
         "  uartbridge checkpoint --config /tmp/walk/walk.toml\n"
         "  uartbridge checkpoint --stop --instance ttyUSB0\n"
         "  uartbridge checkpoint --uart uart0 --output saved.json",
+    ),
+    (
+        "replay",
+        "run a recording again on the model, with no port, and compare",
+        "Re-run every UART of a recording (uartbridge run --record FILE) from its initial "
+        "state through the same inputs at the same times, and check that each register "
+        "read, IRQ edge and transmitted byte is what the recording saw. Exit 0 identical, "
+        "1 at the first divergence (printed), 65 not a valid recording, 66 missing.",
+        "examples:\n"
+        "  uartbridge replay /tmp/walk/run.ubrec\n"
+        "  uartbridge replay run.ubrec --print | less",
     ),
     (
         "inspect",
@@ -139,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE",
                    help="TOML config (default: /etc/uartbridge/uartbridge.toml if it exists, "
                         "else the embedded one)")
+    _record_option(p)
     _log_options(p)
 
     p = parsers["resume"]
@@ -147,7 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uart", metavar="NAME",
                    help="resume into the config's UART NAME (when it is named differently)")
     p.add_argument("--port", metavar="URL", help="resume on this port instead of the config's")
+    _record_option(p)
     _log_options(p)
+
+    p = parsers["replay"]
+    p.add_argument("file", metavar="FILE", help="the recording")
+    p.add_argument("--print", action="store_true",
+                   help="print every record as it is replayed (reads with their values, "
+                        "writes, IRQ edges, bytes in and out)")
 
     p = parsers["status"]
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -180,6 +201,13 @@ def _control_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instance", metavar="NAME",
                    help="the daemon of uartbridge@NAME (uartbridge: the single service)")
     p.add_argument("--control", metavar="PATH", help="the daemon's control socket")
+
+
+def _record_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--record", metavar="FILE",
+                   help="record every UART's inputs (bus operations, far-end bytes and line "
+                        "events, modem changes, with their times) to FILE, for `uartbridge "
+                        "replay` (mode 0600; replaced if it exists)")
 
 
 def _log_options(p: argparse.ArgumentParser) -> None:
@@ -232,6 +260,10 @@ def dispatch(args: argparse.Namespace) -> int:
         if command == "status":
             return control.status_command(args)
         return control.checkpoint_command(args)
+    if command == "replay":
+        from .record import replay_command
+
+        return replay_command(args)
     if command == "inspect":
         from .inspect import inspect_command
 

@@ -8,6 +8,14 @@ exact as of the last reply read. ``wait_irq`` blocks until the line is high.
 A target is a Unix socket path (``str`` or ``os.PathLike``), ``"tcp:HOST:PORT"``, or a
 ``(host, port)`` tuple. Every failure is a ``BusError``; an ERROR frame from the server is a
 ``BusRefusedError`` (a ``BusError``) carrying the server's ``code`` and ``message``.
+
+Both speak protocol version 1 unless told otherwise (what every server understands). Guest
+time (v2): pass ``guest_time_ns`` (the guest's time now) to ask for ``GUEST_TIME``; if the
+UART's clock is the guest's the server grants it (``drives_time``), and then ``set_time``
+moves the device's clock (posted, like a write), ``deadline_ns`` is the device's next
+deadline in the guest's time as last reported (exact as of the last reply read, like
+``irq``), and ``advance_to`` is ``set_time`` plus a round trip that makes ``deadline_ns``
+current. A UART on host time does not grant it: the client then runs on host time.
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ from .bus.codec import (
     HEADER_SIZE,
     MAX_BURST,
     MAX_FRAME_LEN,
-    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
     BusRefusedError,
+    Capability,
+    Deadline,
     ErrorFrame,
     Frame,
     FrameDecoder,
@@ -43,6 +53,7 @@ from .bus.codec import (
     ReadReply,
     Sync,
     SyncReply,
+    Time,
     Write,
     WriteN,
     decode_frame,
@@ -84,6 +95,21 @@ def _chunks(data: bytes) -> list[bytes]:
     return [data[i : i + MAX_BURST] for i in range(0, len(data), MAX_BURST)]
 
 
+def _hello(version: int | None, token: bytes | None, guest_time_ns: int | None) -> Hello:
+    """The HELLO to send: v1 unless asked for v2 (or guest time, which needs v2)."""
+    if version is None:
+        version = 1 if guest_time_ns is None else 2
+    if version not in SUPPORTED_VERSIONS:
+        raise BusError(f"protocol version must be one of {SUPPORTED_VERSIONS}, not {version}")
+    if guest_time_ns is None:
+        return Hello(version, token)
+    if version < 2:
+        raise BusError("guest time needs protocol version 2")
+    if type(guest_time_ns) is not int or guest_time_ns < 0:
+        raise BusError(f"guest_time_ns must be an integer >= 0, not {guest_time_ns!r}")
+    return Hello(version, token, int(Capability.GUEST_TIME), guest_time_ns)
+
+
 class BusClient:
     """A blocking bus client; one request in flight at a time. Not thread-safe."""
 
@@ -94,11 +120,15 @@ class BusClient:
         timeout_s: float | None = 10.0,
         spin_us: float = 100.0,
         token: bytes | None = None,
+        version: int | None = None,
+        guest_time_ns: int | None = None,
     ) -> None:
         """Connect to ``target`` and exchange HELLO; ``timeout_s`` bounds every wait for a reply.
 
         ``token`` (1..255 bytes) goes in HELLO for a TCP server that admits peers it cannot
         identify by their uid only with the operator's token (docs/bus-protocol.md §1.1).
+        ``version``: the protocol version to speak (default 1, or 2 with ``guest_time_ns``);
+        ``guest_time_ns``: the guest's time now, to drive the device's clock (module docstring).
 
         While waiting for a reply the client first busy-polls the socket for up to ``spin_us``
         (0: never), as QEMU's ``poll-max-ns`` does: a reply usually comes within tens of µs,
@@ -111,7 +141,10 @@ class BusClient:
         self._timeout_s = timeout_s
         self._spin_ns = int(spin_us * 1000)
         self._decoder = FrameDecoder()
+        hello = _hello(version, token, guest_time_ns)
         self._irq = False
+        self._deadline_ns: int | None = None
+        self._guest_time_ns = guest_time_ns
         self._closed = False
         self._tokens = itertools.count(1)
         self._sock = self._connect()
@@ -123,7 +156,7 @@ class BusClient:
         self._wpoll = select.poll()
         self._wpoll.register(self._sock, select.POLLOUT)
         try:
-            self._sock.sendall(encode(Hello(PROTOCOL_VERSION, token)))
+            self._sock.sendall(encode(hello))
             reply = self._expect(HelloReply)
         except BaseException:
             self._sock.close()
@@ -134,6 +167,9 @@ class BusClient:
         self.capabilities = reply.capabilities
         self.name = reply.name
         self._irq = reply.irq
+        self.drives_time = bool(reply.capabilities & Capability.GUEST_TIME)
+        if self.drives_time:
+            self.sync()  # the DEADLINE frame that follows HELLO_REPLY is in
 
     def _connect(self) -> socket.socket:
         target = self._target
@@ -203,6 +239,9 @@ class BusClient:
         """Handle IRQ and ERROR frames; return anything else (a reply)."""
         if isinstance(frame, IrqEvent):
             self._irq = frame.level
+            return None
+        if isinstance(frame, Deadline):
+            self._deadline_ns = frame.deadline_ns
             return None
         if isinstance(frame, ErrorFrame):
             self.close()
@@ -329,6 +368,34 @@ class BusClient:
             self.close()
             raise BusError(f"SYNC token mismatch: sent {token}, got {reply.token}")
 
+    # -- guest time (v2) --
+
+    def set_time(self, now_ns: int) -> None:
+        """The guest's time is now ``now_ns`` (posted: returns without a reply). The device's
+        timers due by then run, each at its own time; DEADLINE frames follow."""
+        if not self.drives_time:
+            raise BusError("this connection does not drive the device's clock (no GUEST_TIME)")
+        self._send(encode(Time(now_ns)))
+        self._guest_time_ns = now_ns
+
+    def advance_to(self, now_ns: int) -> int | None:
+        """``set_time(now_ns)`` and a round trip: returns the device's next deadline (guest
+        time), or None."""
+        self.set_time(now_ns)
+        self.sync()
+        return self._deadline_ns
+
+    @property
+    def deadline_ns(self) -> int | None:
+        """The device's next deadline in the guest's time, as of the last frame read (None:
+        no timer armed, or this connection does not drive time)."""
+        return self._deadline_ns
+
+    @property
+    def guest_time_ns(self) -> int | None:
+        """The guest's time as last told to the server (None: not driving time)."""
+        return self._guest_time_ns if self.drives_time else None
+
     # -- interrupts --
 
     @property
@@ -402,6 +469,9 @@ class AsyncBusClient:
         self._writer = writer
         self._pending: deque[tuple[type[Frame], asyncio.Future[Frame]]] = deque()
         self._irq = False
+        self._deadline_ns: int | None = None
+        self._guest_time_ns: int | None = None
+        self.drives_time = False
         self._irq_high = asyncio.Event()
         self._irq_changed = asyncio.Event()
         self._error: BusError | None = None
@@ -413,9 +483,17 @@ class AsyncBusClient:
 
     @classmethod
     async def connect(
-        cls, target: Target, *, timeout_s: float | None = 10.0, token: bytes | None = None
+        cls,
+        target: Target,
+        *,
+        timeout_s: float | None = 10.0,
+        token: bytes | None = None,
+        version: int | None = None,
+        guest_time_ns: int | None = None,
     ) -> AsyncBusClient:
-        """Connect to ``target`` and exchange HELLO (with ``token``, as ``BusClient``)."""
+        """Connect to ``target`` and exchange HELLO (``token``, ``version`` and
+        ``guest_time_ns`` as for ``BusClient``)."""
+        hello = _hello(version, token, guest_time_ns)
         parsed = parse_target(target)
         try:
             if isinstance(parsed, tuple):
@@ -435,9 +513,7 @@ class AsyncBusClient:
         client = cls(reader, writer)
         client._reader_task = asyncio.create_task(client._read_loop())
         try:
-            reply = await asyncio.wait_for(
-                client._request(encode(Hello(PROTOCOL_VERSION, token)), HelloReply), timeout_s
-            )
+            reply = await asyncio.wait_for(client._request(encode(hello), HelloReply), timeout_s)
         except BaseException:
             await client.close()
             raise
@@ -447,6 +523,10 @@ class AsyncBusClient:
         client.name = reply.name
         # IRQ frames cannot precede HELLO_REPLY, so the level it reports is the current one.
         client._set_irq(reply.irq)
+        client.drives_time = bool(reply.capabilities & Capability.GUEST_TIME)
+        if client.drives_time:
+            client._guest_time_ns = guest_time_ns
+            await client.sync()  # the DEADLINE frame that follows HELLO_REPLY is in
         return client
 
     def _set_irq(self, level: bool) -> None:
@@ -471,6 +551,9 @@ class AsyncBusClient:
                     raise BusError(f"bad frame from the server: {exc}") from exc
                 if isinstance(frame, IrqEvent):
                     self._set_irq(frame.level)
+                    continue
+                if isinstance(frame, Deadline):
+                    self._deadline_ns = frame.deadline_ns
                     continue
                 if isinstance(frame, ErrorFrame):
                     raise BusRefusedError(frame.code, frame.message)
@@ -560,6 +643,29 @@ class AsyncBusClient:
         assert isinstance(reply, SyncReply)
         if reply.token != token:
             raise BusError(f"SYNC token mismatch: sent {token}, got {reply.token}")
+
+    async def set_time(self, now_ns: int) -> None:
+        """The guest's time is now ``now_ns`` (posted), as ``BusClient.set_time``."""
+        if not self.drives_time:
+            raise BusError("this connection does not drive the device's clock (no GUEST_TIME)")
+        await self._post(encode(Time(now_ns)))
+        self._guest_time_ns = now_ns
+
+    async def advance_to(self, now_ns: int) -> int | None:
+        """``set_time`` and a round trip: the device's next deadline (guest time), or None."""
+        await self.set_time(now_ns)
+        await self.sync()
+        return self._deadline_ns
+
+    @property
+    def deadline_ns(self) -> int | None:
+        """The device's next deadline in the guest's time, as of the last frame received."""
+        return self._deadline_ns
+
+    @property
+    def guest_time_ns(self) -> int | None:
+        """The guest's time as last told to the server (None: not driving time)."""
+        return self._guest_time_ns if self.drives_time else None
 
     @property
     def irq(self) -> bool:

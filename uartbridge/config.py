@@ -43,6 +43,7 @@ from .port.state import (
     DisconnectPolicy,
     PortSettings,
 )
+from .uart import PACES, Pace
 
 LogFormat = Literal["auto", "json", "console"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -52,6 +53,8 @@ LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 RESUME_POLICIES: tuple[ResumePolicy, ...] = ("auto", "never")
 DISCONNECT_POLICIES: tuple[DisconnectPolicy, ...] = ("buffer", "hold", "discard")
+ClockMode = Literal["host", "guest"]
+CLOCK_MODES: tuple[ClockMode, ...] = ("host", "guest")
 
 PTY_URL = "pty:"
 DEFAULT_SOURCE = "<default>"
@@ -109,13 +112,17 @@ class UartConfig:
     ``tx_retry_limit``: None never drops the TSR byte; N drops it after N refused retries
     (QEMU's behaviour). ``bus_tcp``: (host, port) or None. ``bus_tcp_token``: the bytes of
     ``bus_tcp_token_file`` (None: no token; peers on another host are then refused).
-    ``trace_file``: None is off.
+    ``trace_file``: None is off. ``clock``: "host" (the host's monotonic clock) or "guest"
+    (a bus v2 guest with GUEST_TIME drives it; others get host time). ``pace``: "none"
+    (QEMU's instant line) or "line" (one character per character time).
     """
 
     name: str
     port: PortSettings
     baudbase: int = 115200
     tx_retry_limit: int | None = None
+    clock: ClockMode = "host"
+    pace: Pace = "none"
     bus_socket: Path
     bus_tcp: tuple[str, int] | None = None
     bus_tcp_token: bytes | None = field(default=None, repr=False)
@@ -253,8 +260,12 @@ def summarize(cfg: Config) -> str:
         bus = str(u.bus_socket)
         if u.bus_tcp is not None:
             bus += f" + tcp {_hostport(u.bus_tcp)}"
+        timing = ""
+        if u.clock != "host" or u.pace != "none":
+            timing = f"  clock={u.clock} pace={u.pace}"
         lines.append(
             f"  uart {u.name}: port {port}  bus {bus}  on_disconnect={u.port.on_disconnect}"
+            + timing
         )
     return "\n".join(lines)
 
@@ -501,6 +512,8 @@ class _Builder:
         retry = t.integer(
             "tx_retry_limit", -1, minimum=-1, what="-1 (never drop) or a retry count >= 0"
         )
+        clock = t.choice("clock", "host", CLOCK_MODES)
+        pace = t.choice("pace", "none", PACES)
         bus_socket = t.path("bus_socket", paths.bus_socket_path(daemon.runtime_dir, name))
         assert bus_socket is not None
         bus_tcp_text = t.string("bus_tcp", "")
@@ -547,6 +560,8 @@ class _Builder:
             ),
             baudbase=baudbase,
             tx_retry_limit=None if retry == -1 else retry,
+            clock=cast(ClockMode, clock),
+            pace=cast(Pace, pace),
             bus_socket=bus_socket,
             bus_tcp=bus_tcp,
             bus_tcp_token=bus_tcp_token,

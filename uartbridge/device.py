@@ -18,6 +18,13 @@ Who calls what:
 Everything runs on the thread of the event loop ``open()`` ran on; ``settle()`` may be called
 while that loop is not running (an emulator between two ``Bridge.poll`` calls): the link's
 writes happen at once, and what it schedules on the loop runs when the loop next runs.
+
+The clock: by default the host's monotonic clock, and the model's timers (receive timeout,
+line-rate pacing) run on the event loop at their deadlines. With any other ``clock`` (a
+``GuestClock``, or an emulator's own) time is the guest's: no timer runs on the loop, and the
+owner calls ``run_timers()`` when the guest's time reaches ``next_deadline_ns`` (or later: a
+timer run late gives the same device). A ``GuestClock`` that follows the host meanwhile (a
+guest that does not drive time, on the bus) has its timers run on the loop again.
 """
 
 from __future__ import annotations
@@ -30,12 +37,14 @@ from typing import Any
 
 from . import __version__
 from .checkpoint import Checkpoint, CheckpointMeta, restore
+from .clock import GuestClock
 from .logs import TraceFile, get_logger
 from .names import NAME_RULE, is_safe_name
 from .port import PortLink
 from .port.state import PortSettings
 from .port.termios_ops import TermiosOps
-from .uart import NO_EVENTS, Uart16550
+from .record import RecordingUart, RecordWriter, clock_kind
+from .uart import NO_EVENTS, Clock, Pace, Uart16550
 
 NS_PER_S = 1_000_000_000
 
@@ -50,32 +59,44 @@ class UartDevice:
         *,
         baudbase: int = 115200,
         tx_retry_limit: int | None = None,
+        pace: Pace = "none",
+        clock: Clock | None = None,
         log: Any = None,
         trace_file: str | Path | None = None,
         termios_ops: TermiosOps | None = None,
         resume_from: Checkpoint | None = None,
         on_change: Callable[[list[bool]], None] | None = None,
+        record: RecordWriter | None = None,
     ) -> None:
         """Build the device (resumed from ``resume_from`` if given); nothing is opened yet.
 
-        ``baudbase`` and ``tx_retry_limit`` apply to a new device only (a resumed one has
-        its own). ``on_change(levels)`` is called after the port link or the timer changed
-        the model, with the IRQ level changes in order (maybe none). ``termios_ops``
+        ``baudbase``, ``tx_retry_limit`` and ``pace`` apply to a new device only (a resumed
+        one has its own). ``clock`` is the model's (default: the host's monotonic clock);
+        another one is the guest's time (see the module docstring). ``on_change(levels)``
+        is called after the port link or the timer changed the model, with the IRQ level
+        changes in order (maybe none). ``termios_ops``
         substitutes the termios/modem calls (tests with a fake port, as ``PortLink``).
+        ``record``: every input operation of the model goes to this recording, from the
+        device's state now (``uartbridge.record``).
         """
         if not is_safe_name(name):
             raise ValueError(f"UART name must be {NAME_RULE}, got {name!r}")
         self.name = name
         self.settings = port
         self.log = (log if log is not None else get_logger()).bind(uart=name)
+        self.clock: Clock = clock if clock is not None else time.monotonic_ns
+        self._host_clock = clock is None
+        model = RecordingUart if record is not None else Uart16550
         if resume_from is not None:
-            self.uart = restore(resume_from, clock=time.monotonic_ns)
+            self.uart = restore(resume_from, clock=self.clock, model=model)
             self.generation = resume_from.meta.generation
         else:
-            self.uart = Uart16550(
-                baudbase=baudbase, clock=time.monotonic_ns, tx_retry_limit=tx_retry_limit
+            self.uart = model(
+                baudbase=baudbase, clock=self.clock, tx_retry_limit=tx_retry_limit, pace=pace
             )
             self.generation = 0
+        if isinstance(self.uart, RecordingUart) and record is not None:
+            self.uart.start_recording(record, name, clock=clock_kind(self.clock))
         self.resumed_from = resume_from
         self.on_change = on_change
         self.trace_file = TraceFile(trace_file) if trace_file else None
@@ -119,9 +140,29 @@ class UartDevice:
         if self.on_change is not None:
             self.on_change(levels)
 
+    @property
+    def host_time(self) -> bool:
+        """The model's clock runs with the host's now (its timers run on the event loop)."""
+        clock = self.clock
+        return self._host_clock or (isinstance(clock, GuestClock) and clock.following_host)
+
+    @property
+    def next_deadline_ns(self) -> int | None:
+        """When, on the device's clock, the next timer falls due (None: no timer armed)."""
+        return self.uart.next_deadline_ns()
+
+    def run_timers(self) -> list[bool]:
+        """Guest time: run the timers due at the clock's time now and settle; returns the
+        IRQ level changes (the caller delivers them). ``next_deadline_ns`` is then the next."""
+        self.uart.poll()
+        return self.settle()
+
     def _arm_timer(self) -> None:
         deadline_ns = self.uart.next_deadline_ns()
         loop = self._loop
+        if not self.host_time:
+            self._cancel_timer()  # guest time: the guest's clock runs the timers
+            return
         if deadline_ns is None or loop is None:
             return  # no deadline, or not open yet: open() settles and arms it
         armed = self._timer_deadline_ns
@@ -129,13 +170,25 @@ class UartDevice:
             return  # the armed timer fires first; it re-arms for the later deadline
         if self._timer is not None:
             self._timer.cancel()
-        # loop.time() is time.monotonic(), the model's clock in seconds.
-        self._timer = loop.call_at(deadline_ns / NS_PER_S, self._on_timer)
+        if self._host_clock:
+            # loop.time() is time.monotonic(), the model's clock in seconds.
+            self._timer = loop.call_at(deadline_ns / NS_PER_S, self._on_timer)
+        else:  # a guest clock following the host: the same rate, another origin
+            delay_s = max(0, deadline_ns - self.clock()) / NS_PER_S
+            self._timer = loop.call_later(delay_s, self._on_timer)
         self._timer_deadline_ns = deadline_ns
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_deadline_ns = None
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_deadline_ns = None
+        if not self.host_time:
+            return  # the clock stopped following the host since: the guest runs the timers
         self.uart.poll()
         self.on_uart_change()
 
@@ -163,10 +216,7 @@ class UartDevice:
 
     async def close(self) -> None:
         """Close the port and the trace; the model's state stays as it was."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-            self._timer_deadline_ns = None
+        self._cancel_timer()
         if self.port_open:
             await self.link.close()
             self.port_open = False

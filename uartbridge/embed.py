@@ -27,6 +27,18 @@ emulator that runs its CPU on another thread must take its own lock around every
 Register accesses are ``read(offset)`` / ``write(offset, value)`` with offsets 0–7 (DLAB as
 on the chip: map your bus's ``reg-shift`` / ``reg-io-width`` onto them). The IRQ output is
 ``irq``; ``on_irq(level)`` is called for every change, in order.
+
+Time
+----
+By default the device runs on the host's clock: the receive timeout (and line-rate pacing,
+``pace="line"``) fire inside ``poll`` when they are due. An emulator with a virtual clock
+passes ``clock=``: a ``uartbridge.clock.GuestClock`` it moves with ``advance_to(now_ns)``,
+or any callable returning its own time in ns (then call ``run_timers()`` when that time
+reaches ``next_deadline_ns``). Either way the device's timers fire at guest deadlines only:
+``advance_to`` / ``run_timers`` return the next deadline (None: none), which the emulator
+schedules as one of its own timer events; a paused guest sees no timeout. A timer run late
+(the emulator advanced past the deadline in one step) leaves the device exactly as one run
+on time. Checkpoints store timers as time remaining, so a checkpoint resumes in either mode.
 """
 
 from __future__ import annotations
@@ -43,12 +55,14 @@ from typing import Any
 import structlog
 
 from .checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from .clock import GuestClock
 from .device import UartDevice
 from .errors import PortError
 from .logs import get_logger
 from .port.state import PortSettings, ReaderState
 from .port.termios_ops import TermiosOps
-from .uart import Uart16550
+from .record import RecordWriter
+from .uart import Clock, Pace, Uart16550
 
 IrqCallback = Callable[[bool], None]
 
@@ -88,32 +102,50 @@ class Bridge:
         name: str = "uart0",
         baudbase: int = 115200,
         tx_retry_limit: int | None = None,
+        pace: Pace = "none",
+        clock: Clock | None = None,
         on_irq: IrqCallback | None = None,
         log: Any = None,
         trace_file: str | Path | None = None,
         termios_ops: TermiosOps | None = None,
         resume_from: Checkpoint | None = None,
+        record: str | Path | None = None,
     ) -> None:
         """A device on ``port`` (a URL such as ``"pty:"`` or ``"/dev/ttyUSB0"``, or
         ``PortSettings`` for the policies); nothing is opened until ``open()``/``aopen()``.
 
         ``name`` is the UART's name in checkpoints. ``on_irq(level)`` sees every IRQ change.
+        ``pace="line"`` moves bytes at the line rate (default ``"none"``: QEMU's instant
+        line). ``clock`` is the guest's time (module docstring, "Time"); None: the host's.
         ``log`` is a structlog logger (default: ``default_log()``); ``trace_file`` records
         every chunk to and from the port, as the daemon's ``trace_file``.
         ``termios_ops`` replaces the termios and modem calls (tests with a fake port).
         ``resume_from`` continues a checkpoint (``Bridge.resume`` reads one from a file).
+        ``record`` writes every input of the device to that file (``uartbridge replay`` runs
+        it again without a port; ``uartbridge.record.replay`` in-process); closed by
+        ``close``.
         """
         self.on_irq = on_irq
+        self.log = log if log is not None else default_log()
+        self._recorder: RecordWriter | None = None
+        if record is not None:
+            self._recorder = RecordWriter(
+                record, on_error=lambda message: self.log.error("recording stopped",
+                                                                reason=message)
+            )
         self._device = UartDevice(
             name,
             _settings(port),
             baudbase=baudbase,
             tx_retry_limit=tx_retry_limit,
-            log=log if log is not None else default_log(),
+            pace=pace,
+            clock=clock,
+            log=self.log,
             trace_file=trace_file,
             termios_ops=termios_ops,
             resume_from=resume_from,
             on_change=self._on_change,
+            record=self._recorder,
         )
         self._uart_read = self._device.uart.read
         self._uart_write = self._device.uart.write
@@ -131,27 +163,32 @@ class Bridge:
         path: str | Path,
         *,
         port: str | PortSettings | None = None,
+        clock: Clock | None = None,
         on_irq: IrqCallback | None = None,
         log: Any = None,
         trace_file: str | Path | None = None,
         termios_ops: TermiosOps | None = None,
+        record: str | Path | None = None,
     ) -> Bridge:
         """A Bridge that continues the checkpoint at ``path`` (not opened yet).
 
         The port is the checkpoint's unless ``port`` names another (a URL or settings); the
         name, the device and the host path — RX backlog, line events, TX backlog, the byte
         in the shift register — are the checkpoint's. ``CheckpointError`` (or
-        ``CheckpointMissingError``) if the file is not a valid checkpoint.
+        ``CheckpointMissingError``) if the file is not a valid checkpoint. ``clock`` as for a
+        new Bridge: the timers continue with the time they had left, on that clock.
         """
         ckpt = read_checkpoint(path)
         return cls(
             port if port is not None else ckpt.meta.port,
             name=ckpt.meta.uart_name,
+            clock=clock,
             on_irq=on_irq,
             log=log,
             trace_file=trace_file,
             termios_ops=termios_ops,
             resume_from=ckpt,
+            record=record,
         )
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -199,12 +236,18 @@ class Bridge:
         self._closed = True
         loop = self._own_loop
         if loop is None:
+            self._close_recording()
             return
         try:
             loop.run_until_complete(self._device.close())
         finally:
             loop.close()
             self._own_loop = None
+            self._close_recording()
+
+    def _close_recording(self) -> None:
+        if self._recorder is not None:
+            self._recorder.close()
 
     async def aclose(self) -> None:
         """Close the port (asyncio). Idempotent."""
@@ -213,7 +256,10 @@ class Bridge:
         if self._own_loop is not None:
             raise PortError("opened with open(): use close()")
         self._closed = True
-        await self._device.close()
+        try:
+            await self._device.close()
+        finally:
+            self._close_recording()
 
     def __enter__(self) -> Bridge:
         if self._own_loop is None:
@@ -308,6 +354,37 @@ class Bridge:
     def status(self) -> dict[str, object]:
         """The port link's picture: reader state, backlogs, counters, last error."""
         return self._device.link.status()
+
+    # -- guest time ---------------------------------------------------------------------------
+
+    @property
+    def next_deadline_ns(self) -> int | None:
+        """When, on the device's clock, its next timer falls due (None: no timer armed).
+
+        With a guest clock, schedule an event of your own then and call ``advance_to`` (or
+        ``run_timers``) when your time reaches it. It changes after register accesses and
+        input from the port too: read it again after each, or after ``poll``.
+        """
+        return self._device.next_deadline_ns
+
+    def run_timers(self) -> int | None:
+        """Run the device's timers due at its clock's time now (IRQ changes go to
+        ``on_irq``); returns the next deadline, or None."""
+        if self._closed:
+            self._check_usable()
+        levels = self._device.run_timers()
+        if levels:
+            self._deliver(levels)
+        return self._device.next_deadline_ns
+
+    def advance_to(self, now_ns: int) -> int | None:
+        """The guest's time is now ``now_ns`` (``clock`` must be a ``GuestClock``): the timers
+        due by then run, each at its own time; returns the next deadline, or None."""
+        clock = self._device.clock
+        if not isinstance(clock, GuestClock):
+            raise TypeError("advance_to() needs Bridge(clock=GuestClock()); use run_timers()")
+        clock.set(now_ns)
+        return self.run_timers()
 
     def _deliver(self, levels: list[bool]) -> None:
         callback = self.on_irq

@@ -12,7 +12,9 @@
     ├── PortError              the host port failed (open, configure, I/O)
     │   └── PortUnavailableError   the port is not there (missing path, refused connection)
     ├── BusError               the register bus (malformed frame, refused connection, closed)
-    └── ControlError           the control socket (daemon not running, bad request)
+    ├── ControlError           the control socket (daemon not running, bad request)
+    └── RecordingError         a recording that is corrupt (65), missing (66) or cannot be
+                               written (73 / 74)
 
 Foreign errors (OSError, termios.error, serial.SerialException, tomllib.TOMLDecodeError,
 json.JSONDecodeError) are mapped to these where they enter, with ``raise ... from exc``.
@@ -131,3 +133,14 @@ class ControlError(UartBridgeError):
     """The control socket: no daemon listening, or a request it refused."""
 
     exit_code = EX_UNAVAILABLE
+
+
+class RecordingError(UartBridgeError):
+    """A recording (``uartbridge run --record``) that is not a valid one, that cannot be
+    read (66), or that cannot be written (73 / 74 from the errno)."""
+
+    exit_code = EX_DATAERR
+
+    def __init__(self, message: str, *, exit_code: int = EX_DATAERR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -200,7 +200,11 @@ class Guest8250:
         c.write(1, 0)
         c.write(LCR, 0x03)
         c.write_many(THR, bytes(range(256)))
-        c.sync()  # Linux waits 20 ms here; the bus only needs its writes executed
+        c.sync()
+        # Linux's mdelay(20): a UART paced at the line rate (pace = "line", or real silicon)
+        # is still looping characters back for 17 character times; counting before they are
+        # all in would read the 17th as well.
+        time.sleep(0.020)
         count = 0
         while count < 256 and c.read(LSR) & Lsr.DR:
             c.read(RBR)

@@ -169,17 +169,23 @@ def describe(ckpt: Checkpoint, path: Path, *, now_unix_ns: int) -> dict[str, obj
             "thr_ipending": uart.thr_ipending,
             "tx_fifo": buffer_report(uart.tx_fifo),
             "waiting_for_wire": buffer_report(uart.tx_waiting()),
+            "tx_line": buffer_report(uart.tx_line),
+            "tx_shift_remaining_ns": uart.tx_shift_remaining_ns,
         },
         "receiver": {
             "rx_fifo": buffer_report(uart.rx_fifo),
             "timeout_ipending": uart.timeout_ipending,
             "timeout_remaining_ns": uart.timeout_remaining_ns,
+            "rx_line": buffer_report(uart.rx_line),
+            "rx_slot_remaining_ns": uart.rx_slot_remaining_ns,
         },
         "derived": {
             "irq": device.irq,
             "fifo_enabled": uart.fifo_enabled,
             "trigger_level": TRIGGER_LEVELS[uart.fcr >> 6],
             "char_time_ns": device.char_time_ns,
+            "pace": uart.pace,
+            "line_char_time_ns": device.line_char_time_ns,
             "reset_timing": uart.reset_timing,
             "baudbase": uart.baudbase,
             "line_settings": _line_report(device.line_settings),
@@ -214,6 +220,17 @@ def _dict(report: dict[str, object], *keys: str) -> dict[str, object]:
     value = _get(report, *keys)
     assert isinstance(value, dict)
     return value
+
+
+def _rx_line_lines(rx: dict[str, object], paced: bool) -> list[str]:
+    """With line-rate pacing: the bytes on their way in and when the next one enters."""
+    if not paced:
+        return []
+    rx_line = rx["rx_line"]
+    assert isinstance(rx_line, dict)
+    slot = rx["rx_slot_remaining_ns"]
+    when = "at once" if slot is None else f"in {slot} ns"
+    return [f"  rx line      the next byte can enter {when}", *_buffer_lines("rx line", rx_line)]
 
 
 def hexdump(data: bytes, *, indent: str = "    ", limit: int = TEXT_BUFFER_LIMIT) -> list[str]:
@@ -313,6 +330,16 @@ def render_text(report: dict[str, object]) -> str:
     assert isinstance(tx_fifo, dict) and isinstance(waiting, dict) and isinstance(rx_fifo, dict)
     out += _buffer_lines("tx_fifo", tx_fifo)
     out += _buffer_lines("to the wire", waiting)
+    paced = derived["pace"] == "line"
+    if paced:
+        tx_line = tx["tx_line"]
+        assert isinstance(tx_line, dict)
+        shift = tx["tx_shift_remaining_ns"]
+        out.append(
+            f"  pace         line: {derived['line_char_time_ns']} ns a character; "
+            + ("the line is idle" if shift is None else f"{shift} ns left of the character on it")
+        )
+        out += _buffer_lines("tx line", tx_line)
     remaining = rx["timeout_remaining_ns"]
     out += [
         "",
@@ -322,6 +349,7 @@ def render_text(report: dict[str, object]) -> str:
         f", timeout_ipending {_yes(rx['timeout_ipending'])}",
         f"  char time    {derived['char_time_ns']} ns"
         f"{' (power-on value)' if derived['reset_timing'] else ''}",
+        *_rx_line_lines(rx, paced),
         "",
         "host path",
         f"  reader       {port['reader_state']}",

@@ -22,9 +22,28 @@ QEMU's refused write). An I/O layer that writes eagerly in the same step makes t
 exactly QEMU's LSR values. Deliberate deviation: the TSR byte is never dropped after a number
 of retries unless ``tx_retry_limit`` asks for QEMU's ``MAX_XMIT_RETRY`` behaviour.
 
-Invariants (checked by ``UartState.validate``, reference §14.2): TSR busy ⇔ TEMT=0;
-``tsr_retry`` > 0 ⇒ TSR busy; THRE=0 ⇒ TSR busy; FIFO mode: TX FIFO non-empty ⇔ THRE=0,
-DR ⇔ RX FIFO non-empty.
+Time: every input operation reads the clock once and runs at that time, after running the
+timers due by then, each at its own time (so a timer that runs late — the host's loop was
+busy, or a guest-time emulator advanced its clock in one step — leaves the device exactly as
+one that ran on time). A run is therefore a function of its operations and their times alone:
+``uartbridge.record`` records and replays exactly that. Queries (``tx_pending``,
+``can_receive``, ``irq``…) show the device as of the last operation.
+
+Line-rate pacing (``pace="line"``; the default ``"none"`` is QEMU's instant line): the
+transmitter starts one character per character time (start, data, parity and stop bits at
+the configured baud, ``line_char_time_ns``). THR/TX FIFO → TSR happens when the line is free,
+so THRE, THRI and the FIFO's draining follow that clock, and TEMT rises when the last
+character has ended. A byte joins ``tx_pending()`` (the transmit line, at most
+``TX_LINE_BYTES``) when its character starts; the wire's refusal (``tx_blocked``) holds the
+line until it takes the byte. Bytes from the wire join the receive line (at most
+``RX_LINE_BYTES``) and enter the RX FIFO one character time apart, whatever it holds: a guest
+too slow to read sees overruns as on the chip (QEMU's ``can_receive`` flow control cannot
+apply to a real wire running at its rate). Loopback hands each byte to the receiver when its
+character starts, as without pacing.
+
+Invariants (checked by ``UartState.validate``, reference §14.2): TSR busy (or, with pacing, a
+character on the line) ⇔ TEMT=0; ``tsr_retry`` > 0 ⇒ a byte waits for the wire; THRE=0 ⇒ the
+transmitter is busy; FIFO mode: TX FIFO non-empty ⇔ THRE=0, DR ⇔ RX FIFO non-empty.
 """
 
 from __future__ import annotations
@@ -137,6 +156,10 @@ class Msr:
 
 Clock = Callable[[], int]
 Parity = Literal["N", "O", "E", "M", "S"]
+#: How the device meets time on the line: "none" is QEMU's (a byte leaves and enters at once),
+#: "line" shifts one character per character time at the configured baud and frame.
+Pace = Literal["none", "line"]
+PACES: tuple[Pace, ...] = ("none", "line")
 
 NS_PER_S = 1_000_000_000
 # QEMU's serial_reset sets the character time directly to (1e9 // 9600) * 10 ns, not derived
@@ -148,6 +171,14 @@ ZERO_DIVISOR_BAUD = 3500
 TIMEOUT_CHARS = 4
 # QEMU's MAX_XMIT_RETRY, for users who ask for QEMU's drop-after-retries behaviour.
 QEMU_MAX_XMIT_RETRY = 4
+# Line-rate pacing: bytes from the wire that wait, in order, to be shifted in one character
+# time apart (they are "on the line"). Enough for the host's timers to be tens of ms late at
+# 115200 without the line running dry; the rest waits in the host's RX backlog and kernel.
+RX_LINE_BYTES = 256
+# ... and bytes whose character has started on the transmit line but the wire has not taken
+# yet (the host collects them after the operation or timer that started them). A full line
+# holds the transmitter back, as a wire that refuses does.
+TX_LINE_BYTES = 256
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -236,6 +267,16 @@ class UartState:
     the time *remaining* (ns) so a state can be resumed on another clock. IIR's interrupt ID,
     the IRQ level, the trigger level and the character time are derived, never stored;
     ``reset_timing`` says the character time is still the power-on value (reference §2).
+
+    Line-rate pacing (``pace == "line"``) adds the shift registers' timing, as time remaining:
+    ``tx_shift_remaining_ns``, until the character on the transmit line has been shifted out
+    (None: the line is idle; 0: it is due now, or held by a wire that refuses); ``tx_line``,
+    bytes whose character has started and that the wire has not taken yet, oldest first (they
+    replace the TSR byte: ``tsr_busy`` stays False, ``tsr`` is the last byte that started, and
+    ``tsr_retry`` counts refusals of ``tx_line``'s first byte); ``rx_line``, bytes from the
+    wire that enter the RX FIFO one character time apart, oldest first;
+    ``rx_slot_remaining_ns``, until the next of them can complete (None: at once). Without
+    pacing they are None, empty, empty and None.
     """
 
     baudbase: int = 115200
@@ -261,6 +302,11 @@ class UartState:
     timeout_remaining_ns: int | None = None
     reset_timing: bool = True
     statistics: UartStatistics = field(default_factory=UartStatistics)
+    pace: Pace = "none"
+    tx_shift_remaining_ns: int | None = None
+    tx_line: bytes = b""
+    rx_line: bytes = b""
+    rx_slot_remaining_ns: int | None = None
 
     @property
     def modem_inputs(self) -> dict[str, bool]:
@@ -278,8 +324,9 @@ class UartState:
         return bool(self.fcr & Fcr.FE)
 
     def tx_waiting(self) -> bytes:
-        """The bytes waiting for the wire, oldest first: TSR, then the TX FIFO or THR."""
-        head = bytes((self.tsr,)) if self.tsr_busy else b""
+        """The bytes waiting for the wire, oldest first: TSR (or the transmit line, with
+        pacing), then the TX FIFO or THR."""
+        head = bytes((self.tsr,)) if self.tsr_busy else self.tx_line
         if self.fifo_enabled:
             return head + self.tx_fifo
         if not self.lsr & Lsr.THRE:
@@ -327,9 +374,25 @@ class UartState:
             raise _fail("tx_retry_limit", f"must be None or a non-negative integer, got {limit!r}")
         if limit is not None and self.tsr_retry > limit:
             raise _fail("tsr_retry", f"tsr_retry={self.tsr_retry} exceeds tx_retry_limit={limit}")
-        remaining = self.timeout_remaining_ns
-        if remaining is not None and (type(remaining) is not int or remaining < 0):
-            raise _fail("timeout_remaining_ns", f"must be None or >= 0, got {remaining!r}")
+        for name in ("timeout_remaining_ns", "tx_shift_remaining_ns", "rx_slot_remaining_ns"):
+            remaining = getattr(self, name)
+            if remaining is not None and (type(remaining) is not int or remaining < 0):
+                raise _fail(name, f"must be None or >= 0, got {remaining!r}")
+        if self.pace not in PACES:
+            raise _fail("pace", f'must be "none" or "line", got {self.pace!r}')
+        if type(self.rx_line) is not bytes or len(self.rx_line) > RX_LINE_BYTES:
+            raise _fail("rx_line", f"must be at most {RX_LINE_BYTES} bytes")
+        if type(self.tx_line) is not bytes or len(self.tx_line) > TX_LINE_BYTES:
+            raise _fail("tx_line", f"must be at most {TX_LINE_BYTES} bytes")
+        if self.pace == "none":
+            for name, idle in (
+                ("tx_shift_remaining_ns", None), ("tx_line", b""), ("rx_line", b""),
+                ("rx_slot_remaining_ns", None),
+            ):
+                if getattr(self, name) != idle:
+                    raise _fail(name, "line-rate timing without pace = line")
+        elif self.rx_line and self.rx_slot_remaining_ns is None:
+            raise _fail("rx_slot_remaining_ns", "None while bytes wait on the line (rx_line)")
         for counter in fields(self.statistics):
             value = getattr(self.statistics, counter.name)
             if type(value) is not int or value < 0:
@@ -338,13 +401,20 @@ class UartState:
     def _validate_transmitter(self) -> None:
         temt = bool(self.lsr & Lsr.TEMT)
         thre = bool(self.lsr & Lsr.THRE)
-        if self.tsr_busy and temt:
-            raise _fail("lsr", f"tsr not empty but TEMT=1 (tsr_retry={self.tsr_retry})")
-        if not self.tsr_busy and not temt:
+        # With pacing the transmitter is busy while a character is on the line (or a wire
+        # that refuses holds it there): that is what TEMT=0 then shows.
+        shifting = self.tx_shift_remaining_ns is not None
+        busy = self.tsr_busy or shifting
+        if self.tsr_busy and self.pace == "line":
+            raise _fail("tsr_busy", "set with pace = line (tx_line holds the bytes for the wire)")
+        if busy and temt:
+            what = "tsr not empty" if self.tsr_busy else "a character is on the line"
+            raise _fail("lsr", f"{what} but TEMT=1 (tsr_retry={self.tsr_retry})")
+        if not busy and not temt:
             raise _fail("lsr", "tsr empty but TEMT=0")
-        if self.tsr_retry > 0 and not self.tsr_busy:
+        if self.tsr_retry > 0 and not (self.tsr_busy or self.tx_line):
             raise _fail("tsr_retry", f"tsr empty but tsr_retry={self.tsr_retry}")
-        if not thre and not self.tsr_busy:
+        if not thre and not busy:
             raise _fail("lsr", "THRE=0 (data waiting) while the tsr is empty")
         if self.thr_ipending and not thre:
             raise _fail("thr_ipending", "THRE interrupt pending while THRE=0")
@@ -385,6 +455,21 @@ def char_time_ns(baudbase: int, divisor: int, lcr: int) -> int:
     if divisor == 0:
         return NS_PER_S * frame_bits(lcr) // ZERO_DIVISOR_BAUD
     return NS_PER_S * divisor * frame_bits(lcr) // baudbase
+
+
+def line_char_time_ns(baudbase: int, divisor: int, lcr: int) -> int:
+    """One character on the wire in ns, as line-rate pacing times it: start + data + parity +
+    stop bits, with the chip's 1.5 stop bits for 5-bit words (QEMU's ``char_time_ns`` counts
+    2 there, and keeps its power-on value until the line is set; pacing uses the real frame)."""
+    data_bits = (lcr & Lcr.WLS_MASK) + 5
+    half_bits = 2 * (1 + data_bits + (1 if lcr & Lcr.PEN else 0))
+    if lcr & Lcr.STOP:
+        half_bits += 3 if data_bits == 5 else 4
+    else:
+        half_bits += 2
+    if divisor == 0:
+        return NS_PER_S * half_bits // (2 * ZERO_DIVISOR_BAUD)
+    return NS_PER_S * half_bits * divisor // (2 * baudbase)
 
 
 def line_settings_of(baudbase: int, divisor: int, lcr: int) -> LineSettings:
@@ -430,14 +515,26 @@ class Uart16550:
         baudbase: int = 115200,
         clock: Clock = time.monotonic_ns,
         tx_retry_limit: int | None = None,
+        pace: Pace = "none",
     ) -> None:
-        """Create a device in its power-on state (reference §2)."""
+        """Create a device in its power-on state (reference §2).
+
+        ``pace="line"`` times the shift registers at the line rate (see the class docstring);
+        the default ``"none"`` is QEMU's: bytes leave and enter at once.
+        """
         if type(baudbase) is not int or baudbase <= 0:
             raise ValueError(f"baudbase must be a positive integer, got {baudbase!r}")
         if tx_retry_limit is not None and (type(tx_retry_limit) is not int or tx_retry_limit < 0):
             raise ValueError(f"tx_retry_limit must be None or >= 0, got {tx_retry_limit!r}")
+        if pace not in PACES:
+            raise ValueError(f'pace must be "none" or "line", got {pace!r}')
         self._clock = clock
-        self._load(UartState(baudbase=baudbase, tx_retry_limit=tx_retry_limit), now_ns=None)
+        self._now_ns = 0  # the time of the input operation running (or of the last one)
+        self._irq_edges = 0
+        self._due_ns: int | None = None  # the earliest armed timer (what _advance runs)
+        self._load(
+            UartState(baudbase=baudbase, tx_retry_limit=tx_retry_limit, pace=pace), now_ns=None
+        )
         self._read_handlers: tuple[Callable[[], int], ...] = (
             self._read_rbr,
             self._read_ier,
@@ -470,8 +567,14 @@ class Uart16550:
         pending transmission, so the I/O layer re-applies them to its (maybe new) port.
         """
         state.validate()
-        uart = cls(baudbase=state.baudbase, clock=clock, tx_retry_limit=state.tx_retry_limit)
-        uart._load(state, now_ns=clock())
+        uart = cls(
+            baudbase=state.baudbase,
+            clock=clock,
+            tx_retry_limit=state.tx_retry_limit,
+            pace=state.pace,
+        )
+        uart._now_ns = now_ns = clock()
+        uart._load(state, now_ns=now_ns)
         uart._line_changed = True
         uart._break_changed = bool(state.lcr & Lcr.SBC)
         uart._modem_outputs_changed = True
@@ -500,14 +603,25 @@ class Uart16550:
         self._timeout_ipending = state.timeout_ipending
         self._rx = bytearray(state.rx_fifo)
         self._tx = bytearray(state.tx_fifo)
+        base_ns = 0 if now_ns is None else now_ns
         remaining = state.timeout_remaining_ns
-        self._deadline_ns = None if remaining is None or now_ns is None else now_ns + remaining
+        self._timeout_ns = None if remaining is None else base_ns + remaining
+        self._pace: Pace = state.pace
+        self._paced = state.pace == "line"
+        remaining = state.tx_shift_remaining_ns
+        self._tx_end_ns = None if remaining is None else base_ns + remaining
+        self._tx_line = bytearray(state.tx_line)
+        self._rx_line = bytearray(state.rx_line)
+        remaining = state.rx_slot_remaining_ns
+        self._rx_slot_ns = None if remaining is None else base_ns + remaining
+        self._update_due()
         self._reset_timing = state.reset_timing
         self._char_time_ns = (
             RESET_CHAR_TIME_NS
             if state.reset_timing
             else char_time_ns(state.baudbase, state.divisor, state.lcr)
         )
+        self._line_char_ns = line_char_time_ns(state.baudbase, state.divisor, state.lcr)
         self._stats = {f.name: getattr(state.statistics, f.name) for f in fields(UartStatistics)}
         self._irq = False
         self._irq_changes: list[bool] = []
@@ -520,11 +634,31 @@ class Uart16550:
         self._update_irq()
         self._irq_changes.clear()
 
-    def state(self) -> UartState:
-        """A snapshot of the whole device; ``Uart16550.from_state`` resumes it exactly."""
+    def state(self, *, run_timers: bool = False) -> UartState:
+        """A snapshot of the whole device; ``Uart16550.from_state`` resumes it exactly.
+
+        Timers are stored as time remaining from one reading of the clock. A timer that is
+        already due (nobody has called ``poll`` since) is stored as 0; with ``run_timers``
+        the due timers run first, at their own times, so none is (this changes the device:
+        hand its events on as after any other input).
+        """
+        now = self._clock()
+        if run_timers:
+            self._now_ns = now
+            due = self._due_ns
+            if due is not None and now >= due:
+                self._advance(now)
+        return self._state_at(now)
+
+    def _state_at(self, now: int) -> UartState:
         remaining = None
-        if self._deadline_ns is not None:
-            remaining = max(0, self._deadline_ns - self._clock())
+        if self._timeout_ns is not None:
+            remaining = max(0, self._timeout_ns - now)
+        tx_shift = None if self._tx_end_ns is None else max(0, self._tx_end_ns - now)
+        slot = self._rx_slot_ns
+        rx_slot = None
+        if slot is not None and (slot > now or self._rx_line):
+            rx_slot = max(0, slot - now)
         return UartState(
             baudbase=self._baudbase,
             tx_retry_limit=self._tx_retry_limit,
@@ -549,13 +683,19 @@ class Uart16550:
             timeout_remaining_ns=remaining,
             reset_timing=self._reset_timing,
             statistics=self.statistics(),
+            pace=self._pace,
+            tx_shift_remaining_ns=tx_shift,
+            tx_line=bytes(self._tx_line),
+            rx_line=bytes(self._rx_line),
+            rx_slot_remaining_ns=rx_slot,
         )
 
     def reset(self) -> None:
         """System reset as QEMU does it (§2): FCR and THR survive, pending TX/RX is flushed."""
+        self._begin()
         stats = self._stats
-        stats["tx_flushed"] += self._tx_count()
-        stats["rx_flushed"] += len(self._rx) + (
+        stats["tx_flushed"] += self._tx_waiting_count()
+        stats["rx_flushed"] += len(self._rx) + len(self._rx_line) + (
             1 if self._lsr & Lsr.DR and not self._fcr & Fcr.FE else 0
         )
         old_mcr = self._mcr
@@ -571,8 +711,14 @@ class Uart16550:
         self._tsr_retry = 0
         self._reset_timing = True
         self._char_time_ns = RESET_CHAR_TIME_NS
+        self._line_char_ns = line_char_time_ns(self._baudbase, self._divisor, self._lcr)
         self._timeout_ipending = False
-        self._deadline_ns = None
+        self._timeout_ns = None
+        self._tx_end_ns = None
+        self._tx_line.clear()
+        self._rx_line.clear()
+        self._rx_slot_ns = None
+        self._due_ns = None
         self._rx.clear()
         self._tx.clear()
         self._thr_ipending = False
@@ -610,6 +756,27 @@ class Uart16550:
         return self._char_time_ns
 
     @property
+    def line_char_time_ns(self) -> int:
+        """One character on the wire in ns as line-rate pacing times it (the real frame)."""
+        return self._line_char_ns
+
+    @property
+    def pace(self) -> Pace:
+        """``"line"``: the shift registers move one character per character time."""
+        return self._pace
+
+    @property
+    def irq_edges(self) -> int:
+        """How many times the IRQ level has changed since the device was created (not
+        checkpointed; a recorder compares it before and after an operation)."""
+        return self._irq_edges
+
+    @property
+    def now_ns(self) -> int:
+        """The clock reading of the last input operation (what it ran at)."""
+        return self._now_ns
+
+    @property
     def msi_enabled(self) -> bool:
         """IER.MSI: the guest wants modem-status interrupts (so modem lines are worth polling)."""
         return bool(self._ier & Ier.MSI)
@@ -620,13 +787,19 @@ class Uart16550:
 
     # -- register access ----------------------------------------------------------------
 
+    # Every input operation (a register access, input from the wire, what the wire did with
+    # a byte, a modem change, poll, reset) reads the clock exactly once, runs the timers due
+    # by then, and runs at that time: so a run is a function of its operations and their
+    # times alone (what makes ``uartbridge replay`` exact).
+
     def read(self, offset: int) -> int:
         """Read the register at ``offset`` (0–7), with the chip's side effects."""
         if not 0 <= offset <= 7:
             raise ValueError(f"register offset must be 0..7, got {offset!r}")
-        deadline = self._deadline_ns
-        if deadline is not None and self._clock() >= deadline:
-            self.poll()
+        now = self._now_ns = self._clock()
+        due = self._due_ns
+        if due is not None and now >= due:
+            self._advance(now)
         return self._read_handlers[offset]()
 
     def write(self, offset: int, value: int) -> None:
@@ -635,10 +808,19 @@ class Uart16550:
             raise ValueError(f"register offset must be 0..7, got {offset!r}")
         if not 0 <= value <= 0xFF:
             raise ValueError(f"register value must be 0..255, got {value!r}")
-        deadline = self._deadline_ns
-        if deadline is not None and self._clock() >= deadline:
-            self.poll()
+        now = self._now_ns = self._clock()
+        due = self._due_ns
+        if due is not None and now >= due:
+            self._advance(now)
         self._write_handlers[offset](value)
+
+    def _begin(self) -> int:
+        """Start an input operation: read the clock once and run what is due by then."""
+        now = self._now_ns = self._clock()
+        due = self._due_ns
+        if due is not None and now >= due:
+            self._advance(now)
+        return now
 
     def _read_rbr(self) -> int:
         if self._lcr & Lcr.DLAB:
@@ -647,7 +829,7 @@ class Uart16550:
             rx = self._rx
             value = rx.pop(0) if rx else 0
             if rx:
-                self._deadline_ns = self._clock() + TIMEOUT_CHARS * self._char_time_ns
+                self._set_timeout(self._now_ns + TIMEOUT_CHARS * self._char_time_ns)
             else:
                 self._lsr &= ~(Lsr.DR | Lsr.BI)
             self._timeout_ipending = False
@@ -735,7 +917,7 @@ class Uart16550:
                 1 if self._lsr & Lsr.DR else 0
             )
             self._lsr &= ~(Lsr.DR | Lsr.BI)
-            self._deadline_ns = None
+            self._set_timeout(None)
             self._timeout_ipending = False
             self._rx.clear()
         if value & Fcr.XFR:
@@ -777,8 +959,11 @@ class Uart16550:
         self._scr = value
 
     def _update_parameters(self) -> None:
+        # A character already on the line keeps the end it had; the next one takes the new
+        # rate (a chip would re-time the bits left; the difference is under one character).
         self._reset_timing = False
         self._char_time_ns = char_time_ns(self._baudbase, self._divisor, self._lcr)
+        self._line_char_ns = line_char_time_ns(self._baudbase, self._divisor, self._lcr)
         self._line_changed = True
 
     # -- interrupts -----------------------------------------------------------------------
@@ -808,6 +993,7 @@ class Uart16550:
         level = ident != _NO_INT
         if level != self._irq:  # _set_irq, inlined: this runs after every access
             self._irq = level
+            self._irq_edges += 1
             changes = self._irq_changes
             changes.append(level)
             if len(changes) > 2:
@@ -816,6 +1002,7 @@ class Uart16550:
     def _set_irq(self, level: bool) -> None:
         if level != self._irq:
             self._irq = level
+            self._irq_edges += 1
             changes = self._irq_changes
             changes.append(level)
             if len(changes) > 2:
@@ -824,22 +1011,82 @@ class Uart16550:
     # -- time -----------------------------------------------------------------------------
 
     def next_deadline_ns(self) -> int | None:
-        """When (on ``clock``) the receive timeout falls due, or None if no timer is armed."""
-        return self._deadline_ns
+        """When (on ``clock``) the next timer falls due, or None if none is armed.
+
+        The receive timeout, and with line-rate pacing the end of the character on the
+        transmit line and the next character entering from the line. Call ``poll`` then
+        (or any other input operation: each runs what is due first).
+        """
+        return self._due_ns
 
     def poll(self) -> None:
-        """Run the timers that are due at ``clock()`` (the character timeout, §4.3)."""
-        deadline = self._deadline_ns
-        if deadline is not None and self._clock() >= deadline:
-            self._deadline_ns = None
-            if self._rx:
-                self._timeout_ipending = True
-                self._update_irq()
+        """Run the timers that are due at ``clock()``, each at its own time (§4.3)."""
+        self._begin()
+
+    def _set_timeout(self, deadline_ns: int | None) -> None:
+        self._timeout_ns = deadline_ns
+        if self._paced:
+            self._update_due()
+        else:
+            self._due_ns = deadline_ns
+
+    def _update_due(self) -> None:
+        due = self._timeout_ns
+        if self._paced:
+            tx_end = self._tx_end_ns
+            # A wire that refuses (or a full line) holds the line: it frees when the wire
+            # takes what waits (tx_sent), not at the end of the character.
+            if tx_end is not None and not self._tx_held() and (due is None or tx_end < due):
+                due = tx_end
+            slot = self._rx_slot_ns
+            if self._rx_line and slot is not None and (due is None or slot < due):
+                due = slot
+        self._due_ns = due
+
+    def _advance(self, now: int) -> None:
+        """Run every timer due at or before ``now`` in time order, each at its own time (a
+        timer that runs late gives the same result as one that ran on time). Ties: the
+        receive timeout, then the transmitter, then the receiver."""
+        while True:
+            at = self._timeout_ns
+            kind = 0
+            if self._paced:
+                tx_end = self._tx_end_ns
+                if tx_end is not None and not self._tx_held() and (at is None or tx_end < at):
+                    at, kind = tx_end, 1
+                slot = self._rx_slot_ns
+                if self._rx_line and slot is not None and (at is None or slot < at):
+                    at, kind = slot, 2
+            if at is None or at > now:
+                break
+            self._now_ns = at
+            if kind == 0:
+                self._timeout_ns = None
+                if self._rx:
+                    self._timeout_ipending = True
+                    self._update_irq()
+            elif kind == 1:
+                self._tx_end_ns = None
+                self._tx_line_free()
+            else:
+                self._rx_slot_ns = at + self._line_char_ns
+                self._receive(bytes((self._rx_line.pop(0),)))
+                if not self._mcr & Mcr.LOOP:
+                    self._rx_space = True  # the line has room: the wire may move more in
+        self._now_ns = now
+        self._update_due()
 
     # -- receive --------------------------------------------------------------------------
 
     def can_receive(self) -> int:
-        """How many bytes ``receive`` takes now: capped at the trigger level (§7.1)."""
+        """How many bytes ``receive`` takes now: capped at the trigger level (§7.1).
+
+        With line-rate pacing: the room on the line (``RX_LINE_BYTES`` bytes wait there to
+        enter one character time apart, whatever the FIFO holds: a guest too slow to read
+        sees overruns, as on the chip).
+        """
+        if self._paced:
+            return RX_LINE_BYTES - len(self._rx_line)
         if self._fcr & Fcr.FE:
             count = len(self._rx)
             if count >= FIFO_SIZE:
@@ -859,10 +1106,12 @@ class Uart16550:
         return not self._lsr & Lsr.THRE
 
     def rx_count(self) -> int:
-        """Characters waiting in the RX FIFO (or 1 if RBR holds one); no side effects."""
+        """Characters waiting in the RX FIFO (or 1 if RBR holds one), and with line-rate
+        pacing those still on the line; no side effects."""
+        on_line = len(self._rx_line)
         if self._fcr & Fcr.FE:
-            return len(self._rx)
-        return 1 if self._lsr & Lsr.DR else 0
+            return len(self._rx) + on_line
+        return (1 if self._lsr & Lsr.DR else 0) + on_line
 
     def rx_readable(self) -> int:
         """How many RBR reads find a character with no line error pending, as LSR stands now.
@@ -876,13 +1125,23 @@ class Uart16550:
         return len(self._rx) if self._fcr & Fcr.FE else 1
 
     def receive(self, data: bytes) -> int:
-        """Take bytes from the wire; returns how many were accepted (≤ ``can_receive()``)."""
-        if self._deadline_ns is not None:
-            self.poll()
+        """Take bytes from the wire; returns how many were accepted (≤ ``can_receive()``).
+
+        With line-rate pacing they join the line: the first enters the RX FIFO now if the
+        receiver is free, each next one a character time after the one before.
+        """
+        now = self._begin()
         n = min(len(data), self.can_receive())
         if n:
-            self._receive(data[:n])
             self._stats["bytes_received"] += n
+            if not self._paced:
+                self._receive(data[:n])
+                return n
+            if not self._rx_line:
+                slot = self._rx_slot_ns
+                self._rx_slot_ns = now if slot is None or slot < now else slot
+            self._rx_line += data[:n]
+            self._advance(now)
         return n
 
     def _receive(self, data: bytes) -> None:
@@ -896,7 +1155,7 @@ class Uart16550:
                 data = data[:room]
             self._rx += data
             self._lsr |= Lsr.DR
-            self._deadline_ns = self._clock() + TIMEOUT_CHARS * self._char_time_ns
+            self._set_timeout(self._now_ns + TIMEOUT_CHARS * self._char_time_ns)
         else:
             if self._lsr & Lsr.DR:
                 self._stats["overruns"] += 1
@@ -907,8 +1166,7 @@ class Uart16550:
 
     def receive_break(self) -> None:
         """A break came in from the wire: a NUL with LSR.BI, RLSI if enabled (§7.3)."""
-        if self._deadline_ns is not None:
-            self.poll()
+        self._begin()
         self._stats["breaks"] += 1
         self._rbr = 0
         # QEMU pushes the NUL into the RX FIFO even without FIFOs (§7.3 quirk, kept).
@@ -925,6 +1183,7 @@ class Uart16550:
 
         QEMU never sets PE/FE (its chardevs carry no such information); a real port does.
         """
+        self._begin()
         bits = (Lsr.PE if parity else 0) | (Lsr.FE if framing else 0)
         if bits:
             self._stats["line_errors"] += 1
@@ -934,7 +1193,13 @@ class Uart16550:
     # -- transmit -------------------------------------------------------------------------
 
     def tx_pending(self) -> bytes:
-        """The bytes waiting for the wire, oldest first: the TSR byte, then the FIFO or THR."""
+        """The bytes waiting for the wire, oldest first: the TSR byte, then the FIFO or THR.
+
+        With line-rate pacing, the transmit line: the bytes whose character has started (one
+        more each character time); the rest wait in the FIFO or THR.
+        """
+        if self._paced:
+            return bytes(self._tx_line)
         head = bytes((self._tsr,)) if self._tsr_busy else b""
         if self._fcr & Fcr.FE:
             return head + self._tx
@@ -942,16 +1207,31 @@ class Uart16550:
             return head + bytes((self._thr,))
         return head
 
+    def _tx_waiting_count(self) -> int:
+        """Bytes the device still has to send: the TSR byte (or the transmit line) and the TX
+        FIFO (or THR)."""
+        queued = len(self._tx) if self._fcr & Fcr.FE else (0 if self._lsr & Lsr.THRE else 1)
+        return queued + len(self._tx_line) + (1 if self._tsr_busy else 0)
+
     def _tx_count(self) -> int:
         """``len(tx_pending())``, without building the bytes."""
-        queued = len(self._tx) if self._fcr & Fcr.FE else (0 if self._lsr & Lsr.THRE else 1)
-        return queued + 1 if self._tsr_busy else queued
+        if self._paced:
+            return len(self._tx_line)
+        return self._tx_waiting_count()
 
     def tx_sent(self, n: int) -> None:
         """The OS took the first ``n`` bytes of ``tx_pending()``."""
+        now = self._begin()
         if n < 0 or n > self._tx_count():
             # Counted, not built: a driver that just called tx_pending() pays for it once.
             raise ValueError(f"tx_sent({n}) but only {self._tx_count()} bytes are pending")
+        if self._paced:
+            if n:
+                held = self._tx_held()
+                del self._tx_line[:n]
+                self._stats["bytes_transmitted"] += n
+                self._tx_release(now, held)
+            return
         for _ in range(n):
             if not self._tsr_busy:
                 self._load_tsr()
@@ -964,8 +1244,27 @@ class Uart16550:
         """A write of the head byte was refused: it sits in the TSR and ``tsr_retry`` counts up.
 
         With ``tx_retry_limit`` set, a byte refused that many times more is dropped and
-        counted (QEMU's MAX_XMIT_RETRY); by default it waits for the wire forever.
+        counted (QEMU's MAX_XMIT_RETRY); by default it waits for the wire forever. With
+        line-rate pacing the refusal holds the line: no next character starts (and TEMT
+        stays 0) until the wire takes the byte.
         """
+        now = self._begin()
+        if self._paced:
+            if not self._tx_line:
+                raise ValueError("tx_blocked() but no byte is pending")
+            self._stats["refused_writes"] += 1
+            limit = self._tx_retry_limit
+            if limit is not None and self._tsr_retry >= limit:
+                self._stats["tx_dropped"] += 1
+                del self._tx_line[0]
+                self._tx_release(now, True)
+                return
+            self._tsr_retry += 1
+            if self._tx_end_ns is None:
+                self._tx_end_ns = now  # the line is busy again: the wire holds a byte
+                self._lsr &= ~Lsr.TEMT
+            self._update_due()
+            return
         if not self._tsr_busy:
             if not self._tx_count():
                 raise ValueError("tx_blocked() but no byte is pending")
@@ -980,22 +1279,47 @@ class Uart16550:
         else:
             self._tsr_retry += 1
 
-    def _load_tsr(self) -> None:
-        """Move the next queued byte into the TSR; THRE (and THRI) rise if nothing is left."""
+    def _tx_held(self) -> bool:
+        """Line-rate pacing: the wire refused the first byte of the line, or the line is
+        full: no next character starts until the wire takes some."""
+        return self._tsr_retry > 0 or len(self._tx_line) >= TX_LINE_BYTES
+
+    def _tx_release(self, now: int, held: bool) -> None:
+        """Line-rate pacing: the wire took (or the retry policy dropped) bytes of the line.
+        A line that was ``held`` goes on from now if its character's end has passed."""
+        self._tsr_retry = 0
+        tx_end = self._tx_end_ns
+        if held and tx_end is not None and tx_end < now:
+            self._tx_end_ns = now  # the schedule goes on from now, not from while it was held
+        self._advance(now)
+
+    def _take_next(self) -> int:
+        """The next queued byte leaves THR or the TX FIFO (for the TSR); THRE (and THRI) rise
+        if nothing is left."""
         if self._fcr & Fcr.FE:
-            self._tsr = self._tx.pop(0)
+            byte = self._tx.pop(0)
             if not self._tx:
                 self._lsr |= Lsr.THRE
         else:
-            self._tsr = self._thr
+            byte = self._thr
             self._lsr |= Lsr.THRE
-        self._tsr_busy = True
+        self._tsr = byte
         if self._lsr & Lsr.THRE and not self._thr_ipending:
             self._thr_ipending = True
             self._update_irq()
+        return byte
+
+    def _load_tsr(self) -> None:
+        """Move the next queued byte into the TSR; THRE (and THRI) rise if nothing is left."""
+        self._take_next()
+        self._tsr_busy = True
 
     def _xmit(self) -> None:
         """Load the TSR if it is free; in loopback, deliver straight to the receiver (§6)."""
+        if self._paced:
+            if self._tx_end_ns is None and not self._lsr & Lsr.THRE:
+                self._start_char()
+            return
         while True:
             if not self._tsr_busy:
                 if self._lsr & Lsr.THRE:
@@ -1009,10 +1333,32 @@ class Uart16550:
             self._tsr_retry = 0
         self._lsr |= Lsr.TEMT
 
+    def _tx_line_free(self) -> None:
+        """Line-rate pacing: the transmit line is free (at ``_now_ns``): the next queued byte
+        starts its character, or the transmitter is empty (TEMT)."""
+        if self._lsr & Lsr.THRE:
+            self._lsr |= Lsr.TEMT
+        else:
+            self._start_char()
+
+    def _start_char(self) -> None:
+        """Line-rate pacing: the next queued byte starts its character now and joins the line
+        for the wire (in loopback the receiver gets it at once, as without pacing)."""
+        byte = self._take_next()
+        self._tx_end_ns = self._now_ns + self._line_char_ns
+        if self._mcr & Mcr.LOOP:
+            self._receive(bytes((byte,)))
+            self._stats["bytes_looped_back"] += 1
+        else:
+            self._tx_line.append(byte)
+            self._tx_ready = True
+        self._update_due()
+
     # -- modem inputs and events -----------------------------------------------------------
 
     def set_modem_inputs(self, *, cts: bool, dsr: bool, ri: bool, dcd: bool) -> None:
         """New levels of the port's CTS, DSR, RI and DCD; delta bits and MSI follow (§8)."""
+        self._begin()
         old = self._msr
         levels = (
             (Msr.CTS if cts else 0)
@@ -1062,16 +1408,21 @@ def _ignore_write(value: int) -> None:
 
 __all__ = [
     "NO_EVENTS",
+    "PACES",
     "QEMU_MAX_XMIT_RETRY",
+    "RX_LINE_BYTES",
+    "TX_LINE_BYTES",
     "Clock",
     "LineSettings",
     "ModemOutputs",
+    "Pace",
     "Uart16550",
     "UartEvents",
     "UartState",
     "UartStatistics",
     "char_time_ns",
     "frame_bits",
+    "line_char_time_ns",
     "line_settings_of",
     "modem_outputs_of",
 ]

@@ -84,6 +84,11 @@ static uint32_t get32(const unsigned char *p)
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
+static uint64_t get64(const unsigned char *p)
+{
+    return ((uint64_t)get32(p) << 32) | get32(p + 4);
+}
+
 /* Strict UTF-8 (no overlong forms, no surrogates, nothing above U+10FFFF), as Python's
    bytes.decode() checks it. */
 static int utf8_valid(const unsigned char *s, size_t n)
@@ -199,6 +204,14 @@ long ub_parse_frame(const void *buf, size_t len, ub_frame *f)
         f->data_len = n - 7;
         if (!utf8_valid(f->data, f->data_len))
             return -UB_BUS_MALFORMED;
+        break;
+    case UB_T_TIME:
+    case UB_T_DEADLINE:
+        if (n != 8)
+            return -UB_BUS_MALFORMED;
+        f->u64 = get64(p);
+        if (f->type == UB_T_TIME && f->u64 == UB_NO_DEADLINE)
+            return -UB_BUS_MALFORMED; /* a time, not "none" */
         break;
     case UB_T_IRQ:
         if (n != 1)
@@ -399,11 +412,13 @@ static const char *type_name(unsigned type)
     case UB_T_WRITE_N: return "WRITE_N";
     case UB_T_READ_N: return "READ_N";
     case UB_T_SYNC: return "SYNC";
+    case UB_T_TIME: return "TIME";
     case UB_T_HELLO_REPLY: return "HELLO_REPLY";
     case UB_T_READ_REPLY: return "READ_REPLY";
     case UB_T_READ_N_REPLY: return "READ_N_REPLY";
     case UB_T_SYNC_REPLY: return "SYNC_REPLY";
     case UB_T_IRQ: return "IRQ";
+    case UB_T_DEADLINE: return "DEADLINE";
     case UB_T_ERROR: return "ERROR";
     default: return "?";
     }

@@ -247,10 +247,13 @@ const char *ub_bus_error_name(int code);
 
 enum {
     UB_T_HELLO = 0x01, UB_T_READ = 0x02, UB_T_WRITE = 0x03, UB_T_WRITE_N = 0x04,
-    UB_T_READ_N = 0x05, UB_T_SYNC = 0x06,
+    UB_T_READ_N = 0x05, UB_T_SYNC = 0x06, UB_T_TIME = 0x07 /* v2 */,
     UB_T_HELLO_REPLY = 0x81, UB_T_READ_REPLY = 0x82, UB_T_READ_N_REPLY = 0x85,
-    UB_T_SYNC_REPLY = 0x86, UB_T_IRQ = 0x90, UB_T_ERROR = 0xFF
+    UB_T_SYNC_REPLY = 0x86, UB_T_IRQ = 0x90, UB_T_DEADLINE = 0x91 /* v2 */, UB_T_ERROR = 0xFF
 };
+
+/* DEADLINE's u64 for "no timer armed" (protocol v2, docs/bus-protocol.md section 4.8). */
+#define UB_NO_DEADLINE UINT64_MAX
 
 /* One decoded frame; data points into the buffer that was parsed. */
 typedef struct ub_frame {
@@ -263,6 +266,9 @@ typedef struct ub_frame {
     const unsigned char *data; /* WRITE_N, READ_N_REPLY: the bytes; HELLO_REPLY: the name;
                                   ERROR: the message */
     size_t data_len;
+    uint64_t u64;         /* v2 TIME: the guest's time; DEADLINE: the deadline (ns, or
+                             UB_NO_DEADLINE). This client speaks v1 and never receives them;
+                             the decoder knows them for callers with a transport of their own. */
 } ub_frame;
 
 /* Decode the frame at the start of buf[0..len). Returns its size on the wire (> 0) with

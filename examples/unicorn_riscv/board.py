@@ -779,13 +779,14 @@ def build(args: argparse.Namespace) -> Board:
         directory = Path(args.resume)
         document = read_board_checkpoint(directory)
         port = _port_settings(args.port, args.link) if args.port else None
-        bridge = Bridge.resume(directory / UART_CHECKPOINT, port=port)
+        bridge = Bridge.resume(directory / UART_CHECKPOINT, port=port, record=args.record)
         board = Board(bridge)
         board.restore(directory, document)
     else:
         dtb = compile_device_tree(Path(args.dts))
         check_device_tree(dtb)
-        bridge = Bridge(_port_settings(args.port or "pty:", args.link), name="uart0")
+        bridge = Bridge(_port_settings(args.port or "pty:", args.link), name="uart0",
+                        record=args.record)
         board = Board(bridge)
         board.load(Path(args.firmware), Path(args.payload), dtb)
     return board
@@ -806,6 +807,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", metavar="DIR", help="continue a board checkpoint")
     parser.add_argument("--stop-after-tx", type=int, metavar="N",
                         help="stop (and checkpoint) once the guest wrote N bytes to THR")
+    parser.add_argument("--record", metavar="FILE",
+                        help="record the console UART's inputs (uartbridge replay FILE)")
     args = parser.parse_args(argv)
     if args.stop_after_tx is not None and args.stop_after_tx < 1:
         parser.error("--stop-after-tx must be at least 1")

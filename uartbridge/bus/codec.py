@@ -19,7 +19,8 @@ from enum import IntEnum, IntFlag
 
 from ..errors import BusError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # the newest; a server speaks every version in SUPPORTED_VERSIONS
+SUPPORTED_VERSIONS = (1, 2)
 HEADER = struct.Struct(">HB")  # length, type
 HEADER_SIZE = 2  # the length field alone; the type byte is counted by the length
 MAX_FRAME_LEN = 4096  # type byte + payload
@@ -31,6 +32,9 @@ NUM_REGISTERS = 8
 _U16 = struct.Struct(">H")
 U32 = struct.Struct(">I")
 _OFF_U16 = struct.Struct(">BH")
+U64 = struct.Struct(">Q")
+#: DEADLINE's value for "no timer armed".
+NO_DEADLINE = (1 << 64) - 1
 _HELLO_REPLY = struct.Struct(">HIB")
 
 
@@ -43,11 +47,13 @@ class FrameType(IntEnum):
     WRITE_N = 0x04
     READ_N = 0x05
     SYNC = 0x06
+    TIME = 0x07  # v2
     HELLO_REPLY = 0x81
     READ_REPLY = 0x82
     READ_N_REPLY = 0x85
     SYNC_REPLY = 0x86
     IRQ = 0x90
+    DEADLINE = 0x91  # v2
     ERROR = 0xFF
 
 
@@ -65,6 +71,7 @@ class ErrorCode(IntEnum):
     STALLED = 9  # the guest did not read what the server sent for too long
     SHUTTING_DOWN = 10  # the server is closing
     INTERNAL = 11  # the server failed (a bug); the device state is unchanged by the frame
+    BAD_TIME = 12  # v2: a TIME earlier than the one before
 
 
 class Capability(IntFlag):
@@ -74,6 +81,8 @@ class Capability(IntFlag):
     SYNC = 0x02  # SYNC / SYNC_REPLY
     IRQ_EVENTS = 0x04  # IRQ frames on every level change
     HELLO_TOKEN = 0x08  # HELLO's TOKEN field is understood (TCP peers may authenticate)
+    GUEST_TIME = 0x10  # v2, negotiated: the guest drives the device's clock (TIME, DEADLINE)
+    LINE_PACE = 0x20  # v2, informative: the UART moves bytes at the line rate (pace = line)
 
 
 SERVER_CAPABILITIES = (
@@ -85,6 +94,8 @@ class HelloField(IntEnum):
     """Tags of the optional fields after HELLO's version (``u8 tag, u8 length, value``)."""
 
     TOKEN = 0x01  # an authentication token, 1..255 bytes (docs/bus-protocol.md §1.1)
+    CAPS = 0x02  # v2: u32, the negotiable capabilities the guest asks for (GUEST_TIME)
+    TIME = 0x03  # v2: u64, the guest's time now in ns (with GUEST_TIME)
 
 
 MAX_TOKEN_LEN = 255
@@ -120,11 +131,14 @@ class Hello:
     """Guest → server, first frame: the protocol version the guest speaks (and a token).
 
     ``token`` authenticates a TCP peer the server cannot identify by its uid; it is left
-    out of ``repr`` so that it never reaches a log.
+    out of ``repr`` so that it never reaches a log. v2: ``caps`` asks for negotiable
+    capabilities (``Capability.GUEST_TIME``), ``time_ns`` is the guest's time now.
     """
 
     version: int = PROTOCOL_VERSION
     token: bytes | None = field(default=None, repr=False)
+    caps: int = 0
+    time_ns: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +213,21 @@ class SyncReply:
 
 
 @dataclass(frozen=True, slots=True)
+class Time:
+    """v2, guest → server (posted): the guest's time is now ``now_ns``."""
+
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """v2, server → guest, unsolicited: the device's next timer falls due at ``deadline_ns``
+    of the guest's time (None: no timer armed)."""
+
+    deadline_ns: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class IrqEvent:
     """Server → guest, unsolicited: the IRQ line changed to ``level``."""
 
@@ -224,6 +253,8 @@ Frame = (
     | ReadNReply
     | Sync
     | SyncReply
+    | Time
+    | Deadline
     | IrqEvent
     | ErrorFrame
 )
@@ -280,6 +311,14 @@ def encode(frame: Frame) -> bytes:
             raise FrameError(ErrorCode.MALFORMED, "SYNC token must fit in 32 bits")
         kind = FrameType.SYNC if isinstance(frame, Sync) else FrameType.SYNC_REPLY
         return frame_bytes(kind, U32.pack(frame.token))
+    if isinstance(frame, Time | Deadline):
+        value = frame.now_ns if isinstance(frame, Time) else frame.deadline_ns
+        if value is None:
+            value = NO_DEADLINE
+        elif not 0 <= value < NO_DEADLINE:
+            raise FrameError(ErrorCode.MALFORMED, "a time must be 0..2**64-2 ns")
+        kind = FrameType.TIME if isinstance(frame, Time) else FrameType.DEADLINE
+        return frame_bytes(kind, U64.pack(value))
     if isinstance(frame, Hello):
         if not 0 <= frame.version <= 0xFFFF:
             raise FrameError(ErrorCode.MALFORMED, "version must fit in 16 bits")
@@ -288,6 +327,14 @@ def encode(frame: Frame) -> bytes:
             if not 1 <= len(frame.token) <= MAX_TOKEN_LEN:
                 raise FrameError(ErrorCode.MALFORMED, f"token must be 1..{MAX_TOKEN_LEN} bytes")
             payload += bytes((HelloField.TOKEN, len(frame.token))) + frame.token
+        if frame.caps:
+            if not 0 <= frame.caps <= 0xFFFFFFFF:
+                raise FrameError(ErrorCode.MALFORMED, "caps must fit in 32 bits")
+            payload += bytes((HelloField.CAPS, 4)) + U32.pack(frame.caps)
+        if frame.time_ns is not None:
+            if not 0 <= frame.time_ns < NO_DEADLINE:
+                raise FrameError(ErrorCode.MALFORMED, "a time must be 0..2**64-2 ns")
+            payload += bytes((HelloField.TIME, 8)) + U64.pack(frame.time_ns)
         return frame_bytes(FrameType.HELLO, payload)
     if isinstance(frame, HelloReply):
         name = frame.name.encode()
@@ -351,6 +398,8 @@ def _decode_hello(payload: bytes) -> Frame:
     if len(payload) < 2:
         raise FrameError(ErrorCode.MALFORMED, "HELLO payload must hold a u16 version")
     token = None
+    caps = 0
+    time_ns = None
     pos = 2
     while pos + 2 <= len(payload):
         tag, size = payload[pos], payload[pos + 1]
@@ -359,8 +408,12 @@ def _decode_hello(payload: bytes) -> Frame:
             break
         if tag == HelloField.TOKEN and size:
             token = value
+        elif tag == HelloField.CAPS and size == 4:
+            caps = U32.unpack(value)[0]
+        elif tag == HelloField.TIME and size == 8:
+            time_ns = U64.unpack(value)[0]
         pos += 2 + size
-    return Hello(_U16.unpack_from(payload)[0], token)
+    return Hello(_U16.unpack_from(payload)[0], token, caps, time_ns)
 
 
 def _decode_hello_reply(payload: bytes) -> Frame:
@@ -394,6 +447,20 @@ def _decode_sync_reply(payload: bytes) -> Frame:
     return SyncReply(U32.unpack(payload)[0])
 
 
+def _decode_time(payload: bytes) -> Frame:
+    _expect_size(FrameType.TIME, payload, 8)
+    now_ns = U64.unpack(payload)[0]
+    if now_ns == NO_DEADLINE:
+        raise FrameError(ErrorCode.MALFORMED, "TIME must be 0..2**64-2 ns")
+    return Time(now_ns)
+
+
+def _decode_deadline(payload: bytes) -> Frame:
+    _expect_size(FrameType.DEADLINE, payload, 8)
+    value = U64.unpack(payload)[0]
+    return Deadline(None if value == NO_DEADLINE else value)
+
+
 def _decode_irq(payload: bytes) -> Frame:
     _expect_size(FrameType.IRQ, payload, 1)
     if payload[0] > 1:
@@ -414,11 +481,13 @@ _DECODERS: dict[int, Callable[[bytes], Frame]] = {
     FrameType.WRITE_N: _decode_write_n,
     FrameType.READ_N: _decode_read_n,
     FrameType.SYNC: _decode_sync,
+    FrameType.TIME: _decode_time,
     FrameType.HELLO_REPLY: _decode_hello_reply,
     FrameType.READ_REPLY: _decode_read_reply,
     FrameType.READ_N_REPLY: _decode_read_n_reply,
     FrameType.SYNC_REPLY: _decode_sync_reply,
     FrameType.IRQ: _decode_irq,
+    FrameType.DEADLINE: _decode_deadline,
     FrameType.ERROR: _decode_error,
 }
 

@@ -30,6 +30,13 @@ at most one read plus one frame; when the transport's write buffer passes the hi
 mark the server stops executing frames and stops reading (the kernel's socket buffers then
 hold the client back), and a client that stays that way for ``stall_timeout_s`` is dropped.
 Every ERROR frame is followed by the server closing the connection.
+
+**Time (protocol v2).** On a UART whose clock is the guest's (``guest_clock``), a v2 guest
+that asks for ``GUEST_TIME`` in HELLO drives it: each TIME frame advances the clock by what
+the guest's time moved and runs the timers due; after every settle the server sends a
+DEADLINE frame when the device's next deadline (in the guest's time) changed. Any other
+guest (v1, or v2 without the capability) gets host time: the clock follows the host while it
+is attached. With no guest attached the clock stands still.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from typing import Any
 
 import structlog
 
+from ..clock import GuestClock
 from ..errors import BusError
 from ..listener import Listener, LogLimiter
 from ..registers import FIFO_SIZE, RBR, THR
@@ -55,9 +63,12 @@ from ..sockets import PeerCredentials, bind_unix, peer_credentials
 from ..uart import Clock, Uart16550
 from .codec import (
     MAX_NAME_LEN,
-    PROTOCOL_VERSION,
+    NO_DEADLINE,
     SERVER_CAPABILITIES,
+    SUPPORTED_VERSIONS,
     U32,
+    U64,
+    Capability,
     ErrorCode,
     ErrorFrame,
     Frame,
@@ -69,6 +80,7 @@ from .codec import (
     Read,
     ReadN,
     Sync,
+    Time,
     Write,
     WriteN,
     encode,
@@ -163,6 +175,13 @@ class VirtualWire:
     def _arm_timer(self) -> None:
         if self._loop is None or self._server is None:
             return
+        clock = self._clock
+        if isinstance(clock, GuestClock) and not clock.following_host:
+            if self._timer is not None:  # guest time: TIME frames run the timers
+                self._timer.cancel()
+            self._timer = None
+            self._timer_deadline = None
+            return
         deadline = self.uart.next_deadline_ns()
         if deadline == self._timer_deadline:
             return
@@ -252,6 +271,17 @@ class _Connection(asyncio.BufferedProtocol):
         # (one send: IRQ frames and the reply reach the guest together); None outside _run.
         self._out: bytearray | None = None
         self._unsettled = False  # posted writes not yet followed by a settle
+        self._version = 0  # the protocol version HELLO agreed on
+        # Guest time (v2, GUEST_TIME granted): the guest's time at its last TIME (or HELLO),
+        # and the last DEADLINE sent (in the guest's time; NO_DEADLINE: none).
+        self._guest_time_ns: int | None = None
+        self._deadline_sent: int | None = None
+        self._follows_host = False  # this guest gets host time on a guest-time UART
+
+    @property
+    def drives_time(self) -> bool:
+        """This guest was granted GUEST_TIME: it drives the device's clock."""
+        return self._guest_time_ns is not None
 
     @property
     def attached(self) -> bool:
@@ -336,6 +366,7 @@ class _Connection(asyncio.BufferedProtocol):
         server._connections.discard(self)
         if self._is_guest and server._guest is self:
             server._guest = None
+            server.guest_left(self)
             server.log.info(
                 "bus.guest_disconnected",
                 uart=server.name,
@@ -487,20 +518,21 @@ class _Connection(asyncio.BufferedProtocol):
         if not self._hello:
             if not isinstance(frame, Hello):
                 raise FrameError(ErrorCode.PROTOCOL, "the first frame must be HELLO")
-            if frame.version != PROTOCOL_VERSION:
+            if frame.version not in SUPPORTED_VERSIONS:
                 raise FrameError(
                     ErrorCode.VERSION_MISMATCH,
                     f"protocol version {frame.version} not supported; "
-                    f"this server speaks {PROTOCOL_VERSION}",
+                    f"this server speaks {' and '.join(map(str, SUPPORTED_VERSIONS))}",
                 )
-            self._hello = True
-            if self._hello_timer is not None:
-                self._hello_timer.cancel()
-                self._hello_timer = None
-            self._irq_sent = uart.irq
-            self._send(
-                encode(HelloReply(PROTOCOL_VERSION, SERVER_CAPABILITIES, uart.irq, server.name))
-            )
+            if frame.version >= 2:
+                self._hello_v2(frame)
+            else:
+                self._hello_v1()
+            return
+        if isinstance(frame, Time):
+            if self._version < 2:
+                raise FrameError(ErrorCode.UNKNOWN_TYPE, "frame type 0x07 (TIME) is protocol v2")
+            self._advance_time(frame.now_ns)
             return
         # Posted writes are settled lazily: before anything that observes the device (a
         # reply), before a THR write that would overwrite an unsent byte, and at the end of
@@ -530,6 +562,84 @@ class _Connection(asyncio.BufferedProtocol):
             raise FrameError(
                 ErrorCode.PROTOCOL, f"{type(frame).__name__} is not sent by a guest"
             )
+
+    def _hello_v1(self) -> None:
+        """HELLO v1: exactly the v1 reply (capabilities 0x0F); host time on a guest-time UART."""
+        self._complete_hello(1, SERVER_CAPABILITIES)
+        self._take_host_time()
+
+    def _hello_v2(self, frame: Hello) -> None:
+        """HELLO v2: the negotiated capabilities; GUEST_TIME if asked for and the UART's clock
+        is the guest's."""
+        server = self._server
+        caps = SERVER_CAPABILITIES
+        if server.uart.pace == "line":
+            caps |= Capability.LINE_PACE
+        clock = server.guest_clock
+        wants_time = bool(frame.caps & Capability.GUEST_TIME)
+        if wants_time and clock is not None:
+            if frame.time_ns is None:
+                raise FrameError(ErrorCode.MALFORMED, "GUEST_TIME needs HELLO's TIME field")
+            clock.hold()
+            self._guest_time_ns = frame.time_ns
+            self._complete_hello(2, caps | Capability.GUEST_TIME)
+            self._send_deadline()
+            return
+        self._complete_hello(2, caps)
+        self._take_host_time()
+
+    def _complete_hello(self, version: int, caps: int) -> None:
+        server = self._server
+        self._hello = True
+        self._version = version
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
+        self._irq_sent = server.uart.irq
+        self._send(encode(HelloReply(version, int(caps), server.uart.irq, server.name)))
+
+    def _take_host_time(self) -> None:
+        """A guest that does not drive time, on a guest-time UART: the clock follows the host
+        while it is attached (settled, so the device's timers run on the loop again)."""
+        clock = self._server.guest_clock
+        if clock is not None:
+            clock.follow_host()
+            self._follows_host = True
+            self._settle()
+
+    def _advance_time(self, now_ns: int) -> None:
+        """TIME: the guest's time moved to ``now_ns``; the device's clock moves as much and the
+        timers due by then run (each at its own time). Settled lazily, as a posted write."""
+        last = self._guest_time_ns
+        clock = self._server.guest_clock
+        if last is None or clock is None:
+            raise FrameError(ErrorCode.PROTOCOL, "TIME needs the GUEST_TIME capability (HELLO v2)")
+        if now_ns < last:
+            raise FrameError(ErrorCode.BAD_TIME, f"TIME went back: {now_ns} < {last}")
+        if now_ns > last:
+            clock.advance(now_ns - last)
+            self._guest_time_ns = now_ns
+            self._server.uart.poll()
+            self._unsettled = True
+
+    def _send_deadline(self) -> None:
+        """A DEADLINE frame if the device's next deadline, in the guest's time, changed."""
+        base = self._guest_time_ns
+        clock = self._server.guest_clock
+        if base is None or clock is None or not self._hello or self._closing:
+            return
+        due = self._server.uart.next_deadline_ns()
+        deadline = NO_DEADLINE if due is None else base + max(0, due - clock())
+        if deadline != self._deadline_sent:
+            self._deadline_sent = deadline
+            self._send(frame_bytes(FrameType.DEADLINE, U64.pack(min(deadline, NO_DEADLINE))))
+
+    def release_clock(self) -> None:
+        """This guest left: a clock that followed the host for it stands still again."""
+        clock = self._server.guest_clock
+        if clock is not None and self._follows_host:
+            clock.hold()
+        self._follows_host = False
 
     def _internal_error(self) -> None:
         """Our own bug (or the daemon's settle failed): log it, tell the guest, disconnect."""
@@ -608,13 +718,16 @@ class _Connection(asyncio.BufferedProtocol):
         self.send_irq(self._server.settle())
 
     def send_irq(self, levels: Sequence[bool]) -> None:
-        """IRQ frames for the levels that differ from the last one the guest was told."""
+        """IRQ frames for the levels that differ from the last one the guest was told; then,
+        for a guest that drives time, a DEADLINE frame if the next deadline changed."""
         if not self._hello or self._closing:
             return
         for level in levels:
             if level != self._irq_sent:
                 self._irq_sent = level
                 self._send(_IRQ_HIGH if level else _IRQ_LOW)
+        if self._guest_time_ns is not None:
+            self._send_deadline()
 
     def _send(self, data: bytes) -> None:
         out = self._out
@@ -718,6 +831,7 @@ class BusServer:
         time_budget_s: float = 0.002,
         log_interval_s: float = 10.0,
         on_turn_end: Callable[[], None] | None = None,
+        guest_clock: GuestClock | None = None,
     ) -> None:
         """A server for ``uart`` named ``name`` (≤ 255 UTF-8 bytes; sent in HELLO_REPLY).
 
@@ -738,6 +852,9 @@ class BusServer:
         refused peers or failed accepts. ``on_turn_end`` is called at the end of every turn
         of a guest's frames, after its last settle and before its output is sent: the place
         for a port to apply, once, what the turn's register writes changed (line settings).
+        ``guest_clock``: the UART's clock is the guest's (``clock = "guest"``): a v2 guest
+        with GUEST_TIME drives it, any other guest gets host time while attached (the
+        module docstring, "Time"); it must be the model's clock.
         """
         if len(name.encode()) > MAX_NAME_LEN:
             raise ValueError(f"UART name longer than {MAX_NAME_LEN} bytes: {name!r}")
@@ -761,6 +878,7 @@ class BusServer:
         self.time_budget_ns = int(time_budget_s * 1e9)
         self.log_interval_s = log_interval_s
         self.on_turn_end = on_turn_end
+        self.guest_clock = guest_clock
         self.closing = False
         self._guest: _Connection | None = None
         self._connections: set[_Connection] = set()
@@ -930,10 +1048,17 @@ class BusServer:
     # -- the guest ----------------------------------------------------------------------------
 
     def push_irq(self, levels: Sequence[bool]) -> None:
-        """IRQ changes that happened outside bus operations (port input, timers)."""
+        """IRQ changes that happened outside bus operations (port input, timers); a guest
+        that drives time also hears of a new deadline (so call it with no levels too)."""
         guest = self._guest
-        if guest is not None and levels:
+        if guest is not None and (levels or guest.drives_time):
             guest.send_irq(levels)
+
+    def guest_left(self, conn: _Connection) -> None:
+        """The guest's connection is gone: a clock that followed the host stands still."""
+        conn.release_clock()
+        if self.guest_clock is not None:
+            self.settle()  # the device's loop timer stops (guest time, nobody drives it)
 
     @property
     def guest_connected(self) -> bool:

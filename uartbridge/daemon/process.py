@@ -57,6 +57,7 @@ from ..errors import (
 )
 from ..logs import get_logger
 from ..paths import emergency_dir
+from ..record import RecordWriter
 from ..sockets import default_peer_allowed, ensure_private_dir
 from . import sdnotify as _sdnotify
 from .control_server import ControlServer
@@ -188,8 +189,11 @@ class Daemon:
         resume: dict[str, tuple[Checkpoint, Path]] | None = None,
         reload: Callable[[], Config] | None = None,
         log_overrides: dict[str, str] | None = None,
+        record: Path | None = None,
     ) -> None:
         self.config = config
+        self.record_path = record  # --record: every UART's inputs go to this one file
+        self._recorder: RecordWriter | None = None
         self.log_overrides = log_overrides or {}
         self.log = get_logger()
         self.explicit_resume = resume or {}
@@ -270,6 +274,12 @@ class Daemon:
         self._fd_reserve = FdReserve()
         ensure_private_dir(daemon_cfg.runtime_dir, group=daemon_cfg.socket_gid)
         peer_allowed = default_peer_allowed(daemon_cfg.socket_gid)
+        if self.record_path is not None:
+            self._recorder = RecordWriter(
+                self.record_path,
+                on_error=lambda message: self.log.error("recording stopped", reason=message),
+            )
+            self.log.info("recording", path=str(self.record_path))
         for uart_cfg in self.config.uarts:
             ckpt, path = self._resume_source(uart_cfg.name)
             service = UartService(
@@ -280,6 +290,7 @@ class Daemon:
                 peer_allowed=peer_allowed,
                 resume_from=ckpt,
                 resumed_path=path,
+                record=self._recorder,
             )
             self.services[uart_cfg.name] = service
             if ckpt is not None:
@@ -694,6 +705,8 @@ class Daemon:
         for service in self.services.values():
             with contextlib.suppress(Exception):
                 await service.stop()
+        if self._recorder is not None:
+            self._recorder.close()
 
 
 def serve(
@@ -702,11 +715,14 @@ def serve(
     resume: dict[str, tuple[Checkpoint, Path]] | None = None,
     reload: Callable[[], Config] | None = None,
     log_overrides: dict[str, str] | None = None,
+    record: Path | None = None,
 ) -> int:
     """Run a daemon for ``config`` until it stops; returns the exit code."""
 
     async def main() -> int:
-        daemon = Daemon(config, resume=resume, reload=reload, log_overrides=log_overrides)
+        daemon = Daemon(
+            config, resume=resume, reload=reload, log_overrides=log_overrides, record=record
+        )
         return await daemon.run()
 
     try:
@@ -767,7 +783,8 @@ def run_command(args: Any) -> int:
     except UartBridgeError as exc:
         return _fail(exc)
     _setup_logging(config, overrides)
-    return serve(config, reload=lambda: _load(args.config), log_overrides=overrides)
+    return serve(config, reload=lambda: _load(args.config), log_overrides=overrides,
+                 record=_record_path(args))
 
 
 def resume_command(args: Any) -> int:
@@ -791,7 +808,12 @@ def resume_command(args: Any) -> int:
         return _resume_target(_load(args.config), ckpt, args)[1]
 
     return serve(config, resume={name: (ckpt, Path(args.file))}, reload=reload,
-                 log_overrides=overrides)
+                 log_overrides=overrides, record=_record_path(args))
+
+
+def _record_path(args: Any) -> Path | None:
+    record = getattr(args, "record", None)
+    return Path(record) if record else None
 
 
 def _resume_target(config: Config, ckpt: Checkpoint, args: Any) -> tuple[str, Config]:

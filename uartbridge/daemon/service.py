@@ -4,6 +4,10 @@ The glue between the model and its port — ``settle()``, the receive-timeout ti
 snapshot — is ``uartbridge.device.UartDevice``, shared with ``uartbridge.embed.Bridge``. This
 service adds what only the daemon has: the bus server (IRQ changes are pushed to the guest,
 in order, before any reply that observes them), the config, the state directory and status.
+
+``clock = "guest"`` gives the device a ``GuestClock`` that the bus server hands to a v2
+guest asking for GUEST_TIME (and lets follow the host for any other guest); ``pace`` is the
+model's (a resumed device keeps the pace it was checkpointed with, as its baudbase).
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from typing import Any
 
 from ..bus import BusServer
 from ..checkpoint import Checkpoint, checkpoint_path, write_checkpoint
+from ..clock import GuestClock
 from ..config import UartConfig
 from ..device import UartDevice
 from ..errors import CheckpointError, CheckpointWriteError, exit_code_for_os_error
 from ..port import PortLink
+from ..record import RecordWriter
 from ..registers import REGISTER_BITS, Lsr, decode_bits
 from ..sockets import PeerCredentials
 from ..uart import Uart16550
@@ -41,20 +47,25 @@ class UartService:
         peer_allowed: Callable[[PeerCredentials], bool] | None = None,
         resume_from: Checkpoint | None = None,
         resumed_path: Path | None = None,
+        record: RecordWriter | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self.state_dir = state_dir
         self.keep_previous = keep_previous
+        self.guest_clock = GuestClock() if config.clock == "guest" else None
         self.device = UartDevice(
             config.name,
             config.port,
             baudbase=config.baudbase,
             tx_retry_limit=config.tx_retry_limit,
+            pace=config.pace,
+            clock=self.guest_clock,
             log=log,
             trace_file=config.trace_file,
             resume_from=resume_from,
             on_change=self._push_irq,
+            record=record,
         )
         self.log = self.device.log
         self.resumed_from = resume_from
@@ -66,7 +77,14 @@ class UartService:
             peer_allowed=peer_allowed,
             tcp_token=config.bus_tcp_token,
             log=self.log,
+            guest_clock=self.guest_clock,
         )
+        if resume_from is not None and resume_from.uart.pace != config.pace:
+            self.log.warning(
+                "pace kept from the checkpoint",
+                pace=resume_from.uart.pace,
+                configured=config.pace,
+            )
         self.last_checkpoint_path: Path | None = None
         self.last_checkpoint_unix_ns: int | None = None
 
@@ -91,9 +109,9 @@ class UartService:
         return self.device.generation
 
     def _push_irq(self, levels: list[bool]) -> None:
-        """The port link or the timer changed the device: push its IRQ changes to the guest."""
-        if levels:
-            self.bus.push_irq(levels)
+        """The port link or the timer changed the device: push its IRQ changes to the guest
+        (and, to a guest that drives time, the new deadline: so even with no change)."""
+        self.bus.push_irq(levels)
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -171,6 +189,16 @@ class UartService:
 
     # -- status -----------------------------------------------------------------------------
 
+    def _time_status(self) -> dict[str, Any]:
+        """The device's clock: its reading, whether it follows the host, the next deadline."""
+        deadline = self.device.next_deadline_ns
+        now_ns = self.device.clock()
+        return {
+            "now_ns": now_ns,
+            "host_time": self.device.host_time,
+            "next_deadline_in_ns": None if deadline is None else max(0, deadline - now_ns),
+        }
+
     def status(self) -> dict[str, Any]:
         """What ``uartbridge status`` shows for this UART."""
         state = self.uart.state()
@@ -207,6 +235,9 @@ class UartService:
             "irq": self.uart.irq,
             "divisor": state.divisor,
             "line": self.uart.line_settings.summary(),
+            "clock": self.config.clock,
+            "pace": self.uart.pace,
+            "time": self._time_status(),
             "registers": registers,
             "rx_fifo": len(state.rx_fifo),
             "tx_fifo": len(state.tx_fifo),

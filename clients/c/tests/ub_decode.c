@@ -85,6 +85,13 @@ static void print_frame(const ub_frame *f)
         break;
     case UB_T_SYNC_REPLY: printf("sync_reply:%lu", (unsigned long)f->u32); break;
     case UB_T_IRQ: printf("irq:%u", f->value); break;
+    case UB_T_TIME: printf("time:%llu", (unsigned long long)f->u64); break;
+    case UB_T_DEADLINE:
+        if (f->u64 == UB_NO_DEADLINE)
+            printf("deadline:none");
+        else
+            printf("deadline:%llu", (unsigned long long)f->u64);
+        break;
     case UB_T_ERROR: printf("error:%u:", f->value); hex(f->data, f->data_len); break;
     default: printf("?%u", f->type); break;
     }
