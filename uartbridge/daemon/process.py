@@ -221,10 +221,9 @@ class Daemon:
         self._retry_wakeup = asyncio.Event()
         self._periodic: asyncio.Task[None] | None = None
         self._periodic_errors: dict[str, str] = {}
-        # State-directory writes: one thread (the files of all UARTs in turn; a disk gains
-        # nothing from more), and per UART the write in flight (see ``_write``).
+        # Checkpoint writes: one thread, and the one write in flight (see ``_write``).
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._writing: dict[str, asyncio.Task[Path]] = {}
+        self._in_flight: asyncio.Task[Path] | None = None
         self._emergency: set[str] = set()  # UARTs with an emergency copy on disk
         self._unsaved: dict[str, tuple[Checkpoint, CheckpointWriteError]] = {}
         self._loop_errors: dict[str, tuple[float, int]] = {}
@@ -479,16 +478,18 @@ class Daemon:
         """Write one state-directory checkpoint (``ckpt``, or a snapshot taken now); None
         (logged once per reason) if a periodic one is refused, otherwise a refusal raises.
 
-        Every state-directory write of a UART goes through here, one at a time: this waits
-        for the one in flight first, so files land in snapshot order and the final one
-        (``in_loop``) lands last. A write runs in the writer thread (encode, write, the two
-        fsyncs: tens of ms that would stall every UART), except ``in_loop`` (the final one
-        and its retries: every bus is closed by then, and a second signal must see whether
-        it is written) and a retry when the thread ran out of descriptors (``_write_now``).
+        Every checkpoint write goes through here, one at a time (of any UART: one thread
+        writes them anyway): this waits for the one in flight first, so a UART's files land
+        in snapshot order, its final one (``in_loop``) last, and a write on the loop never
+        runs beside one in the thread (which could take the descriptors the reserve frees).
+        A write runs in the writer thread (encode, write, two fsyncs: tens of ms that would
+        stall every UART), except ``in_loop`` (the final one and its retries: every bus is
+        closed by then, and a second signal must see whether it is written) and a retry when
+        the thread ran out of descriptors (``_write_now``).
         """
-        while (busy := self._writing.get(service.name)) is not None and not busy.done():
+        while self._in_flight is not None and not self._in_flight.done():
             with contextlib.suppress(Exception):
-                await asyncio.shield(busy)  # its outcome is its caller's
+                await asyncio.shield(self._in_flight)  # its outcome is its caller's
         if periodic and self._final_task is not None:
             return None  # the final checkpoint is being taken: it must be the last one
         if ckpt is None:
@@ -496,11 +497,10 @@ class Daemon:
         try:
             if in_loop:
                 return self._saved(service, ckpt, self._write_reserved(service, ckpt))
-            task = asyncio.create_task(self._write_now(service, ckpt))
-            self._writing[service.name] = task
+            self._in_flight = asyncio.create_task(self._write_now(service, ckpt))
             # Shielded: a cancelled caller (the periodic task at stop) leaves the write to
             # finish, and still in flight for the next writer and for shutdown to wait on.
-            return await asyncio.shield(task)
+            return await asyncio.shield(self._in_flight)
         except CheckpointWriteError as exc:
             if not periodic:
                 raise
@@ -550,10 +550,10 @@ class Daemon:
         return path
 
     async def _writes_finished(self) -> None:
-        """Wait for the writes in flight (shutdown: the thread's last file lands whole)."""
-        for task in list(self._writing.values()):
+        """Wait for the write in flight (shutdown: the thread's last file lands whole)."""
+        if self._in_flight is not None:
             with contextlib.suppress(Exception):
-                await asyncio.shield(task)
+                await asyncio.shield(self._in_flight)
         self._writer.shutdown(wait=True)
 
     @contextlib.contextmanager
