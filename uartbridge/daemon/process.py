@@ -57,6 +57,7 @@ from ..errors import (
     CheckpointError,
     CheckpointWriteError,
     ConfigError,
+    ControlError,
     DaemonRunningError,
     StateDirError,
     UartBridgeError,
@@ -490,8 +491,12 @@ class Daemon:
         while self._in_flight is not None and not self._in_flight.done():
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._in_flight)  # its outcome is its caller's
-        if periodic and self._final_task is not None:
-            return None  # the final checkpoint is being taken: it must be the last one
+        if self._final_task is not None and not in_loop:
+            # The final checkpoint is being taken (or is written): it must be the last one.
+            if periodic:
+                return None
+            raise ControlError(f"{service.name}: the daemon is stopping; its final checkpoint "
+                               "is the last one")
         if ckpt is None:
             ckpt = service.snapshot()  # after the wait: a later snapshot never lands earlier
         try:
