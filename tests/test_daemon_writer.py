@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import Daemon, daemon, require_program, wait_for
+from procs import Daemon, daemon, fill_filesystem, require_program, small_tmpfs, wait_for
 
 from uartbridge.checkpoint import checkpoint_path, previous_path, read_checkpoint
 from uartbridge.client import BusClient
@@ -115,3 +115,28 @@ def test_periodic_checkpoints_go_on_with_no_descriptor_free(tmp_path: Path) -> N
         assert "periodic checkpoint failed" not in d.log()
         assert d.stop() == 0
         assert "checkpoint written" in d.log()
+
+
+def test_no_checkpoint_lands_after_the_final_one(tmp_path: Path) -> None:
+    """While the final checkpoint is being retried (a full state directory: a real small
+    tmpfs), a `uartbridge checkpoint` request is refused (69, "stopping") instead of writing
+    a later snapshot; when room comes back the final one lands and the daemon exits 0."""
+    with (
+        daemon(tmp_path / "d", [{"name": "uart0", "port": "pty:"}], interval_s=0,
+               stop_retry_s=60) as d,
+        small_tmpfs(tmp_path / "d" / "state"),
+    ):
+        d.start()
+        with BusClient(d.bus("uart0"), timeout_s=60) as client:
+            client.write(SCR, 0x66)
+        filler = fill_filesystem(d.state_dir)
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "retrying the final checkpoint" in d.log(), 30)
+        refused = d.cli("checkpoint", "--config", str(d.config_path))
+        assert refused.returncode == 69, (refused.returncode, refused.stderr)
+        assert "stopping" in refused.stderr and "Traceback" not in refused.stderr
+        filler.unlink()
+        assert d.wait_exit(60) == 0
+        d.proc = None
+        assert read_checkpoint(checkpoint_path(d.state_dir, "uart0")).uart.scr == 0x66

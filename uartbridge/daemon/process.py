@@ -57,8 +57,8 @@ from ..errors import (
     CheckpointError,
     CheckpointWriteError,
     ConfigError,
-    ControlError,
     DaemonRunningError,
+    DaemonStoppingError,
     StateDirError,
     UartBridgeError,
     exit_code_for_os_error,
@@ -495,8 +495,8 @@ class Daemon:
             # The final checkpoint is being taken (or is written): it must be the last one.
             if periodic:
                 return None
-            raise ControlError(f"{service.name}: the daemon is stopping; its final checkpoint "
-                               "is the last one")
+            raise DaemonStoppingError(f"{service.name}: the daemon is stopping; its final "
+                                      "checkpoint is the last one")
         if ckpt is None:
             ckpt = service.snapshot()  # after the wait: a later snapshot never lands earlier
         try:
