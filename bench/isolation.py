@@ -18,8 +18,11 @@ round trips, one every ~0.5 ms, for the whole phase; a ``baseline`` phase has no
 end of each phase it also times a reconnect (connect + HELLO) to ``uart1``.
 Target (issue 9, C12): ``uart1``'s READ p99 ≤ 5 ms and max ≤ 50 ms under every flood.
 
-Run: ``python bench/isolation.py [--runs 3] [--seconds 3]``. Prints a table per phase (medians
-over runs) and one JSON line.
+Periodic checkpoints run at the config's default (every 5 s); ``--checkpoint-interval 0.1``
+puts about 30 of them in every phase, to see what they cost the other UART.
+
+Run: ``python bench/isolation.py [--runs 3] [--seconds 3] [--checkpoint-interval S]``. Prints
+a table per phase (medians over runs) and one JSON line.
 """
 
 from __future__ import annotations
@@ -147,6 +150,8 @@ def main() -> None:
     add_runs_arg(parser, default=3)
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per phase")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated phases")
+    parser.add_argument("--checkpoint-interval", type=float, default=None,
+                        help="[checkpoint] interval_s (default: the config's default, 5 s)")
     args = parser.parse_args()
     socat = need_program("socat")
     phases = [p for p in args.phases.split(",") if p]
@@ -160,7 +165,8 @@ def main() -> None:
         daemon = Daemon(root, [
             {"name": "uart0", "port": str(stalled_a)},
             {"name": "uart1", "port": str(sink_link)},
-        ])
+        ], checkpoint={} if args.checkpoint_interval is None else {
+            "interval_s": args.checkpoint_interval})
         try:
             # uart0: a null-modem whose B side nobody opens (stalled); uart1: into /dev/null.
             procs.append(subprocess.Popen(

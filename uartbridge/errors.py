@@ -113,6 +113,12 @@ class DaemonRunningError(UartBridgeError):
     exit_code = EX_TEMPFAIL
 
 
+class DaemonStoppingError(UartBridgeError):
+    """The daemon is stopping and does not serve this request any more (69)."""
+
+    exit_code = EX_UNAVAILABLE
+
+
 class PortError(UartBridgeError):
     """The host port failed while open (I/O, configuration)."""
 

@@ -24,8 +24,13 @@ Life cycle (uvicorn's ``server.py`` is the model):
    are removed in every case. A second signal ends the retry (or, before the final checkpoint
    was written, skips it: exit 70); a third exits at once.
 
-Checkpoint writes take their file descriptors from a small reserve held open for them, so a
-storm of connections that uses up the descriptor limit cannot stop them.
+Periodic checkpoints and the control socket's ``checkpoint`` are written by one writer thread
+(the snapshot is taken on the loop, between two bus operations; encoding, writing and the
+fsyncs are not, so a slow disk stalls no UART); the final checkpoint is written on the loop,
+after the write in flight, so it lands last. Writes on the loop take their file descriptors
+from a small reserve held open for them, so a storm of connections that uses up the
+descriptor limit cannot stop them (a thread's write refused for want of descriptors is redone
+there).
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import os
 import signal
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +58,7 @@ from ..errors import (
     CheckpointWriteError,
     ConfigError,
     DaemonRunningError,
+    DaemonStoppingError,
     StateDirError,
     UartBridgeError,
     exit_code_for_os_error,
@@ -214,6 +222,9 @@ class Daemon:
         self._retry_wakeup = asyncio.Event()
         self._periodic: asyncio.Task[None] | None = None
         self._periodic_errors: dict[str, str] = {}
+        # Checkpoint writes: one thread, and the one write in flight (see ``_write``).
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._in_flight: asyncio.Task[Path] | None = None
         self._emergency: set[str] = set()  # UARTs with an emergency copy on disk
         self._unsaved: dict[str, tuple[Checkpoint, CheckpointWriteError]] = {}
         self._loop_errors: dict[str, tuple[float, int]] = {}
@@ -358,6 +369,7 @@ class Daemon:
                 if task is not None:
                     task.cancel()
             await self._close_all()
+            await self._writes_finished()  # after the control socket: no new write comes
             # A start that failed is no crash: leave the marker only if one was there.
             self._finish_files(code if started or self.crashed_before else EX_OK)
         self.log.info("stopped", exit_code=code, log_lines_dropped=logs.dropped_lines())
@@ -453,16 +465,47 @@ class Daemon:
         while True:
             await asyncio.sleep(interval_s)
             for service in self.services.values():
-                self._write(service, periodic=True)
+                await self._write(service, periodic=True)
             _sdnotify.status(self.status_line())
 
-    def _write(
-        self, service: UartService, ckpt: Checkpoint | None = None, *, periodic: bool = False
+    async def _write(
+        self,
+        service: UartService,
+        ckpt: Checkpoint | None = None,
+        *,
+        periodic: bool = False,
+        in_loop: bool = False,
     ) -> Path | None:
-        """Write one state-directory checkpoint; None (logged once per reason) if refused."""
+        """Write one state-directory checkpoint (``ckpt``, or a snapshot taken now); None
+        (logged once per reason) if a periodic one is refused, otherwise a refusal raises.
+
+        Every checkpoint write goes through here, one at a time (of any UART: one thread
+        writes them anyway): this waits for the one in flight first, so a UART's files land
+        in snapshot order, its final one (``in_loop``) last, and a write on the loop never
+        runs beside one in the thread (which could take the descriptors the reserve frees).
+        A write runs in the writer thread (encode, write, two fsyncs: tens of ms that would
+        stall every UART), except ``in_loop`` (the final one and its retries: every bus is
+        closed by then, and a second signal must see whether it is written) and a retry when
+        the thread ran out of descriptors (``_write_now``).
+        """
+        while self._in_flight is not None and not self._in_flight.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._in_flight)  # its outcome is its caller's
+        if self._final_task is not None and not in_loop:
+            # The final checkpoint is being taken (or is written): it must be the last one.
+            if periodic:
+                return None
+            raise DaemonStoppingError(f"{service.name}: the daemon is stopping; its final "
+                                      "checkpoint is the last one")
+        if ckpt is None:
+            ckpt = service.snapshot()  # after the wait: a later snapshot never lands earlier
         try:
-            with self._reserved_fds():
-                path = service.write_checkpoint(ckpt)
+            if in_loop:
+                return self._saved(service, ckpt, self._write_reserved(service, ckpt))
+            self._in_flight = asyncio.create_task(self._write_now(service, ckpt))
+            # Shielded: a cancelled caller (the periodic task at stop) leaves the write to
+            # finish, and still in flight for the next writer and for shutdown to wait on.
+            return await asyncio.shield(self._in_flight)
         except CheckpointWriteError as exc:
             if not periodic:
                 raise
@@ -477,10 +520,46 @@ class Daemon:
                 raise
             service.log.error("periodic checkpoint failed", error=str(exc))
             return None
+
+    async def _write_now(self, service: UartService, ckpt: Checkpoint) -> Path:
+        """The in-flight write: the file in the writer thread, then its bookkeeping."""
+        loop = asyncio.get_running_loop()
+        try:
+            path = await loop.run_in_executor(self._writer, service.write_checkpoint, ckpt)
+        except CheckpointWriteError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, OSError) or cause.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            # Out of descriptors (a connection storm). The reserve cannot serve the thread:
+            # the loop goes on meanwhile and its next accept would take the numbers freed for
+            # it. So this write is redone here, in the loop, inside the reserve.
+            path = self._write_reserved(service, ckpt)
+        return self._saved(service, ckpt, path)
+
+    def _write_reserved(
+        self, service: UartService, ckpt: Checkpoint, *, directory: Path | None = None
+    ) -> Path:
+        """Write in the loop, with the descriptor reserve released for it."""
+        with self._reserved_fds():
+            if directory is not None:
+                ensure_private_dir(directory, mode=0o700, error=StateDirError,
+                                   what="emergency directory")
+            return service.write_checkpoint(ckpt, directory=directory)
+
+    def _saved(self, service: UartService, ckpt: Checkpoint, path: Path) -> Path:
+        """Bookkeeping of a state-directory write, in the same loop step as its end."""
+        service.checkpoint_saved(path, ckpt)
         if self._periodic_errors.pop(service.name, None) is not None:
             service.log.info("checkpoints written again", path=str(path))
         self._drop_emergency(service)
         return path
+
+    async def _writes_finished(self) -> None:
+        """Wait for the write in flight (shutdown: the thread's last file lands whole)."""
+        if self._in_flight is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._in_flight)
+        self._writer.shutdown(wait=True)
 
     @contextlib.contextmanager
     def _reserved_fds(self) -> Iterator[None]:
@@ -582,11 +661,10 @@ class Daemon:
         written: dict[str, str] = {}
         texts = {}
         for service in targets:
-            ckpt = service.snapshot()
             if documents:
-                texts[service.name] = encode(ckpt).decode("utf-8")
+                texts[service.name] = encode(service.snapshot()).decode("utf-8")
                 continue
-            written[service.name] = str(self._write(service, ckpt))
+            written[service.name] = str(await self._write(service))
             service.log.info("checkpoint written", path=written[service.name], stop=False)
         return {"written": written, "documents": texts, "failed": {}}
 
@@ -608,7 +686,7 @@ class Daemon:
         for service in services:
             ckpt = snapshots[service.name] = service.snapshot()
             try:
-                written[service.name] = str(self._write(service, ckpt))
+                written[service.name] = str(await self._write(service, ckpt, in_loop=True))
             except CheckpointWriteError as exc:
                 failed[service.name] = self._save_emergency(service, ckpt, exc)
                 continue
@@ -625,10 +703,7 @@ class Daemon:
         self._unsaved[service.name] = (ckpt, exc)
         directory = emergency_dir(self.config.daemon.runtime_dir)
         try:
-            with self._reserved_fds():
-                ensure_private_dir(directory, mode=0o700, error=StateDirError,
-                                   what="emergency directory")
-                path = service.write_checkpoint(ckpt, directory=directory)
+            path = self._write_reserved(service, ckpt, directory=directory)
         except UartBridgeError as second:
             message = (f"final checkpoint not written: {exc.reason} "
                        f"(and no emergency copy: {second})")
@@ -659,7 +734,7 @@ class Daemon:
             for name, (ckpt, _exc) in list(self._unsaved.items()):
                 service = self.services[name]
                 try:
-                    path = self._write(service, ckpt)
+                    path = await self._write(service, ckpt, in_loop=True)
                 except CheckpointWriteError as again:
                     self._unsaved[name] = (ckpt, again)
                     continue

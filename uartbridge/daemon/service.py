@@ -154,17 +154,14 @@ class UartService:
         """The whole UART as one value, taken in one event-loop step (between bus operations)."""
         return self.device.snapshot()
 
-    def write_checkpoint(
-        self, ckpt: Checkpoint | None = None, *, directory: Path | None = None
-    ) -> Path:
-        """Write ``ckpt`` (default: a new snapshot) atomically into the state directory (or
-        ``directory``: the emergency one); returns the path.
+    def write_checkpoint(self, ckpt: Checkpoint, *, directory: Path | None = None) -> Path:
+        """Write ``ckpt`` atomically into the state directory (or ``directory``: the emergency
+        one); returns the path. Only the file: safe off the event loop (the daemon's writer
+        thread); ``checkpoint_saved`` records it afterwards, on the loop.
 
         ``CheckpointWriteError`` (exit code 73 or 74 from the errno) when the filesystem
         refuses it; the state it would have saved is still in ``ckpt`` and in the device.
         """
-        if ckpt is None:
-            ckpt = self.snapshot()
         path = checkpoint_path(directory or self.state_dir, self.name)
         try:
             write_checkpoint(path, ckpt, keep_previous=self.keep_previous and directory is None)
@@ -177,10 +174,12 @@ class UartService:
                 exit_code=exit_code_for_os_error(cause),
                 reason=cause.strerror or str(cause),
             ) from cause
-        if directory is None:
-            self.last_checkpoint_path = path
-            self.last_checkpoint_unix_ns = ckpt.meta.created_unix_ns
         return path
+
+    def checkpoint_saved(self, path: Path, ckpt: Checkpoint) -> None:
+        """``ckpt`` is now the state directory's checkpoint at ``path`` (for ``status``)."""
+        self.last_checkpoint_path = path
+        self.last_checkpoint_unix_ns = ckpt.meta.created_unix_ns
 
     async def quiesce(self) -> None:
         """Stop taking input from the port and let the OS finish what it accepted."""
