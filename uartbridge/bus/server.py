@@ -1081,6 +1081,14 @@ class BusServer:
         """How many sock_diag queries identified TCP peers (one or so per connection)."""
         return self._diag.queries if self._diag is not None else 0
 
+    def detach_unix(self) -> None:
+        """Stop accepting on the Unix listening sockets and keep them open (``kept_unix``)
+        for the next run: who connects from now on waits in the backlog for it."""
+        for listener in list(self._listeners):
+            if listener.sock.family == socket.AF_UNIX:
+                self._listeners.remove(listener)
+                self.kept_unix.append(listener.detach())
+
     async def close(self, *, keep_listening: bool = False) -> None:
         """Stop listening, close every connection (the guest is told), remove socket files.
 
@@ -1088,11 +1096,10 @@ class BusServer:
         next run (``kept_unix``); connections wait in the backlog meanwhile.
         """
         self.closing = True
+        if keep_listening:
+            self.detach_unix()
         for listener in self._listeners:
-            if keep_listening and listener.sock.family == socket.AF_UNIX:
-                self.kept_unix.append(listener.detach())
-            else:
-                listener.close()
+            listener.close()
         self._listeners.clear()
         for path, inode in self._unix_paths:
             with contextlib.suppress(OSError):

@@ -71,6 +71,8 @@ class ControlTarget(Protocol):
 
     def request_stop(self) -> None: ...
 
+    def prepare_restart(self) -> None: ...
+
     def request_restart(self) -> None: ...
 
 
@@ -261,8 +263,9 @@ class ControlServer:
         if cmd == "status":
             return {"ok": True, **self.daemon.status()}, None
         if cmd == "restart":
-            # Before the reply: the client's next connection must wait for the next run.
-            self.detach_listener()
+            # Before the reply: the client's next connection (to the bus or here) must wait
+            # for the next run, not reach this one as it stops.
+            self.daemon.prepare_restart()
             status = self.daemon.status()
             return {"ok": True, "pid": status["pid"], "restarts": status["restarts"]}, \
                 self.daemon.request_restart

@@ -220,6 +220,7 @@ class Daemon:
         self._loop_errors: dict[str, tuple[float, int]] = {}
         # In-place restarts (``uartbridge restart``): how many led to this run; requested?
         self.restarts = handover.restarts_so_far()
+        self._restart_prepared = False
         self._restart_requested = False
         self._handing_over = False
 
@@ -386,15 +387,22 @@ class Daemon:
         self.log.info("stopped", exit_code=code, log_lines_dropped=logs.dropped_lines())
         return code
 
-    def request_restart(self) -> None:
-        """Restart in place (``uartbridge restart``) after the request has been answered."""
+    def prepare_restart(self) -> None:
+        """Before ``request_restart``: stop accepting on the control and bus sockets (kept
+        open: who connects from now on waits in their backlogs for the next run)."""
         if self.stop_event.is_set():
             return
-        self._restart_requested = True
+        self._restart_prepared = True
         if self.control is not None:
-            # From now on control clients wait in the backlog for the next run.
             self.control.detach_listener()
-        self.stop_event.set()
+        for service in self.services.values():
+            service.bus.detach_unix()
+
+    def request_restart(self) -> None:
+        """Restart in place (``uartbridge restart``) after the request has been answered."""
+        if self._restart_prepared and not self.stop_event.is_set():
+            self._restart_requested = True
+            self.stop_event.set()
 
     async def _restart_in_place(self) -> None:
         """Final checkpoint, then ``exec`` this same command line keeping the ports and the
