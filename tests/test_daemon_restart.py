@@ -393,3 +393,46 @@ def test_handed_fd_of_another_port_falls_back_to_opening_the_path(tmp_path: Path
             assert json.dumps(status)  # the daemon answers after the fallback
     finally:
         manager.close()
+
+
+def test_restart_resumes_the_state_it_handed_over_not_the_first_start_s(tmp_path: Path) -> None:
+    """After `resume FILE` (and with `resume = "never"`), an in-place restart resumes from the
+    checkpoint it just wrote: the scratch register keeps its latest value, not FILE's."""
+    with daemon(tmp_path / "d", [{"name": "uart0", "port": "pty:"}], interval_s=0,
+                resume="never") as d:
+        d.start()
+        with BusClient(d.bus()) as client:
+            client.write(SCR, 0x11)
+        saved = tmp_path / "first.json"
+        out = d.cli("checkpoint", "--output", str(saved), "--config", str(d.config_path))
+        assert out.returncode == 0, out.stderr
+        assert d.stop(signal.SIGTERM) == 0
+        d.start("resume", str(saved))
+        with BusClient(d.bus()) as client:
+            assert client.read(SCR) == 0x11
+            client.write(SCR, 0x22)
+        _finish(_restart(d), d)
+        with BusClient(d.bus()) as client:
+            assert client.read(SCR) == 0x22
+
+
+def test_handed_fds_nobody_takes_are_closed_and_named(tmp_path: Path) -> None:
+    """A handed-over descriptor no UART takes (its name is unknown here) is closed and logged
+    by name; the daemon starts normally."""
+    manager = FakeManager(tmp_path)
+    try:
+        with daemon(tmp_path / "d", [{"name": "uart0", "port": "pty:"}], interval_s=0) as d:
+            left, right = socket.socketpair()
+            try:
+                manager.start(d, {"port.gone": left.fileno()})
+            finally:
+                left.close()
+            unused = [e for e in d.events()
+                      if e.get("event") == "handed-over descriptor not used; closed"]
+            assert [e["name"] for e in unused] == ["port.gone"], d.log()
+            right.settimeout(10)
+            assert right.recv(1) == b""  # every copy of the other end is closed
+            right.close()
+            assert d.status()["uarts"][0]["port_open"] is True
+    finally:
+        manager.close()
