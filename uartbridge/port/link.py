@@ -594,10 +594,13 @@ class PortLink:
 
     @property
     def port_fd(self) -> int | None:
-        """The open port's descriptor (an owned pty's master), or None."""
+        """The open port's descriptor (an owned pty's master), or None; None for an
+        ``rfc2217://`` port too (pyserial's connection cannot be handed to another run)."""
         if self._owned is not None:
             return self._owned.master_fd
-        return None if self._io is None else self._io.fd
+        if self._io is None or isinstance(self._io, Rfc2217Io):
+            return None
+        return self._io.fd
 
     def handle_identity(self) -> str | None:
         """Which port is open (``handle.fd_identity``: a checkpoint's ``port_handle``)."""
