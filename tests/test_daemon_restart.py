@@ -121,6 +121,8 @@ def test_restart_in_place_keeps_the_socat_link_and_loses_no_byte(tmp_path: Path)
             far.stop()
         assert d.proc.poll() is None and d.proc.pid == pid
         assert d.status()["restarts"] == 3
+        text = d.cli("status", "--config", str(d.config_path)).stdout
+        assert "restarted in place 3 times" in text, text
         taken = [e for e in d.events() if e.get("event") == "port.taken_over"]
         assert len(taken) == 3, d.log()
         assert not [e for e in d.events() if e.get("event") == "port.handover_mismatch"]

@@ -233,6 +233,9 @@ def _print_status(reply: dict[str, Any]) -> None:
     )
     if reply.get("resumed_after_crash"):
         print("  (resumed after a crash: see each UART's resumed_from age)")
+    if reply.get("restarts"):
+        print(f"  restarted in place {reply['restarts']} times (uartbridge restart; uptime "
+              "counts from the last)")
     for name, error in (reply.get("checkpoint_errors") or {}).items():
         print(f"  checkpoints of {name} are failing: {error}")
     if reply.get("log_lines_dropped"):
