@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import REPO, Daemon, daemon, socat_pair, wait_for
+from procs import REPO, Daemon, daemon, fill_filesystem, small_tmpfs, socat_pair, wait_for
 from streams import FarEnd, GuestRunner, assert_exact, sequence_stream, wait_streams
 
 from uartbridge.checkpoint import checkpoint_path, read_checkpoint
@@ -438,3 +438,23 @@ def test_handed_fds_nobody_takes_are_closed_and_named(tmp_path: Path) -> None:
             assert d.status()["uarts"][0]["port_open"] is True
     finally:
         manager.close()
+
+
+def test_restart_with_a_refused_checkpoint_is_abandoned_and_stops(tmp_path: Path) -> None:
+    """If the state directory refuses the final checkpoint (full), the restart is abandoned:
+    no exec (it would resume older state); the daemon stops as on SIGTERM, with its
+    emergency copy, and exits 74."""
+    with (
+        daemon(tmp_path / "d", [{"name": "uart0", "port": "pty:"}], interval_s=0,
+               stop_retry_s=0) as d,
+        small_tmpfs(tmp_path / "d" / "state"),
+    ):
+        d.start()
+        fill_filesystem(d.state_dir)
+        reply = request(d.control, {"cmd": "restart"})
+        assert reply["ok"], reply
+        assert d.wait_exit(30) == 74, d.log()
+        d.proc = None
+        assert _events(d, "restart abandoned: the final checkpoint was not written; stopping")
+        assert not _events(d, "exec")
+        assert list((d.runtime_dir / "emergency").glob("uart0.checkpoint*.json"))
