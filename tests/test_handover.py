@@ -7,6 +7,7 @@ import array
 import os
 import pty
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,31 @@ def _open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_barrier_waits_for_the_manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """barrier() sends BARRIER=1 with a pipe's write end and is True once the manager has
+    closed it; with a manager that keeps it, False after the timeout; with none, False."""
+    assert not sdnotify.barrier(0.1)  # no NOTIFY_SOCKET
+    path = tmp_path / "notify.sock"
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(path))
+    manager.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    try:
+        assert not sdnotify.barrier(0.2)  # sent, but nobody read it: the pipe stays open
+        text, fds = _receive(manager)
+        assert text == "BARRIER=1" and len(fds) == 1
+        os.close(fds[0])  # (that barrier has already timed out)
+        def answer() -> None:
+            text, fds = _receive(manager)
+            assert text == "BARRIER=1"
+            for fd in fds:
+                os.close(fd)
+
+        helper = threading.Thread(target=answer)
+        helper.start()
+        assert sdnotify.barrier(5.0)
+        helper.join(5)
+    finally:
+        manager.close()
