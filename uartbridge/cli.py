@@ -72,6 +72,20 @@ COMMANDS: list[tuple[str, str, str, str]] = [
         "  uartbridge status --config /tmp/walk/walk.toml",
     ),
     (
+        "restart",
+        "restart the daemon in place, keeping its ports and sockets open",
+        "The daemon writes its final checkpoint and re-executes itself (same PID, same command "
+        "line, the config re-read, newly installed code loaded) with its port descriptors and "
+        "its bus and control sockets inherited: the port is never closed (DTR/RTS stay as the "
+        "guest set them, the far end sees no hang-up, what it sends meanwhile waits in the "
+        "kernel) and a client connecting meanwhile waits instead of being refused. Waits until "
+        "the new run answers and prints how long it took. Under systemd, `systemctl restart` "
+        "keeps the ports through the fd store instead.",
+        "examples:\n"
+        "  uartbridge restart --config /tmp/walk/walk.toml\n"
+        "  uartbridge restart --instance ttyUSB0",
+    ),
+    (
         "checkpoint",
         "checkpoint a running daemon's UARTs (and optionally stop it)",
         "Write a checkpoint of each UART (or one) between two bus operations; the daemon "
@@ -174,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _control_options(p)
 
+    _control_options(parsers["restart"])
+
     p = parsers["checkpoint"]
     p.add_argument("--uart", metavar="NAME", help="only this UART")
     p.add_argument("--output", metavar="FILE",
@@ -263,11 +279,13 @@ def dispatch(args: argparse.Namespace) -> int:
         from . import daemon
 
         return daemon.run_command(args) if command == "run" else daemon.resume_command(args)
-    if command in ("status", "checkpoint"):
+    if command in ("status", "checkpoint", "restart"):
         from . import control
 
         if command == "status":
             return control.status_command(args)
+        if command == "restart":
+            return control.restart_command(args)
         return control.checkpoint_command(args)
     if command == "replay":
         from .record import replay_command
