@@ -98,7 +98,16 @@ def test_a_working_compiler_asks_for_mypy_and_the_dependencies(backend: ModuleTy
     if backend.c_compiler_problem() is not None:
         pytest.skip(f"this host cannot compile an extension: {backend.c_compiler_problem()}")
     requires = backend.compile_requirements()
-    assert "mypy>=1.8" in requires and "pyserial>=3.5" in requires
+    assert backend.MYPY_REQUIREMENT in requires and "pyserial>=3.5" in requires
+
+
+def test_the_test_extras_carry_the_mypyc_the_backend_compiles_with(backend: ModuleType) -> None:
+    """`pip install .[test]` installs the very mypy (mypyc) the compiled build pins, so CI can
+    build it with PIP_NO_BUILD_ISOLATION=1 from what the test extras installed."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert backend.MYPY_REQUIREMENT in project["optional-dependencies"]["test"]
 
 
 def test_uartbridge_pure_builds_the_pure_wheel(tmp_path: Path) -> None:
