@@ -111,7 +111,8 @@ def test_line_rate_pacing_in_guest_time(tmp_path: Path) -> None:
 
 def test_a_v1_guest_on_a_guest_time_uart_gets_host_time(tmp_path: Path) -> None:
     """A v1 client (and a v2 one that does not ask for GUEST_TIME) is not asked for time:
-    the UART's clock follows the host while it is attached, so CTI comes within host time."""
+    the UART's clock follows the host while it is attached, so CTI comes within host time;
+    the text status says so."""
     with socat_pair(tmp_path) as pair, daemon(
         tmp_path / "d", [{"name": "uart0", "port": str(pair.a), "clock": "guest"}]
     ) as d:
@@ -127,6 +128,8 @@ def test_a_v1_guest_on_a_guest_time_uart_gets_host_time(tmp_path: Path) -> None:
                     assert client.wait_irq(10.0)
                     assert client.read(IIR) == 0xCC
                     assert client.read_many(RBR, 16) == b"xy"
+                    text = d.cli("status", "--config", str(d.config_path)).stdout
+                    assert "  time        clock guest (following the host)  pace none" in text
         finally:
             os.close(far)
 

@@ -243,6 +243,13 @@ def _print_status(reply: dict[str, Any]) -> None:
         held = (u.get("link") or {}).get("held_by_peer")
         state = f"{u['reader_state']} (held by {held})" if held else u["reader_state"]
         print(f"{u['name']}: {state}  port {u['port']}  line {u['line']}")
+        if u.get("clock", "host") != "host" or u.get("pace", "none") != "none":
+            t = u.get("time") or {}
+            follows = "following the host" if t.get("host_time") else "guest's"
+            deadline = t.get("next_deadline_in_ns")
+            due = "none" if deadline is None else f"in {deadline} ns"
+            print(f"  time        clock {u.get('clock')} ({follows})  pace {u.get('pace')}  "
+                  f"now {t.get('now_ns')} ns  next deadline {due}")
         if u.get("pty"):
             print(f"  pty         {u['pty']}")
         guest = "attached" if u["guest_connected"] else "none"
