@@ -142,6 +142,9 @@ def _cli_into_closed_pipe(*args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
             [sys.executable, "-m", "uartbridge", *args],
             stdout=write_end, stderr=subprocess.PIPE, timeout=60, cwd=REPO,
+            # As users run it: stdout block-buffered into the pipe (some test environments
+            # set PYTHONUNBUFFERED, which hides a failure at the interpreter's final flush).
+            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
         )
     finally:
         os.close(write_end)

@@ -244,6 +244,17 @@ def _log_options(p: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
+    try:
+        code = _run(argv)
+        # A piped stdout is block-buffered: a reader that left (`| head`) shows only at this
+        # flush, which would otherwise be the interpreter's own at exit (a traceback, 120).
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _reader_went_away()
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -257,8 +268,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:
-        return _reader_went_away()
 
 
 def _reader_went_away() -> int:
