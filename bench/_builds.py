@@ -89,9 +89,13 @@ def tree_for(build: str) -> Path:
     return REPO if build == "pure" else compiled_tree()
 
 
-def check_build(build: str) -> str:
-    """In a child: the build name it runs; SystemExit if it is not the one asked for."""
+def check_build(build: str, event_loop: str | None = None) -> str:
+    """In a child (or a run of one build): the build name it runs; SystemExit if it is not
+    the one asked for. ``event_loop``: the daemon's ``[daemon] event_loop`` (``_common``)."""
     from uartbridge.buildinfo import COMPILED, PURE, build_name
+
+    if event_loop is not None:
+        os.environ[LOOP_ENV] = event_loop
 
     running = build_name()
     if running != {"pure": PURE, "compiled": COMPILED}[build]:

@@ -26,7 +26,6 @@ Prints a table (medians over runs, and the calls by name of the last run) and on
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import subprocess
@@ -153,8 +152,7 @@ def main() -> None:
         side_by_side(__file__, ["--reads", str(args.reads), "--bursts", str(args.bursts)],
                      args.runs, args.event_loop)
         return
-    build = check_build(args.build)
-    os.environ["UARTBRIDGE_BENCH_EVENT_LOOP"] = args.event_loop  # the daemon's (_common)
+    build = check_build(args.build, args.event_loop)
     per_read: list[float] = []
     per_burst: list[float] = []
     per_rx: list[float] = []

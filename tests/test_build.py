@@ -1,7 +1,8 @@
 """The two builds: the compiled core (mypyc) where it can be built, the pure sources otherwise.
 
-The compiled build itself is tested by running this whole suite on it (scripts/test-compiled,
-in CI); these tests cover how a build is chosen and how the running one is reported.
+The compiled build itself is tested by running the suite on it (scripts/test-compiled; CI
+runs its ``--core`` part); these tests cover how a build is chosen and how the running one
+is reported.
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ def test_a_working_compiler_asks_for_mypy_and_the_dependencies(backend: ModuleTy
 
 
 def test_the_test_extras_carry_the_mypyc_the_backend_compiles_with(backend: ModuleType) -> None:
-    """`pip install .[test]` installs the very mypy (mypyc) the compiled build pins, so CI can
-    build it with PIP_NO_BUILD_ISOLATION=1 from what the test extras installed."""
+    """`pip install .[test]` installs the very mypy (mypyc) the compiled build pins, so
+    scripts/test-compiled builds it with what the test extras installed (no isolation)."""
     import tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
