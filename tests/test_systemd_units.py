@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,9 +56,16 @@ def systemd_analyze() -> str:
 
 
 def installed_script() -> str:
-    """Where ExecStart= should point here: /usr/local/bin/uartbridge, or the real script."""
+    """Where ExecStart= should point here: /usr/local/bin/uartbridge, or the real script.
+
+    The real script is the one beside the running Python first (a venv's bin/, which is not
+    on PATH when the venv's python is run by path, as README's test command does).
+    """
     if os.access(INSTALLED, os.X_OK):
         return INSTALLED
+    beside = Path(sys.executable).parent / "uartbridge"
+    if os.access(beside, os.X_OK):
+        return str(beside)
     found = shutil.which("uartbridge")
     if found is None:
         if os.environ.get("CI"):

@@ -1,0 +1,731 @@
+"""uartbridge's own units under a real systemd (PID 1) on real 8250 ttys, in a QEMU VM.
+
+The guest is a debootstrapped Debian 12 (vmrig.py); uartbridge is installed in it the
+documented way (``scripts/install-service``), and the shipped units run on ``/dev/ttyS1``
+(``uartbridge@ttyS1``, ``/etc/uartbridge/ttyS1.toml`` with no paths) and ``/dev/ttyS2``
+(``uartbridge.service``). The host test is the far end of both ttys (QEMU socket chardevs)
+and of a hot-plugged USB adapter (``usb-serial``, bound by ``ftdi_sio``); a guest-side
+``BusClient`` driver (guest_uart.py) is the emulator. Every byte check compares the exact
+sequence: every byte once, in order.
+
+The tests run in file order on one VM; each starts from a clean slate (units stopped, their
+state and runtime directories cleaned, the tty's buffers flushed).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import rootfs
+import vmrig
+from guest_uart import pattern
+from vmrig import FarEnd, Vm
+
+pytestmark = pytest.mark.system
+
+GU = "/opt/uartbridge/bin/python /root/uartbridge/tests/system/vm/guest_uart.py"
+TEMPLATE = "uartbridge@ttyS1.service"
+SINGLE = "uartbridge.service"
+USB_UNIT = "uartbridge@ttyUSB0.service"
+TTYS1_CONF = '[[uart]]\nname = "uart0"\nport = "/dev/ttyS1"\n'
+SINGLE_CONF = '[[uart]]\nname = "uart2"\nport = "/dev/ttyS2"\n'
+USB_CONF = '[[uart]]\nname = "uart0"\nport = "/dev/ttyUSB0"\n'
+PERMISSION_ERRORS = (
+    "permission denied|permissionerror|eacces|operation not permitted|read-only file"
+)
+RESTART_LOOP = 3  # restarts that tell a loop from a crash being recovered
+SETTLE_S = 6.0  # longer than the units' RestartSec=2s: a restart loop shows in NRestarts
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vm() -> Iterator[Vm]:
+    """The booted VM (image built once per run), powered off at the end."""
+    rootfs.require_root_tools()
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 is not installed (scripts/bootstrap --test)")
+    work = Path(tempfile.mkdtemp(prefix="uartbridge-vm-", dir=rootfs.WORK_DIR))
+    try:
+        start = time.monotonic()
+        img = vmrig.image(work, work / "build.log")
+        print(f"VM image ready in {time.monotonic() - start:.1f} s")
+        share = vmrig.share(work / "share")
+        with vmrig.running_vm(work, img, share) as machine:
+            yield machine
+            print(f"VM boots: {', '.join(f'{s:.1f} s' for s in machine.boot_s)} "
+                  f"({machine.accel})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def installed(vm: Vm) -> str:
+    """uartbridge installed in the guest by scripts/install-service, from the checkout."""
+    start = time.monotonic()
+    out = vm.ok("rm -rf /root/uartbridge && cp -a /mnt/src/uartbridge /root/uartbridge && "
+                "cd /root/uartbridge && scripts/install-service", timeout_s=900)
+    print(f"install-service in the guest: {time.monotonic() - start:.1f} s")
+    return out
+
+
+@pytest.fixture
+def clean(vm: Vm, installed: str) -> Iterator[Vm]:
+    """A clean slate before the test; every uartbridge unit stopped after it."""
+    clean_slate(vm)
+    yield vm
+    stop_all(vm)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def far(vm: Vm, name: str = "ttyS1") -> FarEnd:
+    end = {"ttyS1": vm.ttys1, "ttyS2": vm.ttys2, "usb": vm.usb}[name]
+    assert end is not None
+    return end
+
+
+def show(vm: Vm, unit: str, *props: str) -> dict[str, str]:
+    """``systemctl show`` properties of a unit."""
+    out = vm.ok(f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props))
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def journal(vm: Vm, unit: str, extra: str = "", lines: int = 40) -> str:
+    return vm.sh(f"journalctl -b --no-pager -u {unit} -n {lines} {extra}").stdout
+
+
+def journal_fields(vm: Vm, unit: str, extra: str = "", lines: int = 8) -> str:
+    """The unit's last journal entries, a few fields each (what native fields look like)."""
+    keys = ["PRIORITY", "UART", "EVENT", "_TRANSPORT", "MESSAGE"]
+    program = ("import json, sys\n"
+               "for line in sys.stdin:\n"
+               "    entry = json.loads(line)\n"
+               f"    print({{k: entry.get(k) for k in {json.dumps(keys)}}})\n")
+    script = (f"journalctl -b --no-pager -u {unit} -n {lines} -o json {extra} > /tmp/j.json; "
+              f"python3 -c {shlex.quote(program)} < /tmp/j.json")
+    return vm.sh(script).stdout
+
+
+def explain(vm: Vm, unit: str) -> str:
+    """What systemd and the journal say about a unit, for a failure message."""
+    status = vm.sh(f"systemctl status --no-pager -n 0 {unit}").stdout
+    return f"--- systemctl status {unit}\n{status}\n--- journal\n{journal(vm, unit)}"
+
+
+def write_file(vm: Vm, path: str, text: str) -> None:
+    """Write a file in the guest."""
+    folder = shlex.quote(str(Path(path).parent))
+    result = vm.sh(f"mkdir -p {folder} && cat > {shlex.quote(path)}", stdin=text)
+    assert result.rc == 0, str(result)
+
+
+def start(vm: Vm, unit: str, then: str = "") -> None:
+    """``systemctl start`` (bounded); ``then`` runs right after it returns, in the same shell."""
+    script = f"timeout 120 systemctl start {unit}" + (f" && {then}" if then else "")
+    result = vm.sh(script, timeout_s=180)
+    assert result.rc == 0, f"{unit} did not start:\n{result}\n{explain(vm, unit)}"
+
+
+def stop_all(vm: Vm) -> None:
+    vm.sh("timeout 120 systemctl stop 'uartbridge@*.service' uartbridge.service; "
+          "systemctl reset-failed 'uartbridge@*.service' uartbridge.service", timeout_s=180)
+
+
+def runtime_dir(vm: Vm, unit: str) -> str:
+    """The unit's runtime directory as systemd makes it (RuntimeDirectory=, first entry)."""
+    value = show(vm, unit, "RuntimeDirectory")["RuntimeDirectory"].split()
+    assert value, f"{unit} has no RuntimeDirectory="
+    return f"/run/{value[0]}"
+
+
+def bus(vm: Vm, unit: str, uart: str = "uart0") -> str:
+    return f"{runtime_dir(vm, unit)}/{uart}.bus"
+
+
+def gu(vm: Vm, args: str, timeout_s: float = 180.0) -> dict[str, object]:
+    """Run guest_uart.py in the guest; its JSON result."""
+    data = vm.sh(f"{GU} {args}", timeout_s=timeout_s).json()
+    assert isinstance(data, dict)
+    return data
+
+
+def guest_read(vm: Vm, unit: str, count: int, idle_s: float = 15.0) -> bytes:
+    result = gu(vm, f"read {bus(vm, unit)} --count {count} --idle-s {idle_s} --timeout-s 300",
+                timeout_s=400)
+    return bytes.fromhex(str(result["hex"]))
+
+
+def same_bytes(what: str, expected: bytes, got: bytes) -> str:
+    """'' when equal, else a readable account: how many lost, duplicated, where it differs."""
+    if got == expected:
+        return ""
+    first = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
+                 min(len(expected), len(got)))
+    kind = "a prefix: the rest LOST" if expected.startswith(got) else "different from offset"
+    return (f"{what}: got {len(got)} of {len(expected)} bytes ({kind} {first}); "
+            f"lost {max(0, len(expected) - len(got))}; "
+            f"expected[{first}:{first + 8}]={expected[first:first + 8].hex()} "
+            f"got[{first}:{first + 8}]={got[first:first + 8].hex()}")
+
+
+def flush_tty(vm: Vm, device: str = "/dev/ttyS1") -> None:
+    """With no daemon on it: read the tty raw until quiet while the host side drains too."""
+    end = far(vm)
+    end.resume()
+    script = (
+        "import os, select, termios, time, tty\n"
+        f"fd = os.open({device!r}, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)\n"
+        "tty.setraw(fd)\n"
+        "termios.tcflush(fd, termios.TCIOFLUSH)\n"
+        "quiet = time.monotonic()\n"
+        "while time.monotonic() - quiet < 1.5:\n"
+        "    if select.select([fd], [], [], 0.2)[0]:\n"
+        "        os.read(fd, 65536)\n"
+        "        quiet = time.monotonic()\n"
+        "os.close(fd)\n"
+    )
+    result = vm.sh("python3 -", stdin=script, timeout_s=60)
+    assert result.rc == 0, str(result)
+    time.sleep(0.5)
+    end.take()
+
+
+def clean_slate(vm: Vm) -> None:
+    """No unit running, no checkpoint or runtime left, the base configs, ttyS1 flushed."""
+    stop_all(vm)
+    vm.sh(f"systemctl clean --what=state --what=runtime {TEMPLATE} {SINGLE} {USB_UNIT}; "
+          "rm -f /etc/uartbridge/*.toml", timeout_s=60)
+    write_file(vm, "/etc/uartbridge/ttyS1.toml", TTYS1_CONF)
+    write_file(vm, "/etc/uartbridge/uartbridge.toml", SINGLE_CONF)
+    flush_tty(vm)
+    for end in (vm.ttys1, vm.ttys2, vm.usb):
+        if end is not None:
+            end.resume()
+            end.take()
+
+
+def wait_active(vm: Vm, unit: str, timeout_s: float = 120.0, not_pid: str = "") -> dict[str, str]:
+    """Wait until ``unit`` is active/running (with a MainPID other than ``not_pid``)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        props = show(vm, unit, "ActiveState", "SubState", "MainPID", "NRestarts")
+        if props.get("ActiveState") == "active" and props.get("MainPID") not in ("0", not_pid):
+            return props
+        if int(props.get("NRestarts") or 0) > RESTART_LOOP:
+            raise AssertionError(f"{unit} is in a restart loop: {props}\n{explain(vm, unit)}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{unit} not active after {timeout_s:.0f} s: {props}\n"
+                                 f"{explain(vm, unit)}")
+        time.sleep(1)
+
+
+def assert_steady(vm: Vm, unit: str) -> dict[str, str]:
+    """Still active with the same MainPID and no restart after SETTLE_S."""
+    before = show(vm, unit, "ActiveState", "MainPID", "NRestarts")
+    time.sleep(SETTLE_S)
+    after = show(vm, unit, "ActiveState", "SubState", "MainPID", "NRestarts")
+    assert after["ActiveState"] == "active" and after["MainPID"] == before["MainPID"], (
+        f"{unit} did not stay up: {before} -> {after}\n{explain(vm, unit)}")
+    assert after["NRestarts"] == "0", f"{unit} restarted: {after}\n{explain(vm, unit)}"
+    return after
+
+
+def no_permission_errors(vm: Vm, unit: str) -> None:
+    found = vm.sh(f"journalctl -b --no-pager -u {unit} | grep -i -E '{PERMISSION_ERRORS}'").stdout
+    assert not found.strip(), f"{unit}: permission errors in the journal:\n{found}"
+
+
+def init_uart(vm: Vm, unit: str, extra: str = "") -> None:
+    gu(vm, f"init {bus(vm, unit)} {extra}")
+
+
+def main_uid(vm: Vm, unit: str) -> int:
+    pid = show(vm, unit, "MainPID")["MainPID"]
+    line = vm.ok(f"grep ^Uid: /proc/{pid}/status")
+    return int(line.split()[1])
+
+
+# -- install ------------------------------------------------------------------------------
+
+
+def test_install_service_in_the_guest(vm: Vm, installed: str) -> None:
+    """scripts/install-service puts a non-editable uartbridge in /opt/uartbridge that an
+    unprivileged user can run, links /usr/local/bin/uartbridge (the units' ExecStart=), and
+    installs the units, the udev rule and /etc/uartbridge, with systemd reloaded."""
+    target = vm.ok("readlink -f /usr/local/bin/uartbridge").strip()
+    assert target == "/opt/uartbridge/bin/uartbridge", target
+    vm.ok("runuser -u nobody -- /usr/local/bin/uartbridge --version")
+    vm.ok("test -f /etc/udev/rules.d/99-uartbridge.rules && test -d /etc/uartbridge")
+    # Not editable: the installed package does not read the checkout it came from.
+    origin = vm.ok("cd / && /opt/uartbridge/bin/python -c "
+                   "'import uartbridge; print(uartbridge.__file__)'")
+    assert origin.startswith("/opt/uartbridge/lib/"), origin
+    for unit in (SINGLE, TEMPLATE):
+        props = show(vm, unit, "LoadState", "ExecStart")
+        assert props["LoadState"] == "loaded", props
+        assert "/usr/local/bin/uartbridge" in props["ExecStart"], props
+    assert vm.sh("python3 -c 'import uartbridge'").rc != 0, "system python3 imports uartbridge"
+
+
+# -- the units start as shipped -------------------------------------------------------------
+
+
+def test_single_unit_starts_as_shipped(clean: Vm) -> None:
+    """uartbridge.service alone (one UART on /dev/ttyS2, first in a fresh boot) starts, is
+    ready when start returns, stays up, and has no permission error."""
+    vm = clean
+    start(vm, SINGLE, then=f"{GU} regs {bus(vm, SINGLE, 'uart2')}")
+    assert_steady(vm, SINGLE)
+    no_permission_errors(vm, SINGLE)
+
+
+def test_template_instance_starts_as_shipped(clean: Vm) -> None:
+    """uartbridge@ttyS1 (config without paths) starts under DynamicUser and the sandbox:
+    `systemctl start` returns only after READY=1 (the bus answers at once), it stays up
+    without restarting, and the journal has no permission error."""
+    vm = clean
+    start(vm, TEMPLATE, then=f"{GU} regs {bus(vm, TEMPLATE)}")
+    props = show(vm, TEMPLATE, "Type", "ActiveState", "SubState")
+    assert props == {"Type": "notify", "ActiveState": "active", "SubState": "running"}, props
+    assert_steady(vm, TEMPLATE)
+    no_permission_errors(vm, TEMPLATE)
+
+
+def test_both_units_run_together_isolated(clean: Vm) -> None:
+    """The single unit and a template instance run at once, with separate runtime and state
+    directories and separate dynamic users; both buses answer."""
+    vm = clean
+    start(vm, SINGLE)
+    start(vm, TEMPLATE)
+    for unit in (SINGLE, TEMPLATE):
+        assert_steady(vm, unit)
+    dirs = {u: show(vm, u, "RuntimeDirectory", "StateDirectory") for u in (SINGLE, TEMPLATE)}
+    assert dirs[SINGLE]["RuntimeDirectory"] != dirs[TEMPLATE]["RuntimeDirectory"], dirs
+    assert dirs[SINGLE]["StateDirectory"] != dirs[TEMPLATE]["StateDirectory"], dirs
+    gu(vm, f"regs {bus(vm, SINGLE, 'uart2')}")
+    gu(vm, f"regs {bus(vm, TEMPLATE)}")
+    uids = {u: main_uid(vm, u) for u in (SINGLE, TEMPLATE)}
+    assert uids[SINGLE] != uids[TEMPLATE], f"both units run as the same user: {uids}"
+
+
+def test_status_and_watchdog_reach_systemd(clean: Vm) -> None:
+    """STATUS= shows in systemctl, and WATCHDOG=1 pings move systemd's watchdog timestamp."""
+    vm = clean
+    start(vm, TEMPLATE)
+    first = show(vm, TEMPLATE, "StatusText", "WatchdogUSec", "WatchdogTimestampMonotonic")
+    assert first["StatusText"].strip(), f"no STATUS= text: {first}"
+    assert first["WatchdogUSec"] not in ("0", "infinity"), first
+    deadline = time.monotonic() + 60
+    while True:
+        now = show(vm, TEMPLATE, "WatchdogTimestampMonotonic", "MainPID")
+        if int(now["WatchdogTimestampMonotonic"]) > int(first["WatchdogTimestampMonotonic"]):
+            break
+        assert time.monotonic() < deadline, f"no WATCHDOG=1 in 60 s: {first} -> {now}"
+        time.sleep(2)
+    assert_steady(vm, TEMPLATE)
+
+
+def test_sandbox_default_directories(clean: Vm) -> None:
+    """With the config's default directories: sockets in the unit's runtime directory (0660),
+    the final checkpoint in its state directory (0600, the dynamic user's), no permission
+    error on the way."""
+    vm = clean
+    start(vm, TEMPLATE)
+    run_dir = runtime_dir(vm, TEMPLATE)
+    sock = vm.ok(f"stat -L -c '%a %F' {run_dir}/uart0.bus").split()
+    assert sock[0] in ("660", "600") and sock[1] == "socket", sock
+    uid = main_uid(vm, TEMPLATE)
+    assert uid != 0, "the daemon runs as root"
+    state = "/var/lib/" + show(vm, TEMPLATE, "StateDirectory")["StateDirectory"].split()[0]
+    vm.ok(f"timeout 120 systemctl stop {TEMPLATE}", timeout_s=150)
+    files = vm.ok(f"find -L {state} -name '*.json' -printf '%m %U %p\\n'").split("\n")
+    files = [f for f in files if f.strip()]
+    assert files, f"no checkpoint in {state} after stop\n{explain(vm, TEMPLATE)}"
+    for line in files:
+        mode, owner, path = line.split(" ", 2)
+        assert mode == "600" and int(owner) == uid, f"{path}: mode {mode} owner {owner}"
+    no_permission_errors(vm, TEMPLATE)
+    level = vm.sh(f"systemd-analyze security --no-pager {TEMPLATE} | tail -1").stdout.strip()
+    print(f"systemd-analyze security: {level}")
+
+
+# -- bytes through the kernel's 8250 driver -------------------------------------------------
+
+
+def _serial_counters(vm: Vm, line: int = 1) -> tuple[int, int]:
+    text = vm.ok("cat /proc/tty/driver/serial")
+    row = next(r for r in text.splitlines() if r.startswith(f"{line}:"))
+    fields = dict(f.split(":", 1) for f in row.split() if ":" in f)
+    return int(fields["tx"]), int(fields["rx"])
+
+
+def test_bytes_both_ways_through_the_8250(clean: Vm) -> None:
+    """A guest-side BusClient and the host's end of ttyS1 exchange 4,000 and 3,000 bytes,
+    every byte once and in order, through the kernel's 8250 driver (its counters moved)."""
+    vm = clean
+    start(vm, TEMPLATE)
+    init_uart(vm, TEMPLATE)
+    tx0, rx0 = _serial_counters(vm)
+    out = pattern("both-g2h", 4000)
+    written = gu(vm, f"write {bus(vm, TEMPLATE)} --seed both-g2h --count 4000")
+    assert written["written"] == 4000, written
+    problem = same_bytes("guest -> host", out, far(vm).wait_for(4000, timeout_s=120))
+    back = pattern("both-h2g", 3000)
+    far(vm).send(back)
+    problem2 = same_bytes("host -> guest", back, guest_read(vm, TEMPLATE, 3000))
+    assert not problem and not problem2, f"{problem}\n{problem2}"
+    tx1, rx1 = _serial_counters(vm)
+    assert tx1 - tx0 >= 4000 and rx1 - rx0 >= 3000, (tx0, rx0, tx1, rx1)
+
+
+def _proc_modem_lines(vm: Vm, line: int = 1) -> set[str]:
+    """The modem lines the 8250 driver shows in /proc/tty/driver/serial (no open needed:
+    any open of the tty, even `stty -F` or a TIOCMGET probe, raises DTR and RTS itself)."""
+    text = vm.ok("cat /proc/tty/driver/serial")
+    row = next(r for r in text.splitlines() if r.startswith(f"{line}:"))
+    return set(row.split()[-1].split("|"))
+
+
+def test_line_settings_reach_the_tty(clean: Vm) -> None:
+    """LCR/divisor from the guest become the tty's speed, size, parity and stop bits (stty and
+    tcgetattr); parity turns on PARMRK|INPCK; MCR DTR/RTS reach the line (the driver's view,
+    and TIOCMGET); rtscts = true sets CRTSCTS."""
+    vm = clean
+    start(vm, TEMPLATE)
+    b = bus(vm, TEMPLATE)
+    gu(vm, f"init {b} --lcr 0x1a --divisor 12 --mcr 0x08")  # 9600 7E1, OUT2 only
+    time.sleep(1)
+    lines = _proc_modem_lines(vm)
+    assert not lines & {"DTR", "RTS"}, f"MCR has DTR and RTS off, the line has {lines}"
+    gu(vm, f"set {b} 4=0x0b")  # DTR RTS OUT2
+    time.sleep(1)
+    lines = _proc_modem_lines(vm)
+    assert {"DTR", "RTS"} <= lines, f"MCR has DTR and RTS on, the line has {lines}"
+    tty = gu(vm, "tty /dev/ttyS1")
+    assert tty["dtr"] and tty["rts"], f"TIOCMGET: {tty}"
+    stty = vm.ok("stty -F /dev/ttyS1 -a")
+    assert "speed 9600 baud" in stty, stty
+    line = (tty["csize"], tty["parenb"], tty["parodd"], tty["cstopb"])
+    assert line == (7, True, False, False), tty
+    assert tty["parmrk"] and tty["inpck"], f"parity without PARMRK|INPCK: {tty}\n{stty}"
+    assert not tty["icanon"] and not tty["echo"] and not tty["opost"], f"not raw: {stty}"
+    gu(vm, f"init {b} --lcr 0x07 --divisor 1 --mcr 0x0b")  # 115200 8N2
+    time.sleep(1)
+    tty = gu(vm, "tty /dev/ttyS1")
+    stty = vm.ok("stty -F /dev/ttyS1 -a")
+    assert "speed 115200 baud" in stty, stty
+    assert (tty["csize"], tty["parenb"], tty["cstopb"]) == (8, False, True), tty
+    assert not tty["crtscts"], tty
+    vm.ok(f"timeout 120 systemctl stop {TEMPLATE}", timeout_s=150)
+    write_file(vm, "/etc/uartbridge/ttyS1.toml", TTYS1_CONF + "rtscts = true\n")
+    start(vm, TEMPLATE)
+    tty = gu(vm, "tty /dev/ttyS1")
+    assert tty["crtscts"], f"rtscts = true but no CRTSCTS: {tty}"
+
+
+# -- restarts lose nothing ------------------------------------------------------------------
+
+
+def _traffic_then(vm: Vm, action: str, seed: str) -> None:
+    """Bytes queued both ways (far end -> device, unread; guest -> wire, still draining),
+    then ``action``; afterwards every byte arrives once, in order."""
+    start(vm, TEMPLATE)
+    init_uart(vm, TEMPLATE)
+    inbound = pattern(f"{seed}-h2g", 3000)
+    far(vm).send(inbound)
+    written = gu(vm, f"write {bus(vm, TEMPLATE)} --seed {seed}-g2h --count 3000")
+    assert written["written"] == 3000, written
+    if action == "reboot":
+        vm.reboot()
+    else:
+        result = vm.sh(action, timeout_s=180)
+        assert result.rc == 0, f"{result}\n{explain(vm, TEMPLATE)}"
+    wait_active(vm, TEMPLATE)
+    outbound = pattern(f"{seed}-g2h", 3000)
+    problem = same_bytes("guest -> host", outbound, far(vm).wait_for(3000, timeout_s=120))
+    problem2 = same_bytes("host -> guest", inbound, guest_read(vm, TEMPLATE, 3000))
+    assert not problem and not problem2, f"{problem}\n{problem2}\n{explain(vm, TEMPLATE)}"
+
+
+def test_restart_under_traffic_loses_nothing(clean: Vm) -> None:
+    """`systemctl restart` with bytes queued both ways: checkpoint on stop, resume at start,
+    every byte once in order."""
+    _traffic_then(clean, f"timeout 120 systemctl restart {TEMPLATE}", "restart")
+
+
+def test_stop_then_start_loses_nothing(clean: Vm) -> None:
+    """`systemctl stop` then `start` with bytes queued both ways loses nothing."""
+    _traffic_then(clean, f"timeout 120 systemctl stop {TEMPLATE} && "
+                         f"! systemctl is-active -q {TEMPLATE} && "
+                         f"timeout 120 systemctl start {TEMPLATE}", "stopstart")
+
+
+def test_sigkill_restarts_and_resumes_from_the_periodic_checkpoint(clean: Vm) -> None:
+    """SIGKILL: Restart= brings the daemon back, it resumes from the periodic checkpoint
+    (bytes the device held then are still there) and says it resumed after a crash."""
+    vm = clean
+    start(vm, TEMPLATE)
+    init_uart(vm, TEMPLATE)
+    inbound = pattern("crash-h2g", 500)
+    far(vm).send(inbound)
+    time.sleep(8)  # > checkpoint.interval_s (5 s): a periodic checkpoint holds the bytes
+    before = show(vm, TEMPLATE, "MainPID", "NRestarts")
+    vm.ok(f"systemctl kill --kill-who=main -s SIGKILL {TEMPLATE}")
+    after = wait_active(vm, TEMPLATE, not_pid=before["MainPID"])
+    assert int(after["NRestarts"]) == int(before["NRestarts"]) + 1, (before, after)
+    problem = same_bytes("host -> guest after the crash", inbound,
+                         guest_read(vm, TEMPLATE, 500))
+    assert not problem, f"{problem}\n{explain(vm, TEMPLATE)}"
+    said = journal(vm, TEMPLATE, "-p warning", lines=200).lower()
+    assert "crash" in said, f"no crash warning in the journal:\n{said}"
+
+
+def test_reboot_under_traffic_loses_nothing(clean: Vm) -> None:
+    """An enabled instance across `systemctl reboot` with bytes queued both ways: it starts
+    at boot, resumes, and every byte arrives once in order."""
+    vm = clean
+    vm.ok(f"systemctl enable {TEMPLATE}")
+    try:
+        _traffic_then(vm, "reboot", "reboot")
+    finally:
+        vm.sh(f"systemctl disable {TEMPLATE}")
+
+
+# -- operating it ---------------------------------------------------------------------------
+
+
+def test_status_with_no_options_lists_every_daemon(clean: Vm) -> None:
+    """`uartbridge status` as root with no options finds the single unit and the instance."""
+    vm = clean
+    start(vm, SINGLE)
+    start(vm, TEMPLATE)
+    result = vm.sh("uartbridge status")
+    assert result.rc == 0, str(result)
+    assert "uart2" in result.stdout and "uart0" in result.stdout, str(result)
+
+
+# -- a USB adapter, hot-plugged --------------------------------------------------------------
+
+
+def _plug(vm: Vm) -> None:
+    assert vm.qmp is not None
+    # A fixed serial number, as a real adapter has: without one QEMU makes it up from the
+    # USB port, which changes from plug to plug, and so would ID_SERIAL.
+    vm.qmp.execute("device_add", driver="usb-serial", id="usbser0", chardev="usbser",
+                   bus="xhci.0", serial="UB12345", **{"always-plugged": True})
+    vm.ok("for i in $(seq 60); do test -c /dev/ttyUSB0 && exit 0; sleep 0.5; done; exit 1",
+          timeout_s=60)
+
+
+def _unplug(vm: Vm) -> None:
+    assert vm.qmp is not None
+    vm.qmp.execute("device_del", id="usbser0")
+    vm.ok("for i in $(seq 60); do test -e /dev/ttyUSB0 || exit 0; sleep 0.5; done; exit 1",
+          timeout_s=60)
+    time.sleep(1)  # QEMU finalises the device after the guest let it go
+
+
+def test_usb_adapter_hotplug(clean: Vm) -> None:
+    """Plugging a USB serial adapter starts uartbridge@ttyUSB0 by the udev rule (with the
+    adapter's ID_SERIAL put in it, as documented); unplugging it gives a disconnected reader;
+    bytes the guest writes meanwhile are replayed, in order, when it is plugged back."""
+    vm = clean
+    write_file(vm, "/etc/uartbridge/ttyUSB0.toml", USB_CONF)
+    _plug(vm)
+    try:
+        serial = vm.ok("udevadm info --query=property --name=/dev/ttyUSB0 | "
+                       "sed -n 's/^ID_SERIAL=//p'").strip()
+        assert serial, "the adapter has no ID_SERIAL"
+        vm.ok(f"sed -i 's/ENV{{ID_SERIAL}}==\"[^\"]*\"/ENV{{ID_SERIAL}}==\"{serial}\"/' "
+              "/etc/udev/rules.d/99-uartbridge.rules && udevadm control --reload")
+        _unplug(vm)
+        _plug(vm)
+        wait_active(vm, USB_UNIT, timeout_s=120)
+        init_uart(vm, USB_UNIT)
+        first = pattern("usb-1", 500)
+        gu(vm, f"write {bus(vm, USB_UNIT)} --seed usb-1 --count 500")
+        problem = same_bytes("guest -> adapter", first, far(vm, "usb").wait_for(500, 120))
+        assert not problem, problem
+        _unplug(vm)
+        status_cmd = f"uartbridge status --json --control {runtime_dir(vm, USB_UNIT)}/control.sock"
+        deadline = time.monotonic() + 30
+        while True:
+            status = json.loads(vm.ok(status_cmd))
+            state = status["uarts"][0]["reader_state"]
+            if state == "disconnected":
+                break
+            assert time.monotonic() < deadline, f"reader is {state!r} after unplug"
+            time.sleep(1)
+        assert show(vm, USB_UNIT, "ActiveState")["ActiveState"] == "active"
+        backlog = pattern("usb-2", 300)
+        written = gu(vm, f"write {bus(vm, USB_UNIT)} --seed usb-2 --count 300 --idle-s 10")
+        assert written["written"] == 300, f"the guest was held while unplugged: {written}"
+        _plug(vm)
+        problem = same_bytes("backlog replayed on re-plug", backlog,
+                             far(vm, "usb").wait_for(300, 120))
+        assert not problem, f"{problem}\n{explain(vm, USB_UNIT)}"
+    finally:
+        vm.sh(f"systemctl stop {USB_UNIT}")
+        if vm.sh("test -e /dev/ttyUSB0").rc == 0:
+            _unplug(vm)
+
+
+def test_journal_native_fields_and_fatal_errors(clean: Vm) -> None:
+    """journald gets native fields: `journalctl -u uartbridge@ttyUSB0 UART=uart0 -p warning`
+    finds the unplug's port.disconnected warning (from test_usb_adapter_hotplug, this boot);
+    a fatal start-up error is at error priority; permanent errors (bad config 78, missing
+    config 66) do not restart the unit."""
+    vm = clean
+    problems = []
+    plain = vm.sh(f"journalctl -b --no-pager -u {USB_UNIT} -o cat | grep -c disconnected")
+    if plain.stdout.strip() in ("", "0"):
+        problems.append(f"{USB_UNIT} logged no port.disconnected this boot "
+                        "(test_usb_adapter_hotplug unplugs the adapter first)")
+    else:
+        found = vm.sh(f"journalctl -b --no-pager -u {USB_UNIT} UART=uart0 -p warning -o json")
+        entries = [json.loads(line) for line in found.stdout.splitlines() if line.startswith("{")]
+        if not any("disconnected" in str(e.get("MESSAGE", "")) + str(e.get("EVENT", ""))
+                   for e in entries):
+            problems.append(f"`journalctl -u {USB_UNIT} UART=uart0 -p warning` does not show "
+                            f"the port.disconnected warning; the unit's journal there:\n"
+                            f"{journal_fields(vm, USB_UNIT, '--grep disconnected', lines=3)}")
+    write_file(vm, "/etc/uartbridge/broken.toml",
+               '[[uart]]\nname = "uart0"\nport = "/dev/ttyS1"\nno_such_key = 1\n')
+    for name, why in (("broken", "no_such_key"), ("nocfg", "nocfg")):
+        bad = f"uartbridge@{name}.service"
+        vm.sh(f"timeout 60 systemctl start {bad}", timeout_s=90)
+        time.sleep(SETTLE_S)
+        props = show(vm, bad, "NRestarts", "ExecMainStatus", "ActiveState")
+        errors = vm.sh(f"journalctl -b --no-pager -u {bad} -p err -o cat").stdout
+        if props["NRestarts"] != "0":
+            problems.append(f"{bad}: a permanent error restarts the unit: {props}")
+        if why not in errors:
+            problems.append(f"{bad}: `journalctl -p err` lacks the error ({why}): {errors!r}\n"
+                            f"{journal_fields(vm, bad, lines=4)}")
+        vm.sh(f"systemctl stop {bad}; systemctl reset-failed {bad}")
+    assert not problems, "\n".join(problems)
+
+
+# -- issue 10 item 7: nothing lost in the kernel's tty buffers --------------------------------
+
+
+def test_restart_keeps_far_end_bytes_the_kernel_held(clean: Vm) -> None:
+    """12,000 bytes from the far end with the guest not reading (the device holds ~4 KiB,
+    the kernel's tty buffers the rest); after `systemctl restart` all 12,000 reach the guest,
+    once, in order."""
+    vm = clean
+    start(vm, TEMPLATE)
+    init_uart(vm, TEMPLATE)
+    inbound = pattern("kernel-h2g", 12000)
+    far(vm).send(inbound, timeout_s=120)
+    # Wait until the kernel's input queue stops growing (QEMU has fed what it will).
+    last, stable_since = -1, time.monotonic()
+    deadline = time.monotonic() + 120
+    while time.monotonic() - stable_since < 3 and time.monotonic() < deadline:
+        inq = int(str(gu(vm, "tty /dev/ttyS1")["inq"]))
+        if inq != last:
+            last, stable_since = inq, time.monotonic()
+    print(f"before the restart the kernel's input queue held {last} bytes")
+    result = vm.sh(f"timeout 120 systemctl restart {TEMPLATE}", timeout_s=180)
+    assert result.rc == 0, f"{result}\n{explain(vm, TEMPLATE)}"
+    wait_active(vm, TEMPLATE)
+    problem = same_bytes("far end -> guest across a restart", inbound,
+                         guest_read(vm, TEMPLATE, 12000))
+    assert not problem, f"{problem} (the kernel held {last} before the restart)"
+
+
+# What a 16550A itself holds for output: its 16-byte TX FIFO and the shift register. The
+# kernel's 8250 driver clears the FIFOs at the last close (serial8250_do_shutdown ->
+# serial8250_clear_fifos) and again at the next open; no program can read them back.
+CHIP_TX_BYTES = 16 + 1
+
+
+def _one_gap(expected: bytes, got: bytes) -> tuple[int, int] | None:
+    """(offset, length) if ``got`` is ``expected`` with one run of bytes missing, else None."""
+    if got == expected:
+        return (len(expected), 0)
+    first = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b),
+                 len(got))
+    missing = len(expected) - len(got)
+    if missing > 0 and got[first:] == expected[first + missing:]:
+        return (first, missing)
+    return None
+
+
+def test_stop_with_an_undrained_wire_loses_only_what_the_chip_held(clean: Vm) -> None:
+    """The far end does not read (its socket fills, the 16550 holds its transmitter): 4,400
+    bytes written by the guest (what the device does not take, it writes after the restart),
+    `systemctl stop` then `start`, the far end reads. Every byte arrives once, in order,
+    except at most what the UART chip itself held (its TX FIFO and shift register, which the
+    driver clears at close), in one gap, and then the daemon warned at the stop."""
+    vm = clean
+    start(vm, TEMPLATE)
+    init_uart(vm, TEMPLATE)
+    far(vm).pause()
+    first = gu(vm, f"write {bus(vm, TEMPLATE)} --seed undrained --count 4400 --idle-s 5",
+               timeout_s=300)
+    held = int(str(first["written"]))
+    outq = gu(vm, "tty /dev/ttyS1")["outq"]
+    print(f"the guest got {held} of 4400 bytes into the device; the kernel's output queue "
+          f"held {outq}")
+    invocation = show(vm, TEMPLATE, "InvocationID")["InvocationID"]
+    stop = vm.sh(f"timeout 120 systemctl stop {TEMPLATE}", timeout_s=180)
+    assert stop.rc == 0, f"{stop}\n{explain(vm, TEMPLATE)}"
+    start(vm, TEMPLATE)
+    far(vm).resume()
+    rest = gu(vm, f"write {bus(vm, TEMPLATE)} --seed undrained --count 4400 --skip {held}",
+              timeout_s=300)
+    assert rest["written"] == 4400, rest
+    expected = pattern("undrained", 4400)
+    got = far(vm).wait_for(4400, timeout_s=180)
+    what = "guest -> far end across a stop with an undrained wire"
+    gap = _one_gap(expected, got)
+    assert gap is not None and gap[1] <= CHIP_TX_BYTES, (
+        f"{same_bytes(what, expected, got)} (kernel output queue held {outq} at the stop; "
+        f"at most {CHIP_TX_BYTES} bytes in the UART chip may be lost, in one gap)")
+    print(f"lost {gap[1]} bytes at offset {gap[0]} (in the UART chip at the stop)")
+    if gap[1]:
+        warned = vm.sh(f"journalctl -b --no-pager _SYSTEMD_INVOCATION_ID={invocation} "
+                       "-o verbose | grep -c transmitter_not_empty").stdout.strip()
+        assert warned not in ("", "0"), (
+            f"{gap[1]} bytes lost in the chip without a warning at the stop:\n"
+            f"{journal_fields(vm, TEMPLATE, lines=12)}")
+
+
+# -- uninstall (last: it removes what the tests above use) ---------------------------------
+
+
+def test_uninstall_service(clean: Vm) -> None:
+    """scripts/uninstall-service stops the units (final checkpoint kept), removes the units,
+    the rule, the link and /opt/uartbridge, keeps /etc/uartbridge; --purge removes those too."""
+    vm = clean
+    # Whether the unit starts is other tests' business; if it runs, its checkpoint must stay.
+    ran = vm.sh(f"timeout 120 systemctl start {TEMPLATE}", timeout_s=180).rc == 0
+    vm.ok(f"systemctl enable {TEMPLATE}")
+    state = "/var/lib/" + show(vm, TEMPLATE, "StateDirectory")["StateDirectory"].split()[0]
+    vm.ok("cd /root/uartbridge && scripts/uninstall-service", timeout_s=300)
+    gone = ("/opt/uartbridge /usr/local/bin/uartbridge /etc/systemd/system/uartbridge.service "
+            "/etc/systemd/system/uartbridge@.service /etc/udev/rules.d/99-uartbridge.rules "
+            f"/etc/systemd/system/multi-user.target.wants/{TEMPLATE}")
+    left = vm.sh(f"for p in {gone}; do test -e $p -o -L $p && echo $p; done").stdout.split()
+    assert not left, f"left behind: {left}"
+    props = show(vm, TEMPLATE, "LoadState", "ActiveState")
+    assert props["ActiveState"] != "active" and props["LoadState"] != "loaded", props
+    vm.ok("test -f /etc/uartbridge/ttyS1.toml")
+    if ran:
+        kept = vm.sh(f"find -L {state} -name '*.json' | grep -q .")
+        assert kept.rc == 0, f"the final checkpoint is gone from {state}:\n{kept}"
+    vm.ok("cd /root/uartbridge && scripts/uninstall-service --purge", timeout_s=300)
+    purged = vm.sh("ls -d /etc/uartbridge /var/lib/uartbridge /var/lib/private/uartbridge* "
+                   "2>/dev/null").stdout.split()
+    assert not purged, f"--purge left {purged}"
