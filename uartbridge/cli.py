@@ -141,6 +141,30 @@ COMMANDS: list[tuple[str, str, str, str]] = [
 ]
 
 
+def version_text() -> str:
+    """``uartbridge VERSION, <build>``, and the event loop ``event_loop = "auto"`` takes."""
+    from .buildinfo import build_name
+    from .eventloop import uvloop_version
+
+    uvloop = uvloop_version()
+    loop = f"uvloop {uvloop}" if uvloop else "asyncio (uvloop not installed)"
+    return f"uartbridge {__version__}, {build_name()}, {loop}"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: what is running is looked up when asked (it imports the hot modules)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "show the version, the build and the event loop, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -149,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"uartbridge {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     parsers: dict[str, argparse.ArgumentParser] = {}

@@ -231,6 +231,9 @@ def _print_status(reply: dict[str, Any]) -> None:
         f"daemon pid {reply['pid']}, up {reply['uptime_s']:.0f} s, config {reply['config']}"
         f" ({where})"
     )
+    if reply.get("build"):
+        print(f"  uartbridge {reply.get('version')}, {reply['build']},"
+              f" event loop {reply.get('event_loop')}")
     if reply.get("resumed_after_crash"):
         print("  (resumed after a crash: see each UART's resumed_from age)")
     if reply.get("restarts"):

@@ -12,8 +12,10 @@ Who calls what:
 
 - the owner of the register interface calls ``settle()`` after each access (or burst);
 - the port link calls ``on_uart_change()`` when it changed the model (input, TX accepted,
-  reconnect) and so does the receive-timeout timer; both settle and hand the IRQ changes to
-  ``on_change`` (possibly an empty list: the device changed without an IRQ edge).
+  reconnect) from an event of its own, and so does the receive-timeout timer; both settle and
+  hand the IRQ changes to ``on_change`` (possibly an empty list: the device changed without an
+  IRQ edge). What the link does inside ``settle()`` (a transmit the OS takes at once) it does
+  not report: ``settle()`` goes on taking the model's events and sees it there.
 
 Everything runs on the thread of the event loop ``open()`` ran on; ``settle()`` may be called
 while that loop is not running (an emulator between two ``Bridge.poll`` calls): the link's

@@ -50,7 +50,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -291,7 +291,8 @@ class _Connection(asyncio.BufferedProtocol):
     # -- transport callbacks --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # Not isinstance-checked: uvloop's transports are not asyncio.Transport subclasses.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         server = self._server
         transport.set_write_buffer_limits(high=server.high_water, low=server.high_water // 4)

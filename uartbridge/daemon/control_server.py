@@ -83,7 +83,7 @@ class _Conn:
     connection is pushed out by closing the socket itself (the descriptor is free at once).
     """
 
-    __slots__ = ("busy", "since", "sock", "task", "writer")
+    __slots__ = ("busy", "since", "sock", "task", "wrapping", "writer")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -91,6 +91,7 @@ class _Conn:
         self.task: asyncio.Task[None] | None = None
         self.since = time.monotonic()
         self.busy = False
+        self.wrapping = False  # its task is inside open_unix_connection: a transport holds it
 
     def close(self) -> None:
         """Drop the connection (no reply: it is only waiting)."""
@@ -99,6 +100,11 @@ class _Conn:
             return
         if self.task is not None:
             self.task.cancel()
+        if self.wrapping:
+            # A transport already holds the descriptor (uvloop's holds the number, not the
+            # socket object): closing it here would let the next accept reuse the number,
+            # and that transport's own close (the cancel) would then close the new client.
+            return
         self.sock.close()
 
 
@@ -189,6 +195,7 @@ class ControlServer:
         return True
 
     async def _serve_conn(self, conn: _Conn) -> None:
+        conn.wrapping = True
         try:
             reader, writer = await asyncio.open_unix_connection(
                 sock=conn.sock, limit=MAX_LINE_BYTES

@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .. import logs
+from .. import __version__, buildinfo, eventloop, logs
 from ..checkpoint import Checkpoint, encode, latest_checkpoint
 from ..config import Config
 from ..errors import (
@@ -838,6 +838,9 @@ class Daemon:
         """What ``uartbridge status`` shows."""
         return {
             "pid": os.getpid(),
+            "version": __version__,
+            "build": buildinfo.build_name(),
+            "event_loop": eventloop.running_loop_name(),
             "uptime_s": round((time.monotonic_ns() - self.started_mono_ns) / NS_PER_S, 3),
             "config": self.config.source,
             "instance": self.config.instance,
@@ -877,7 +880,7 @@ def serve(
         return await daemon.run()
 
     try:
-        return asyncio.run(main())
+        return eventloop.run(main(), config.daemon.event_loop)
     except UartBridgeError as exc:
         logs.fatal(str(exc), exit_code=exc.exit_code)
         return exc.exit_code

@@ -299,8 +299,6 @@ class PortLink:
         self._quiesced = False
         self._closed = False
         self._in_events = False
-        self._changed_in_events = False
-        self._notify_scheduled = False
         self._reconnect_delay_s = settings.reconnect_min_s
         self._reconnect_handle: asyncio.TimerHandle | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -423,7 +421,13 @@ class PortLink:
         self._opened = True
 
     def on_events(self, events: UartEvents) -> None:
-        """React to what the model did (called synchronously; never calls on_uart_change)."""
+        """React to what the model did (called synchronously; never calls on_uart_change).
+
+        The caller takes the model's events until none are left (``UartDevice.settle``), so
+        what this does to the model (bytes the OS took, bytes read in) shows up there, in the
+        same settle: no deferred notification (it cost a loop round, an ``epoll_wait``, per
+        transmitting settle and found nothing left to do).
+        """
         if self._closed or not self._opened:
             return
         self._in_events = True
@@ -436,15 +440,12 @@ class PortLink:
             if events.msi_enabled is not None:
                 self._update_msi_poll()
             if events.rx_space:
-                self._changed_in_events |= self._pump_rx()
+                self._pump_rx()
                 self._update_reading()
             if events.tx_ready and not self._tx_parked():
-                self._changed_in_events |= self._transmit()
+                self._transmit()
         finally:
             self._in_events = False
-        if self._changed_in_events:
-            self._changed_in_events = False
-            self._schedule_notify()
 
     async def quiesce(self) -> None:
         """Stop reading and writing, hold the peer back, and let the OS send what it took.
@@ -636,23 +637,10 @@ class PortLink:
     # -- notifications -----------------------------------------------------------------------
 
     def _notify(self) -> None:
-        """The model changed outside on_events: tell the daemon (or defer if inside it)."""
-        if self._in_events:
-            self._changed_in_events = True
-        else:
+        """The model changed: tell the daemon, unless inside on_events, whose caller takes the
+        model's events until none are left (and so sees this change)."""
+        if not self._in_events:
             self._on_uart_change()
-
-    def _schedule_notify(self) -> None:
-        if self._notify_scheduled or self._loop is None:
-            return
-        self._notify_scheduled = True
-
-        def run() -> None:
-            self._notify_scheduled = False
-            if not self._closed:
-                self._on_uart_change()
-
-        self._loop.call_soon(run)
 
     def _error(self, message: str, exc: BaseException | None = None) -> None:
         text = message if exc is None else f"{message}: {exc}"
