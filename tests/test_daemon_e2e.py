@@ -487,6 +487,16 @@ def test_posted_writes_in_the_socket_at_sigterm_are_not_lost(tmp_path: Path) -> 
         assert got == expected
 
 
+def test_posted_writes_at_sigterm_with_no_port_are_in_the_checkpoint(tmp_path: Path) -> None:
+    """With the port missing (`buffer`), THR writes posted just before SIGTERM and still
+    unread in the daemon's socket are all in the final checkpoint's TX backlog, in order."""
+    with daemon(tmp_path / "d", [_socat_uart(tmp_path / "missing-a")], interval_s=0) as d:
+        d.start()
+        assert d.status()["uarts"][0]["reader_state"] == "disconnected"
+        expected, held = _post_then_sigterm(d)
+        assert held == expected, f"checkpoint holds {len(held)} of {len(expected)} bytes"
+
+
 def _post_then_sigterm(d: Daemon) -> tuple[bytes, bytes]:
     """A guest posts THR writes into the socket of the stopped daemon, which is then sent
     SIGTERM and continued; (the THR bytes posted, the final checkpoint's unsent bytes)."""
