@@ -31,6 +31,12 @@ mark the server stops executing frames and stops reading (the kernel's socket bu
 hold the client back), and a client that stays that way for ``stall_timeout_s`` is dropped.
 Every ERROR frame is followed by the server closing the connection.
 
+**Stop.** ``close`` (the daemon's stop and quiesce, before the final checkpoint) first
+executes every complete frame the guest already sent — decoded, buffered, or in the kernel's
+receive queue when the stop begins — without turns and bounded (``drain_limit_bytes`` read,
+as many register operations), then settles, so the posted writes are in the device and the
+checkpoint taken next. A partial frame is dropped; the queue emptied, the close is orderly.
+
 **Time (protocol v2).** On a UART whose clock is the guest's (``guest_clock``), a v2 guest
 that asks for ``GUEST_TIME`` in HELLO drives it: each TIME frame advances the clock by what
 the guest's time moved and runs the timers due; after every settle the server sends a
