@@ -294,6 +294,11 @@ class _Connection(asyncio.BufferedProtocol):
         return self._guest_time_ns is not None
 
     @property
+    def drainable(self) -> bool:
+        """The guest's connection is open: ``drain`` would execute what it sent."""
+        return self._is_guest and not self._closing and self._transport is not None
+
+    @property
     def attached(self) -> bool:
         """This connection is the guest and has completed HELLO (it is not pending)."""
         return self._is_guest and self._hello
@@ -820,7 +825,7 @@ class _Connection(asyncio.BufferedProtocol):
         operations executed). Only for the guest; ``shutdown`` closes afterwards.
         """
         transport = self._transport
-        if not self._is_guest or self._closing or transport is None:
+        if not self.drainable or transport is None:
             return 0, 0
         if self._continuation is not None:
             self._continuation.cancel()
@@ -1195,7 +1200,7 @@ class BusServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, timeout=self.close_grace_s + 1)
         guest = self._guest
-        if guest is not None:
+        if guest is not None and guest.drainable:
             # Frames the guest sent before the stop are executed before anything else, so
             # its posted writes are in the device (and in the checkpoint taken after this).
             frames = guest.frames_executed
