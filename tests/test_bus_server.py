@@ -447,10 +447,14 @@ def test_close_tells_guest_and_removes_socket() -> None:
     serve(body)
 
 
-async def _raw_guest(path: Path) -> socket.socket:
-    """A blocking Unix socket that has completed HELLO (the reply read on the loop)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(str(path))
+async def _raw_guest(path: Path, tcp: tuple[str, int] | None = None) -> socket.socket:
+    """A blocking socket (Unix, or TCP to ``tcp``) that has completed HELLO (the reply read
+    on the loop)."""
+    if tcp is None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+    else:
+        sock = socket.create_connection(tcp)
     sock.sendall(encode(Hello(1)))
     sock.setblocking(False)
     decoder = FrameDecoder()
@@ -470,12 +474,14 @@ def _read_to_eof(sock: socket.socket) -> list[object]:
     return list(decoder.frames())
 
 
-def test_close_executes_every_frame_the_guest_already_sent() -> None:
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_close_executes_every_frame_the_guest_already_sent(transport: str) -> None:
     """close() first executes, in order, the frames already in the socket (posted THR writes
     reach the wire, a SYNC is answered), drops a partial frame, then closes without a reset."""
 
     async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
-        sock = await _raw_guest(path)
+        tcp = await server.start_tcp() if transport == "tcp" else None
+        sock = await _raw_guest(path, tcp)
         try:
             singles = bytes(i % 251 for i in range(200))
             burst = bytes((i * 7) % 256 for i in range(3000))
