@@ -462,9 +462,11 @@ def _sync(sock: socket.socket, decoder: FrameDecoder, token: int) -> None:
             decoder.feed(data)
 
 
-def test_posted_writes_in_the_socket_at_sigterm_are_not_lost(tmp_path: Path) -> None:
-    """THR writes a guest posted just before SIGTERM, still unread in the daemon's socket,
-    end on the far end or in the final checkpoint: every byte exactly once, in order."""
+@pytest.mark.parametrize("how", ["sigterm", "checkpoint-stop"])
+def test_posted_writes_in_the_socket_at_a_stop_are_not_lost(tmp_path: Path, how: str) -> None:
+    """THR writes a guest posted just before SIGTERM or `checkpoint --stop`, still unread in
+    the daemon's socket, end on the far end or in the final checkpoint: every byte exactly
+    once, in order."""
     with (
         socat_pair(tmp_path) as pair,
         daemon(tmp_path / "d", [_socat_uart(pair.a)], interval_s=0) as d,
@@ -474,7 +476,7 @@ def test_posted_writes_in_the_socket_at_sigterm_are_not_lost(tmp_path: Path) -> 
         far = FarEnd(pair.b, b"")
         far.start()
         try:
-            expected, held = _post_then_sigterm(d)
+            expected, held = _post_then_stop(d, how)
             deadline = time.monotonic() + 20.0  # generous: the far end is a thread
             while len(far.received) + len(held) < len(expected) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -493,13 +495,14 @@ def test_posted_writes_at_sigterm_with_no_port_are_in_the_checkpoint(tmp_path: P
     with daemon(tmp_path / "d", [_socat_uart(tmp_path / "missing-a")], interval_s=0) as d:
         d.start()
         assert d.status()["uarts"][0]["reader_state"] == "disconnected"
-        expected, held = _post_then_sigterm(d)
+        expected, held = _post_then_stop(d)
         assert held == expected, f"checkpoint holds {len(held)} of {len(expected)} bytes"
 
 
-def _post_then_sigterm(d: Daemon) -> tuple[bytes, bytes]:
-    """A guest posts THR writes into the socket of the stopped daemon, which is then sent
-    SIGTERM and continued; (the THR bytes posted, the final checkpoint's unsent bytes)."""
+def _post_then_stop(d: Daemon, how: str = "sigterm") -> tuple[bytes, bytes]:
+    """A guest posts THR writes into the socket of the stopped (SIGSTOP) daemon, which is
+    then asked to stop (``how``: SIGTERM or a `checkpoint --stop` request) and continued;
+    (the THR bytes posted, the final checkpoint's unsent bytes)."""
     assert d.proc is not None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -519,12 +522,23 @@ def _post_then_sigterm(d: Daemon) -> tuple[bytes, bytes]:
         ahead = encode(WriteN(SCR, b"\x5a" * 4094)) * 40
         payload = (ahead + b"".join(encode(Write(THR, b)) for b in singles)
                    + encode(WriteN(THR, burst)))
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        control.settimeout(20)
         os.kill(d.proc.pid, signal.SIGSTOP)
         try:
             sock.sendall(payload)  # into the socket of a stopped daemon: nothing read yet
-            os.kill(d.proc.pid, signal.SIGTERM)
+            if how == "sigterm":
+                os.kill(d.proc.pid, signal.SIGTERM)
+            else:  # what `checkpoint --stop` sends, queued before the daemon runs again
+                control.connect(str(d.control))
+                control.sendall(json.dumps({"cmd": "checkpoint", "uart": None, "stop": True,
+                                            "document": False}).encode() + b"\n")
         finally:
             os.kill(d.proc.pid, signal.SIGCONT)
+        with control:
+            if how != "sigterm":
+                reply = json.loads(control.makefile("rb").readline())
+                assert reply.get("ok"), reply
         assert d.wait_exit() == 0, d.log()
         d.proc = None
     finally:
