@@ -1205,11 +1205,13 @@ class BusServer:
             # its posted writes are in the device (and in the checkpoint taken after this).
             frames = guest.frames_executed
             read, ops = guest.drain(self.drain_limit_bytes)
-            self.log.info("bus.drained", uart=self.name, peer=guest._peer, bytes_read=read,
-                          frames=guest.frames_executed - frames, operations=ops,
-                          bytes_left=guest._decoder.buffered,
-                          frame_left=guest._pending_frame is not None,
-                          replies_dropped=guest.replies_dropped)
+            bounded = read >= self.drain_limit_bytes or guest._pending_frame is not None
+            # A guest past the bound (flooding) loses what it sent beyond it: say so.
+            log = self.log.warning if bounded else self.log.info
+            log("bus.drained", uart=self.name, peer=guest._peer, bytes_read=read,
+                frames=guest.frames_executed - frames, operations=ops,
+                bytes_left=guest._decoder.buffered, bounded=bounded,
+                replies_dropped=guest.replies_dropped)
         for conn in list(self._connections):
             conn.shutdown()
         for limiter in self._limiters.values():
