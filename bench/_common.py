@@ -29,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# The uartbridge a bench (and the daemon it starts) imports: this checkout, or the compiled
+# build's tree when _builds.py runs the bench as a child for it.
+TREE = Path(os.environ.get("UARTBRIDGE_BENCH_TREE") or REPO)
+if str(TREE) not in sys.path:
+    sys.path.insert(0, str(TREE))
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -171,6 +174,9 @@ class Daemon:
 
     def write_config(self) -> None:
         daemon = {"runtime_dir": self.runtime_dir, "state_dir": self.state_dir, **self.daemon}
+        loop = os.environ.get("UARTBRIDGE_BENCH_EVENT_LOOP")
+        if loop and "event_loop" not in daemon:
+            daemon["event_loop"] = loop
         lines = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in daemon.items()]
         if self.checkpoint:
             lines.append("[checkpoint]")
@@ -197,7 +203,7 @@ class Daemon:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "uartbridge", *args,
                      "--config", str(self.config_path)],
-                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=TREE,
                 )
             self.ready_s = self._wait_ready(notify, start, timeout_s)
         finally:

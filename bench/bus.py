@@ -17,7 +17,7 @@ The UART is set as a driver leaves it (8N1, FIFOs on), IER = 0 (no IRQ frames).
   ``/proc/net/tcp`` does, costs per connection what the table holds).
 
 Run: ``python bench/bus.py [--runs 5] [--writes 200000] [--reads 20000] [--tcp-conns 1000]
-[--tcp-rows 15000]``.
+[--tcp-rows 15000] [--build both|pure|compiled] [--event-loop auto|asyncio|uvloop]``.
 Prints a table (medians over runs) and one JSON line.
 """
 
@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import socket
+import statistics
 import subprocess
 import time
 
+from _builds import add_build_args, check_build, side_by_side
 from _common import (
     Daemon,
     Figure,
@@ -113,7 +115,14 @@ def main() -> None:
     parser.add_argument("--tcp-conns", type=int, default=1000, help="TCP admissions per run")
     parser.add_argument("--tcp-rows", type=int, default=15_000,
                         help="extra TIME_WAIT rows for the grown-table case")
+    add_build_args(parser)
     args = parser.parse_args()
+    if args.build == "both":
+        side_by_side(__file__, ["--writes", str(args.writes), "--reads", str(args.reads),
+                                "--tcp-conns", str(args.tcp_conns),
+                                "--tcp-rows", str(args.tcp_rows)], args.runs, args.event_loop)
+        return
+    build = check_build(args.build, args.event_loop)
     socat = need_program("socat")
 
     rates: list[float] = []
@@ -165,6 +174,10 @@ def main() -> None:
                rates, 100_000, ">=", 0),
         Figure("read_rtt_p50_us", "READ round trip p50", "us", p50s, 50, "<="),
         Figure("read_rtt_p99_us", "READ round trip p99", "us", p99s, None),
+        Figure("ping_pong_floor_us", "bare AF_UNIX ping-pong p50 (the floor)", "us",
+               [floor_us], None),
+        Figure("read_rtt_p50_over_floor", "READ p50 / floor", "ratio",
+               [statistics.median(p50s) / floor_us], 2, "<=", 2),
     ]
     if tcp_small:
         figures += [
@@ -175,7 +188,7 @@ def main() -> None:
                    tcp_grown, None, "<=", 0),
         ]
     print_table(
-        f"bus bench: {args.runs} runs, {args.writes} posted writes + SYNC and "
+        f"bus bench ({build}): {args.runs} runs, {args.writes} posted writes + SYNC and "
         f"{args.reads} READs per run",
         figures,
         [
@@ -188,7 +201,7 @@ def main() -> None:
         json_line(
             "bus", figures, writes_per_run=args.writes, reads_per_run=args.reads,
             tcp_conns_per_run=args.tcp_conns, tcp_extra_rows=args.tcp_rows,
-            socket_ping_pong_p50_us=round(floor_us, 1),
+            socket_ping_pong_p50_us=round(floor_us, 1), build=build,
         )
     )
 

@@ -20,7 +20,8 @@ checks that the other side's bytes arrive once and in order (zero loss). Measure
 daemon's CPU (utime + stime from ``/proc/PID/stat`` over the load window, % of one core) and
 its RSS (VmHWM, the peak, and VmRSS at the end, from ``/proc/PID/status``).
 
-Run: ``python bench/scale.py [--runs 5] [--seconds 30] [--uarts 64]``.
+Run: ``python bench/scale.py [--runs 5] [--seconds 30] [--uarts 64]
+[--build both|pure|compiled] [--event-loop auto|asyncio|uvloop]``.
 Prints a table (medians over runs) and one JSON line.
 """
 
@@ -38,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _builds import add_build_args, check_build, side_by_side
 from _common import (
     Daemon,
     Figure,
@@ -287,10 +289,18 @@ def main() -> None:
     parser.add_argument("--far-end", help=argparse.SUPPRESS)
     parser.add_argument("--total", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    add_build_args(parser)
     args = parser.parse_args()
     if args.far_end:
         far_end_main(Path(args.far_end), args.uarts, args.total, args.deadline)
         return
+    if args.build == "both":
+        extra = [] if args.checkpoint_interval is None else [
+            "--checkpoint-interval", str(args.checkpoint_interval)]
+        side_by_side(__file__, ["--seconds", str(args.seconds), "--uarts", str(args.uarts),
+                                *extra], args.runs, args.event_loop)
+        return
+    build = check_build(args.build, args.event_loop)
 
     results = []
     for run in range(args.runs):
@@ -320,8 +330,8 @@ def main() -> None:
     ]
     all_ok = all(r["zero_loss"] for r in results)
     print_table(
-        f"scale bench: {args.runs} runs, {args.uarts} UARTs (pty:), {RATE_BPS} B/s each way "
-        f"per UART for {args.seconds:g} s",
+        f"scale bench ({build}): {args.runs} runs, {args.uarts} UARTs (pty:), {RATE_BPS} B/s "
+        f"each way per UART for {args.seconds:g} s",
         figures,
         [f"zero loss (every byte once, in order, both directions, every run): "
          f"{'yes' if all_ok else 'NO'}; bytes each way per run: "
@@ -331,7 +341,7 @@ def main() -> None:
          "divides all the daemon's CPU for all the bytes by the window"],
     )
     print(json_line(
-        "scale", figures, uarts=args.uarts, seconds=args.seconds, rate_bps=RATE_BPS,
+        "scale", figures, uarts=args.uarts, seconds=args.seconds, rate_bps=RATE_BPS, build=build,
         zero_loss=all_ok,
         loss={k: [r[k] for r in results]
               for k in ("missing_at_far", "missing_at_guests", "out_of_order_chunks")},

@@ -16,7 +16,8 @@ WRITE_N), on RDI/CTI ``rx_chars`` — exactly as the Linux 8250 driver would.
 The model paces nothing at the baud rate (a byte leaves when the OS took it), so these are
 figures of the daemon's byte path, not of 115200 baud.
 
-Run: ``python bench/throughput.py [--runs 5] [--bytes 1000000]``.
+Run: ``python bench/throughput.py [--runs 5] [--bytes 1000000] [--build both|pure|compiled]
+[--event-loop auto|asyncio|uvloop]``.
 Prints a table (medians over runs) and one JSON line.
 """
 
@@ -31,6 +32,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from _builds import add_build_args, check_build, side_by_side
 from _common import (
     Daemon,
     Figure,
@@ -190,7 +192,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_runs_arg(parser)
     parser.add_argument("--bytes", type=int, default=1_000_000, help="bytes per direction")
+    add_build_args(parser)
     args = parser.parse_args()
+    if args.build == "both":
+        side_by_side(__file__, ["--bytes", str(args.bytes)], args.runs, args.event_loop)
+        return
+    build = check_build(args.build, args.event_loop)
     n = args.bytes
 
     tx: list[float] = []
@@ -235,13 +242,13 @@ def main() -> None:
                digits=3),
     ]
     print_table(
-        f"throughput bench: {args.runs} runs, {n} bytes each way per run "
+        f"throughput bench ({build}): {args.runs} runs, {n} bytes each way per run "
         f"(UART probed as {kind[0]}, FIFO {kind[1]})",
         figures,
         [f"guest interrupts: {counters.interrupts} (THRI {counters.thri}, RDI "
          f"{counters.rdi}, CTI {counters.cti}); kB = 1000 bytes"],
     )
-    print(json_line("throughput", figures, bytes_per_run=n, uart=kind[0]))
+    print(json_line("throughput", figures, bytes_per_run=n, uart=kind[0], build=build))
 
 
 if __name__ == "__main__":

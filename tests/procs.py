@@ -313,6 +313,7 @@ class Daemon:
     checkpoint: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     runs: int = 0
+    daemon: dict[str, Any] = field(default_factory=dict)  # more [daemon] keys (event_loop)
 
     @property
     def runtime_dir(self) -> Path:
@@ -341,6 +342,7 @@ class Daemon:
             f"state_dir = {_toml_value(self.state_dir)}",
             'log_format = "json"',
             'log_level = "debug"',
+            *(f"{k} = {_toml_value(v)}" for k, v in self.daemon.items()),
             "[checkpoint]",
         ]
         lines += [f"{k} = {_toml_value(v)}" for k, v in self.checkpoint.items()]

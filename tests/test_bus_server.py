@@ -49,6 +49,22 @@ from uartbridge.errors import BusError
 from uartbridge.registers import FCR, IER, IIR, LCR, LSR, MCR, RBR, SCR, THR, Ier, Mcr
 from uartbridge.sockets import PeerCredentials
 
+# Every test here runs on asyncio's loop and on uvloop's (the daemon's two loops).
+pytestmark = pytest.mark.usefixtures("each_event_loop")
+
+
+def test_the_server_runs_on_the_loop_each_run_asks_for(each_event_loop: str) -> None:
+    """The parametrized runs really run the server on asyncio's loop and on uvloop's."""
+    from uartbridge.eventloop import running_loop_name
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        assert running_loop_name() == each_event_loop
+        guest = await RawGuest.open(path)
+        assert guest.hello.name == "uart0"
+        await guest.close()
+
+    serve(body)
+
 
 def test_hello_reports_version_capabilities_irq_and_name() -> None:
     """HELLO_REPLY carries version 1, the capabilities, the IRQ level and the UART name."""

@@ -34,6 +34,10 @@ from uartbridge.bus import (
 
 T = TypeVar("T")
 
+# The loop the servers of these helpers run on: asyncio's unless a test module asks for each
+# loop in turn (``pytestmark = pytest.mark.usefixtures("each_event_loop")``, conftest.py).
+LOOP_FACTORY: list[Callable[[], asyncio.AbstractEventLoop]] = [asyncio.new_event_loop]
+
 REPLY_TIMEOUT_S = 10.0
 
 
@@ -51,7 +55,7 @@ class ServerThread:
         self.server_kwargs = server_kwargs
         self.dir = short_tmp_dir()
         self.path = self.dir / f"{name}.bus"
-        self.loop = asyncio.new_event_loop()
+        self.loop = LOOP_FACTORY[0]()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.uart: Uart16550
         self.wire: VirtualWire
@@ -258,6 +262,7 @@ def run_async(main: Callable[[], Awaitable[None]]) -> None:
     async def runner() -> None:
         await main()
 
-    asyncio.run(runner())
+    with asyncio.Runner(loop_factory=LOOP_FACTORY[0]) as loop_runner:
+        loop_runner.run(runner())
 
 

@@ -37,6 +37,9 @@ from uartbridge.sockdiag import (
 )
 from uartbridge.sockets import PeerCredentials
 
+# Every test here runs on asyncio's loop and on uvloop's (the daemon's two loops).
+pytestmark = pytest.mark.usefixtures("each_event_loop")
+
 TOKEN = b"s3cret-token-for-tests"
 
 

@@ -11,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 from test_bus_support import RawGuest, run_async, short_tmp_dir, sync, wait_for
 
 from uartbridge import Uart16550
@@ -31,6 +32,9 @@ from uartbridge.bus import (
 from uartbridge.clock import GuestClock
 from uartbridge.registers import FCR, IER, IIR, LCR, MCR, THR
 from uartbridge.uart import NS_PER_S, TIMEOUT_CHARS, Pace
+
+# Every test here runs on asyncio's loop and on uvloop's (the daemon's two loops).
+pytestmark = pytest.mark.usefixtures("each_event_loop")
 
 CTI_NS = TIMEOUT_CHARS * (NS_PER_S * 10 // 115200)  # 4 characters at 115200 8N1
 GUEST_TIME = int(Capability.GUEST_TIME)

@@ -50,6 +50,7 @@ ROOT = Path(__file__).parent.parent
 GOLDEN = sorted(DATA.glob("checkpoint-v1-*.json"))
 GOLDEN_V3 = DATA / "checkpoint-v3-stop-on-serial.json"
 GOLDEN_V4 = DATA / "checkpoint-v4-paced-mid-character.json"
+GOLDEN_V5 = DATA / "checkpoint-v5-handed-over-serial.json"
 PACED = GOLDEN_V4.name
 
 
@@ -82,7 +83,7 @@ def golden_doc(name: str) -> dict[str, Any]:
 
 
 def upgraded_to_current(doc: dict[str, Any]) -> dict[str, Any]:
-    """What a v1/v2/v3 document says when written again by this version (docs §6): the keys
+    """What a v1…v4 document says when written again by this version (docs §6): the keys
     each later version added, with the values that mean exactly the old behaviour."""
     doc = copy.deepcopy(doc)
     version = doc["format_version"]
@@ -98,6 +99,8 @@ def upgraded_to_current(doc: dict[str, Any]) -> dict[str, Any]:
             pace="none", tx_shift_remaining_ns=None, tx_line="", rx_line="",
             rx_slot_remaining_ns=None,
         )
+    if version < 5:
+        doc["meta"]["port_handle"] = None
     doc["format_version"] = FORMAT_VERSION
     del doc["sha256"]
     return doc
@@ -199,7 +202,7 @@ def test_golden_file_set_is_complete() -> None:
     )
     assert sorted(p.name for p in DATA.glob("checkpoint-v[2-9]*.json")) == [
         "checkpoint-v2-line-events.json", "checkpoint-v3-stop-on-serial.json",
-        "checkpoint-v4-paced-mid-character.json",
+        "checkpoint-v4-paced-mid-character.json", "checkpoint-v5-handed-over-serial.json",
     ]
 
 
@@ -267,6 +270,35 @@ def test_golden_v4_file_loads_a_paced_device_mid_character() -> None:
     assert uart.tx_waiting() == b"ello"
     if FORMAT_VERSION == 4:
         assert encode(ckpt) == GOLDEN_V4.read_bytes()
+
+
+def test_golden_v5_file_names_the_port_it_was_handed_over_with() -> None:
+    """The format-5 golden file: a stop on a serial port whose descriptor went to the next
+    run, with the port's identity in meta.port_handle; every older file loads with none; the
+    newest golden file is exactly what this version writes."""
+    ckpt = read_checkpoint(GOLDEN_V5)
+    assert ckpt.meta.format_version == 5
+    assert ckpt.meta.port_handle == "tty dev=0:5 ino=405 rdev=4:65"
+    assert ckpt.port.tx_backlog == b"ok\r\nlogin: " and ckpt.port.rx_backlog == b"k\r\n"
+    for older in sorted(DATA.glob("checkpoint-v[1-4]-*.json")):
+        assert read_checkpoint(older).meta.port_handle is None, older.name
+    if FORMAT_VERSION == 5:
+        assert encode(ckpt) == GOLDEN_V5.read_bytes()
+
+
+def test_v4_documents_load_with_no_port_handle_and_refuse_one() -> None:
+    """A version-4 document upgrades to port_handle null; one that has the field is refused,
+    naming it and the version it came with; a non-string handle is refused too."""
+    doc = json.loads(GOLDEN_V4.read_bytes())
+    assert decode(rehashed(doc)).meta.port_handle is None
+    doc["meta"]["port_handle"] = "pty slave=/dev/pts/3"
+    assert "meta.port_handle: unknown field in format version 4 (it came with 5)" in refused(
+        rehashed(doc))
+    current = json.loads(GOLDEN_V5.read_bytes())
+    current["meta"]["port_handle"] = 7
+    assert "meta.port_handle: must be a string or null" in refused(rehashed(current))
+    current["meta"]["port_handle"] = "tty\nrdev"
+    assert "meta.port_handle: must not contain control characters" in refused(rehashed(current))
 
 
 def test_golden_v4_file_resumes_mid_character_on_a_new_clock() -> None:
@@ -723,12 +755,11 @@ def test_device_rule_failure_chains_the_invalid_state_error() -> None:
 
 def test_validate_rule_table_covers_every_rule_message() -> None:
     """Every failure message in UartState.validate has a test above (keeps the table honest)."""
-    import inspect
     import re
 
-    from uartbridge import uart as uart_module
+    from sources import class_source
 
-    source = inspect.getsource(uart_module.UartState)
+    source = class_source("uartbridge.uart", "UartState")  # the .py, in either build
     rules = re.findall(r'_fail\(\s*"([a-z_]+)"', source)
     covered = {fragment.split(":")[0] for _, _, fragment in VALIDATE_RULES}
     assert rules and set(rules) <= covered, set(rules) - covered
@@ -782,14 +813,21 @@ def test_two_stop_bits_with_five_data_bits_is_refused() -> None:
 
 def test_invalid_port_section_builds_no_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode builds nothing from a state until the whole document has been validated."""
+    import uartbridge.checkpoint as checkpoint_module
+
     built: list[UartState] = []
-    original = Uart16550.from_state.__func__  # type: ignore[attr-defined]
 
-    def spy(cls: type[Uart16550], state: UartState, **kwargs: Any) -> Uart16550:
-        built.append(state)
-        return original(cls, state, **kwargs)  # type: ignore[no-any-return]
+    class Spy:
+        """Stands for Uart16550 where the checkpoint module names it (the class itself
+        cannot be patched in the compiled build); counts every device built from a state."""
 
-    monkeypatch.setattr(Uart16550, "from_state", classmethod(spy))
+        @staticmethod
+        def from_state(state: UartState, **kwargs: Any) -> Uart16550:
+            built.append(state)
+            return Uart16550.from_state(state, **kwargs)
+
+    assert checkpoint_module.Uart16550 is Uart16550
+    monkeypatch.setattr(checkpoint_module, "Uart16550", Spy)
     doc = golden_doc("stuck-tx")
     doc["port"]["reader_state"] = "gone"
     refused(rehashed(doc))

@@ -13,6 +13,9 @@ from uartbridge.client import AsyncBusClient, BusClient, BusRefusedError, parse_
 from uartbridge.errors import BusError
 from uartbridge.registers import FCR, IER, IIR, LCR, LSR, MCR, RBR, SCR, THR, Ier, Mcr
 
+# Every test here runs on asyncio's loop and on uvloop's (the daemon's two loops).
+pytestmark = pytest.mark.usefixtures("each_event_loop")
+
 
 def test_parse_target_forms() -> None:
     """A path, "tcp:HOST:PORT" and a (host, port) tuple are all targets."""

@@ -58,6 +58,7 @@ def test_every_default(tmp_path: Path) -> None:
         log_level="info",
         fail_fast=False,
         watchdog=True,
+        event_loop="auto",
     )
     assert cfg.checkpoint == CheckpointConfig(
         on_stop=True, resume="auto", interval_s=5.0, keep_previous=True
@@ -127,6 +128,7 @@ log_format = "json"
 log_level = "debug"
 fail_fast = true
 watchdog = false
+event_loop = "asyncio"
 
 [checkpoint]
 on_stop = false
@@ -158,6 +160,7 @@ reconnect_max_s = 1
         Path("/srv/ub/run"), Path("/srv/ub/state"), Path("/srv/ub/ctl.sock"))
     assert (d.socket_group, d.socket_gid, d.log_format, d.log_level, d.fail_fast, d.watchdog) == (
         GROUP, os.getgid(), "json", "debug", True, False)
+    assert d.event_loop == "asyncio"
     assert c == CheckpointConfig(on_stop=False, resume="never", interval_s=0.0,
                                  keep_previous=False)
     assert u.port == PortSettings(url="/dev/ttyUSB3", link_path=None, on_disconnect="discard",
@@ -270,6 +273,7 @@ BAD = [
     ("daemon.log_level", "[daemon]\nlog_level = \"INFO\"", '"debug", "info"'),
     ("daemon.fail_fast", "[daemon]\nfail_fast = 1", "expected a boolean"),
     ("daemon.watchdog", "[daemon]\nwatchdog = \"yes\"", "expected a boolean"),
+    ("daemon.event_loop", "[daemon]\nevent_loop = \"fast\"", '"auto", "asyncio", "uvloop"'),
     ("daemon.runtime_dir", "[daemon]\nruntime_dir = 5", "expected a string"),
     ("daemon.socket_group", "[daemon]\nsocket_group = -1", "a group name or gid"),
     ("daemon.socket_group", "[daemon]\nsocket_group = \"a b\"", "a group name or gid"),

@@ -191,6 +191,34 @@ def test_a_storm_of_idle_control_connections_at_the_fd_limit(tmp_path: Path) -> 
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def test_a_request_after_a_burst_of_connect_and_close_clients_is_answered(
+        tmp_path: Path, each_event_loop: str) -> None:
+    """5 clients that hang on half a line and 50 that connect and close at once, then a real
+    status request: it is answered, every time, on both loops. (On uvloop a client pushed out
+    while its stream was being set up had its descriptor closed under the transport, which
+    then closed whichever client got that number next: the status request, reset.)"""
+    with daemon(tmp_path / "d", [{"name": "uart0", "port": "pty:"}], interval_s=0) as d:
+        d.daemon["event_loop"] = each_event_loop
+        d.start()
+        for _ in range(5):
+            idle = []
+            try:
+                for _ in range(5):
+                    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    idle.append(c)
+                    c.connect(str(d.control))
+                    c.sendall(b'{"cmd": "sta')
+                for _ in range(50):
+                    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+                        c.connect(str(d.control))
+                reply = _ask(d.control, b'{"cmd": "status"}\n')
+                assert reply["ok"] is True, reply
+            finally:
+                for c in idle:
+                    c.close()
+        assert d.stop() == 0
+
+
 def test_checkpoint_writes_work_with_every_descriptor_taken(tmp_path: Path) -> None:
     """With the process at its descriptor limit (real EMFILE), a write inside the daemon's
     reserve succeeds; the same write outside it fails."""

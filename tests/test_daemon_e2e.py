@@ -112,7 +112,9 @@ def test_run_without_config_serves_a_pty_and_a_bus(tmp_path: Path) -> None:
             proc.wait()
 
 
-def _transfer_across(tmp_path: Path, restart: Callable[[Daemon, int], None]) -> None:
+def _transfer_across(
+    tmp_path: Path, restart: Callable[[Daemon, int], None], **daemon_keys: object
+) -> None:
     """Streams both ways while ``restart(daemon, cycle)`` runs 3 times, the guest paused."""
     guest_tx = sequence_stream(6000, b"g")
     far_tx = sequence_stream(6000, b"f")
@@ -120,6 +122,7 @@ def _transfer_across(tmp_path: Path, restart: Callable[[Daemon, int], None]) -> 
         socat_pair(tmp_path) as pair,
         daemon(tmp_path / "d", [_socat_uart(pair.a)], interval_s=0) as d,
     ):
+        d.daemon.update(daemon_keys)
         d.start()
         guest = GuestRunner(d.bus(), guest_tx)
         far = FarEnd(pair.b, far_tx, rate_bytes_per_s=40_000)
@@ -155,6 +158,30 @@ def test_checkpoint_stop_and_resume_mid_transfer_lose_nothing(tmp_path: Path) ->
         d.start("resume", str(output))
 
     _transfer_across(tmp_path, restart)
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_each_event_loop_serves_and_resumes_without_loss(tmp_path: Path, event_loop: str) -> None:
+    """With event_loop forced to asyncio or to uvloop the daemon runs on that loop (status
+    says so, and which build), and a checkpoint --stop / resume mid-transfer loses nothing."""
+    from uartbridge.buildinfo import build_name
+
+    def restart(d: Daemon, cycle: int) -> None:
+        status = d.status()
+        assert (status["event_loop"], status["build"]) == (event_loop, build_name())
+        if cycle == 0:
+            human = d.cli("status", "--config", str(d.config_path)).stdout
+            assert f"{build_name()}, event loop {event_loop}" in human
+        output = tmp_path / f"cycle{cycle}.json"
+        result = d.cli(
+            "checkpoint", "--stop", "--output", str(output), "--config", str(d.config_path)
+        )
+        assert result.returncode == 0, result.stderr + d.log()
+        assert d.wait_exit() == 0
+        d.proc = None
+        d.start("resume", str(output))
+
+    _transfer_across(tmp_path, restart, event_loop=event_loop)
 
 
 def test_sigterm_then_run_again_loses_nothing(tmp_path: Path) -> None:

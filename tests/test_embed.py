@@ -73,6 +73,32 @@ def test_bytes_both_ways_through_a_socat_pty_with_poll(tmp_path: Path) -> None:
         assert counters["bytes_written"] == 16  # type: ignore[index]
 
 
+def test_a_write_the_wire_takes_at_once_is_settled_inside_write(tmp_path: Path) -> None:
+    """A THR write the pty takes at once is finished inside write(): its IRQ edges come
+    there, and the next poll() finds no change left over (no deferred notification)."""
+    irqs: list[bool] = []
+    with socat_pair(tmp_path) as s, raw_peer(s.b) as far, \
+            Bridge(str(s.a), on_irq=irqs.append) as br:
+        br.write(LCR, 0x03)
+        br.write(FCR, 0x07)
+        br.write(IER, 0x02)  # THRI
+        assert br.read(IIR) & 0x0F == 0x02 and not br.irq  # THRI acknowledged
+        br.poll()
+        irqs.clear()
+        for value in b"sixteen bytes!\r\n"[:16]:
+            br.write(THR, value)
+            # The pty took the byte inside write(): THRE and the IRQ are back already.
+            assert br.read(LSR) & LSR_THRE and br.irq
+            assert br.read(IIR) & 0x0F == 0x02 and not br.irq
+            assert not br.poll(), "poll() found a change that write() had already settled"
+        assert irqs == [True, False] * 16
+        got = bytearray()
+        deadline = time.monotonic() + 10
+        while len(got) < 16 and time.monotonic() < deadline:
+            got += read_available(far)
+        assert bytes(got) == b"sixteen bytes!\r\n"[:16]
+
+
 def test_irq_callback_and_the_receive_timeout_timer_run_inside_poll(tmp_path: Path) -> None:
     """3 bytes under a trigger of 8: the receive-timeout timer raises CTI inside poll()."""
     irqs: list[bool] = []

@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from procs import REPO, daemon, socat_pair, stop_process, wait_for
 from test_board import COMMAND, PROMPT, TIMEOUT_S, Console
+from test_board import firmware as firmware  # the board's firmware: skip/fail fixture
 from test_board import requirements as requirements  # the board's skip/fail fixture
 
 from tests.vectors import FakeClock
@@ -331,7 +332,7 @@ def test_a_bridge_records_in_process(tmp_path: Path) -> None:
 BOARD = REPO / "examples" / "unicorn_riscv" / "board.py"
 
 
-def test_the_firmware_boards_scripted_run_replays(requirements: None, tmp_path: Path) -> None:
+def test_the_firmware_boards_scripted_run_replays(firmware: None, tmp_path: Path) -> None:
     """The unicorn board (OpenSBI, U-Boot) recording its console Bridge: boot to the prompt,
     a typed command, its output; the replay is identical, and the bytes it sent are exactly
     what the console received."""

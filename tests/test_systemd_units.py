@@ -165,6 +165,13 @@ def test_service_keys(unit: Path) -> None:
     assert one(unit, "Install", "WantedBy") == "multi-user.target"
 
 
+@pytest.mark.parametrize("unit", [SINGLE, TEMPLATE], ids=lambda p: p.name)
+def test_units_keep_port_fds_in_the_fd_store(unit: Path) -> None:
+    """Both units give the daemon an fd store (FileDescriptorStoreMax= > 0): across
+    `systemctl restart` it keeps the open ports there instead of closing them."""
+    assert int(one(unit, "Service", "FileDescriptorStoreMax")) >= 16
+
+
 def test_single_unit_paths() -> None:
     """The single unit runs /etc/uartbridge/uartbridge.toml with /run and /var/lib dirs."""
     assert one(SINGLE, "Service", "ExecStart") == (

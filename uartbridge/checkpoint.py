@@ -69,7 +69,7 @@ from .uart import (
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "uartbridge-checkpoint"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 #: Host-path bounds (format limits; the config's backlog sizes must stay below them).
 #: A bigger file is refused before it is parsed (two hex backlogs plus a few KiB).
 MAX_DOCUMENT_BYTES = 2 * (MAX_RX_BACKLOG_BYTES + MAX_TX_BACKLOG_BYTES) + (1 << 20)
@@ -85,7 +85,9 @@ _PARITIES: tuple[Parity, ...] = ("N", "O", "E", "M", "S")
 
 # Keys of each section, in the order the file shows them (the hash sorts them anyway).
 _TOP_KEYS = ("format", "format_version", "meta", "uart", "port", "sha256")
-_META_KEYS = ("uartbridge_version", "uart_name", "port", "created_unix_ns", "generation")
+_META_KEYS = (
+    "uartbridge_version", "uart_name", "port", "created_unix_ns", "generation", "port_handle",
+)
 _UART_KEYS = (
     "baudbase",
     "tx_retry_limit",
@@ -142,7 +144,10 @@ class CheckpointMeta:
 
     ``generation`` increases with every checkpoint of a UART (≥ 1); ``created_unix_ns`` is
     ``time.time_ns()`` at snapshot time (never used for timers: those are stored as remaining
-    time in ``UartState``).
+    time in ``UartState``). ``port_handle`` (format 5) names the open port the state belongs
+    to (``PortLink.handle_identity``: the tty's device and inode, an owned pty's slave, a
+    socket's inode and addresses), or None when none was open: a descriptor handed to the
+    next run resumes with this checkpoint only if it is that port.
     """
 
     format_version: int = FORMAT_VERSION
@@ -151,6 +156,7 @@ class CheckpointMeta:
     port: str
     created_unix_ns: int
     generation: int
+    port_handle: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -269,6 +275,7 @@ def to_document(ckpt: Checkpoint) -> dict[str, object]:
             "port": meta.port,
             "created_unix_ns": meta.created_unix_ns,
             "generation": meta.generation,
+            "port_handle": meta.port_handle,
         },
         "uart": uart_section(uart),
         "port": {
@@ -334,6 +341,8 @@ def _check_meta(meta: CheckpointMeta, *, writing: bool) -> None:
             raise _error(f"meta.{key}", f"must be an integer 0..2**63-1, got {value!r}")
     if meta.generation < 1:
         raise _error("meta.generation", f"must be >= 1, got {meta.generation}")
+    if meta.port_handle is not None:
+        _check_string(meta.port_handle, "meta.port_handle")
 
 
 def _check_line_settings(settings: LineSettings | None) -> None:
@@ -539,6 +548,15 @@ def _str(section: dict[str, object], key: str, path: str) -> str:
     return value
 
 
+def _opt_str(section: dict[str, object], key: str, path: str) -> str | None:
+    value = section[key]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _error(f"{path}.{key}", f"must be a string or null, got {_show(value)}")
+    return value
+
+
 def _hex(section: dict[str, object], key: str, path: str, limit: int) -> bytes:
     value = _str(section, key, path)
     if len(value) > 2 * limit:
@@ -564,6 +582,7 @@ def _read_meta(document: dict[str, object], version: int) -> CheckpointMeta:
         port=_str(section, "port", "meta"),
         created_unix_ns=_int(section, "created_unix_ns", "meta"),
         generation=_int(section, "generation", "meta"),
+        port_handle=_opt_str(section, "port_handle", "meta"),
     )
     _check_meta(meta, writing=False)
     return meta
@@ -737,6 +756,19 @@ def _upgrade_v3(document: dict[str, object], version: int) -> dict[str, object]:
     return {**document, "uart": {**uart, **_UART_V4}}
 
 
+def _upgrade_v4(document: dict[str, object], version: int) -> dict[str, object]:
+    """Versions 1 to 4 did not say which open port the state belongs to: a writer of those
+    never handed a port to its next run, so no descriptor may resume with it (null)."""
+    meta = document.get("meta")
+    if not isinstance(meta, dict):
+        return document
+    if "port_handle" in meta:
+        raise _error(
+            "meta.port_handle", f"unknown field in format version {version} (it came with 5)"
+        )
+    return {**document, "meta": {**meta, "port_handle": None}}
+
+
 def from_document(document: object) -> Checkpoint:
     """Validate a parsed JSON document (format, version, hash, schema, consistency)."""
     if not isinstance(document, dict):
@@ -776,6 +808,8 @@ def from_document(document: object) -> Checkpoint:
         document = _upgrade_v2(document, version)
     if version <= 3:
         document = _upgrade_v3(document, version)
+    if version <= 4:
+        document = _upgrade_v4(document, version)
     for key in document:
         if key not in _TOP_KEYS:
             raise CheckpointError(f"unknown section {_key(key)} (written by a newer uartbridge?)")

@@ -72,6 +72,20 @@ COMMANDS: list[tuple[str, str, str, str]] = [
         "  uartbridge status --config /tmp/walk/walk.toml",
     ),
     (
+        "restart",
+        "restart the daemon in place, keeping its ports and sockets open",
+        "The daemon writes its final checkpoint and re-executes itself (same PID, same command "
+        "line, the config re-read, newly installed code loaded) with its port descriptors and "
+        "its bus and control sockets inherited: the port is never closed (DTR/RTS stay as the "
+        "guest set them, the far end sees no hang-up, what it sends meanwhile waits in the "
+        "kernel) and a client connecting meanwhile waits instead of being refused. Waits until "
+        "the new run answers and prints how long it took. Under systemd, `systemctl restart` "
+        "keeps the ports through the fd store instead.",
+        "examples:\n"
+        "  uartbridge restart --config /tmp/walk/walk.toml\n"
+        "  uartbridge restart --instance ttyUSB0",
+    ),
+    (
         "checkpoint",
         "checkpoint a running daemon's UARTs (and optionally stop it)",
         "Write a checkpoint of each UART (or one) between two bus operations; the daemon "
@@ -127,6 +141,30 @@ COMMANDS: list[tuple[str, str, str, str]] = [
 ]
 
 
+def version_text() -> str:
+    """``uartbridge VERSION, <build>``, and the event loop ``event_loop = "auto"`` takes."""
+    from .buildinfo import build_name
+    from .eventloop import uvloop_version
+
+    uvloop = uvloop_version()
+    loop = f"uvloop {uvloop}" if uvloop else "asyncio (uvloop not installed)"
+    return f"uartbridge {__version__}, {build_name()}, {loop}"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: what is running is looked up when asked (it imports the hot modules)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0,
+                         help=help or "show the version, the build and the event loop, and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = argparse.ArgumentParser(
@@ -135,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"uartbridge {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     parsers: dict[str, argparse.ArgumentParser] = {}
@@ -173,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = parsers["status"]
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _control_options(p)
+
+    _control_options(parsers["restart"])
 
     p = parsers["checkpoint"]
     p.add_argument("--uart", metavar="NAME", help="only this UART")
@@ -263,11 +303,13 @@ def dispatch(args: argparse.Namespace) -> int:
         from . import daemon
 
         return daemon.run_command(args) if command == "run" else daemon.resume_command(args)
-    if command in ("status", "checkpoint"):
+    if command in ("status", "checkpoint", "restart"):
         from . import control
 
         if command == "status":
             return control.status_command(args)
+        if command == "restart":
+            return control.restart_command(args)
         return control.checkpoint_command(args)
     if command == "replay":
         from .record import replay_command

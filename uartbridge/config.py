@@ -36,6 +36,7 @@ from typing import Literal, NoReturn, cast
 from . import paths
 from .bus.codec import MAX_TOKEN_LEN
 from .errors import EX_NOINPUT, EX_OK, ConfigError, ConfigMissingError
+from .eventloop import EVENT_LOOPS, EventLoopChoice, uvloop_version
 from .names import NAME_RULE, is_safe_name
 from .port.state import (
     MAX_RX_BACKLOG_BYTES,
@@ -92,6 +93,7 @@ class DaemonConfig:
     log_level: LogLevel = "info"
     fail_fast: bool = False
     watchdog: bool = True
+    event_loop: EventLoopChoice = "auto"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -248,7 +250,7 @@ def summarize(cfg: Config) -> str:
         f"  control socket {d.control_socket}"
         + (f" (group {d.socket_group}, gid {d.socket_gid})" if d.socket_group is not None else ""),
         f"  log {d.log_format}/{d.log_level}  fail_fast={_toml(d.fail_fast)}"
-        f"  watchdog={_toml(d.watchdog)}",
+        f"  watchdog={_toml(d.watchdog)}  event_loop={d.event_loop}",
         f"  checkpoint on_stop={_toml(c.on_stop)} resume={c.resume}"
         f" interval_s={c.interval_s:g} keep_previous={_toml(c.keep_previous)}"
         f" stop_retry_s={c.stop_retry_s:g}",
@@ -444,6 +446,7 @@ class _Builder:
             log_level=cast(LogLevel, t.choice("log_level", "info", LOG_LEVELS)),
             fail_fast=t.boolean("fail_fast", False),
             watchdog=t.boolean("watchdog", True),
+            event_loop=_event_loop(t),
         )
         t.finish()
         return cfg
@@ -639,6 +642,16 @@ class _Builder:
                         f"{_toml(_hostport(u.bus_tcp))} (already used by {tcp[u.bus_tcp]})",
                     )
                 tcp[u.bus_tcp] = f"{prefix}.bus_tcp"
+
+
+def _event_loop(t: _Table) -> EventLoopChoice:
+    """``daemon.event_loop``: "uvloop" only where uvloop can be imported (as a group name must
+    exist on this host), so check-config refuses what run would refuse."""
+    choice = cast(EventLoopChoice, t.choice("event_loop", "auto", EVENT_LOOPS))
+    if choice == "uvloop" and uvloop_version() is None:
+        t.fail("event_loop", "\"auto\" or \"asyncio\" (uvloop is not installed: "
+               "pip install 'uartbridge[fast]')", choice)
+    return choice
 
 
 def _socket_group(t: _Table) -> tuple[str | int | None, int | None]:

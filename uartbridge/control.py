@@ -30,6 +30,7 @@ import os
 import socket
 import stat
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,8 +231,14 @@ def _print_status(reply: dict[str, Any]) -> None:
         f"daemon pid {reply['pid']}, up {reply['uptime_s']:.0f} s, config {reply['config']}"
         f" ({where})"
     )
+    if reply.get("build"):
+        print(f"  uartbridge {reply.get('version')}, {reply['build']},"
+              f" event loop {reply.get('event_loop')}")
     if reply.get("resumed_after_crash"):
         print("  (resumed after a crash: see each UART's resumed_from age)")
+    if reply.get("restarts"):
+        print(f"  restarted in place {reply['restarts']} times (uartbridge restart; uptime "
+              "counts from the last)")
     for name, error in (reply.get("checkpoint_errors") or {}).items():
         print(f"  checkpoints of {name} are failing: {error}")
     if reply.get("log_lines_dropped"):
@@ -328,6 +335,32 @@ def checkpoint_command(args: argparse.Namespace) -> int:
         print(f"{uart}: {path}")
     if reply.get("stopped"):
         print("daemon stopped", file=sys.stderr)
+    return EX_OK
+
+
+RESTART_TIMEOUT_S = 60.0
+
+
+def restart_command(args: argparse.Namespace) -> int:
+    """``uartbridge restart``: the daemon re-executes itself in place, keeping its ports and
+    listening sockets open (``daemon.handover``); this waits until the new run answers and
+    prints how long that took (request to answer: the restart's downtime, as a client sees it).
+    """
+    target = resolve_target(args) or only_daemon("restart")
+    started = time.monotonic()
+    reply = target.ask({"cmd": "restart"})
+    before = int(reply.get("restarts", 0))
+    deadline = started + RESTART_TIMEOUT_S
+    while True:
+        # The control socket is handed over too: this waits in its backlog, not refused.
+        status = target.ask({"cmd": "status"})
+        if int(status.get("restarts", 0)) > before:
+            break
+        if time.monotonic() > deadline:
+            raise ControlError(f"the daemon did not come back within {RESTART_TIMEOUT_S:g} s")
+        time.sleep(0.01)
+    print(f"restarted in place (pid {status.get('pid')}, restart {status.get('restarts')}) "
+          f"in {time.monotonic() - started:.3f} s")
     return EX_OK
 
 

@@ -12,8 +12,10 @@ Who calls what:
 
 - the owner of the register interface calls ``settle()`` after each access (or burst);
 - the port link calls ``on_uart_change()`` when it changed the model (input, TX accepted,
-  reconnect) and so does the receive-timeout timer; both settle and hand the IRQ changes to
-  ``on_change`` (possibly an empty list: the device changed without an IRQ edge).
+  reconnect) from an event of its own, and so does the receive-timeout timer; both settle and
+  hand the IRQ changes to ``on_change`` (possibly an empty list: the device changed without an
+  IRQ edge). What the link does inside ``settle()`` (a transmit the OS takes at once) it does
+  not report: ``settle()`` goes on taking the model's events and sees it there.
 
 Everything runs on the thread of the event loop ``open()`` ran on; ``settle()`` may be called
 while that loop is not running (an emulator between two ``Bridge.poll`` calls): the link's
@@ -198,14 +200,15 @@ class UartDevice:
 
     # -- life cycle -------------------------------------------------------------------------
 
-    async def open(self, *, retry: bool = False) -> None:
+    async def open(self, *, retry: bool = False, adopt_fd: int | None = None) -> None:
         """Open the port on the running loop; ``PortUnavailableError`` if it is not there.
 
         With ``retry`` a port that is not there yet is no error: the link starts
         disconnected (``on_disconnect`` applies meanwhile) and reopens it with backoff.
+        ``adopt_fd``: the port's descriptor handed over by the previous run (``PortLink.open``).
         """
         self._loop = asyncio.get_running_loop()
-        await self.link.open(retry=retry)
+        await self.link.open(retry=retry, adopt_fd=adopt_fd)
         self.port_open = True
         self.on_uart_change()
 
@@ -214,11 +217,12 @@ class UartDevice:
         if self.port_open:
             await self.link.quiesce()
 
-    async def close(self) -> None:
-        """Close the port and the trace; the model's state stays as it was."""
+    async def close(self, *, keep: bool = False) -> None:
+        """Close the port and the trace; the model's state stays as it was (``keep``: the
+        next run holds the port, ``PortLink.close``)."""
         self._cancel_timer()
         if self.port_open:
-            await self.link.close()
+            await self.link.close(keep=keep)
             self.port_open = False
         if self.trace_file is not None:
             self.trace_file.close()
@@ -239,6 +243,7 @@ class UartDevice:
                 port=self.settings.url,
                 created_unix_ns=time.time_ns(),
                 generation=self.generation,
+                port_handle=self.link.handle_identity(),
             ),
             uart=self.uart.state(),
             port=self.link.state(),

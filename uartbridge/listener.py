@@ -170,13 +170,18 @@ class Listener:
 
     def close(self) -> None:
         """Stop accepting and close the listening socket."""
+        self.detach().close()
+
+    def detach(self) -> socket.socket:
+        """Stop accepting and hand the listening socket over (still listening: connections
+        wait in its backlog for whoever accepts next)."""
         self._closed = True
         self._stop_reading()
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
         self._errors.close()
-        self.sock.close()
+        return self.sock
 
 
 __all__ = ["ACCEPT_BATCH", "Listener", "LogLimiter"]

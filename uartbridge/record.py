@@ -27,6 +27,7 @@ reconnects). A replay reproduces the device, not the host.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import stat
@@ -198,7 +199,10 @@ class RecordWriter:
         try:
             with memoryview(data) as view:
                 while view:
-                    view = view[os.write(fd, view) :]
+                    # Not view[os.write(...):]: mypyc (2.4) evaluates a call in a slice
+                    # bound twice, which wrote every buffer twice in the compiled build.
+                    written = os.write(fd, view)
+                    view = view[written:]
         except OSError as exc:
             self._fail(f"{self.path}: recording stopped: {exc.strerror or exc}")
             return
@@ -359,10 +363,11 @@ class RecordingUart(Uart16550):
     def receive_line_error(self, *, parity: bool = False, framing: bool = False) -> None:
         """A parity or framing error from the wire (recorded)."""
         bits = (1 if parity else 0) | (2 if framing else 0)
-
-        def apply() -> None:
-            super(RecordingUart, self).receive_line_error(parity=parity, framing=framing)
-
+        # The parent's method named directly, not super() in a closure: mypyc (2.4) passes
+        # the closure's environment as ``self`` there.
+        apply = functools.partial(
+            Uart16550.receive_line_error, self, parity=parity, framing=framing
+        )
         self._recorded(LINE_ERROR, bytes((bits,)), apply)
 
     def set_modem_inputs(self, *, cts: bool, dsr: bool, ri: bool, dcd: bool) -> None:

@@ -7,6 +7,7 @@ guest driver all speak in these terms.
 from __future__ import annotations
 
 from enum import IntEnum, IntFlag
+from typing import Final
 
 
 class Reg(IntEnum):
@@ -22,16 +23,20 @@ class Reg(IntEnum):
     SCR = 7
 
 
-RBR = THR = DLL = 0
-IER = DLM = 1
-IIR = FCR = 2
-LCR = 3
-MCR = 4
-LSR = 5
-MSR = 6
-SCR = 7
+RBR: Final = 0
+THR: Final = 0
+DLL: Final = 0
+IER: Final = 1
+DLM: Final = 1
+IIR: Final = 2
+FCR: Final = 2
+LCR: Final = 3
+MCR: Final = 4
+LSR: Final = 5
+MSR: Final = 6
+SCR: Final = 7
 
-FIFO_SIZE = 16
+FIFO_SIZE: Final = 16
 
 
 class Ier(IntFlag):
@@ -54,8 +59,8 @@ class Iir(IntEnum):
     CTI = 0x0C
 
 
-IIR_ID_MASK = 0x06
-IIR_FIFO_BITS = 0xC0
+IIR_ID_MASK: Final = 0x06
+IIR_FIFO_BITS: Final = 0xC0
 
 
 class Fcr(IntFlag):
@@ -68,8 +73,8 @@ class Fcr(IntFlag):
     TRIGGER_MASK = 0xC0
 
 
-FCR_STORED_MASK = 0xC9
-TRIGGER_LEVELS = (1, 4, 8, 14)
+FCR_STORED_MASK: Final = 0xC9
+TRIGGER_LEVELS: Final = (1, 4, 8, 14)
 
 
 class Lcr(IntFlag):
@@ -94,7 +99,7 @@ class Mcr(IntFlag):
     LOOP = 0x10
 
 
-MCR_MASK = 0x1F
+MCR_MASK: Final = 0x1F
 
 
 class Lsr(IntFlag):
@@ -110,7 +115,7 @@ class Lsr(IntFlag):
     FIFOE = 0x80
 
 
-LSR_INT_ANY = 0x1E
+LSR_INT_ANY: Final = 0x1E
 
 
 class Msr(IntFlag):
@@ -126,7 +131,7 @@ class Msr(IntFlag):
     DCD = 0x80
 
 
-MSR_DELTA_MASK = 0x0F
+MSR_DELTA_MASK: Final = 0x0F
 
 REGISTER_BITS: dict[str, type[IntFlag]] = {
     "ier": Ier,

@@ -225,8 +225,38 @@ def bind_unix(
     return sock
 
 
+def adopt_unix_listener(fd: int, path: Path) -> tuple[socket.socket | None, str | None]:
+    """The listening ``AF_UNIX`` stream socket ``fd`` handed over by the previous run, if it
+    is the one at ``path`` (bound there, listening, and ``path`` is still a socket file):
+    ``(socket, None)``; else ``fd`` is closed and ``(None, why)``."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        return None, f"not a socket: {exc.strerror or exc}"
+    why: str | None = None
+    try:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            why = "not a Unix stream socket"
+        elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            why = "not listening"
+        elif sock.getsockname() != os.fspath(path):
+            why = f"bound to {sock.getsockname()!r}, not {path}"
+        elif not stat.S_ISSOCK(path.lstat().st_mode):
+            why = f"{path} is no longer a socket file"
+    except OSError as exc:
+        why = f"{path}: {exc.strerror or exc}"
+    if why is not None:
+        sock.close()
+        return None, why
+    sock.setblocking(False)
+    return sock, None
+
+
 __all__ = [
     "PeerCredentials",
+    "adopt_unix_listener",
     "bind_unix",
     "default_peer_allowed",
     "ensure_private_dir",

@@ -51,7 +51,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Final, Literal
 
 from .errors import InvalidStateError
 from .registers import (
@@ -72,7 +72,7 @@ from .registers import Lsr as _Lsr
 from .registers import Mcr as _Mcr
 from .registers import Msr as _Msr
 
-_NO_INT = int(_Iir.NO_INT)
+_NO_INT: Final = int(_Iir.NO_INT)
 
 
 class Fcr:
@@ -82,77 +82,77 @@ class Fcr:
     ``UartState`` fields, which ``validate`` refuses; so the hot paths use these copies.
     """
 
-    FE = int(_Fcr.FE)
-    RFR = int(_Fcr.RFR)
-    XFR = int(_Fcr.XFR)
+    FE: Final = int(_Fcr.FE)
+    RFR: Final = int(_Fcr.RFR)
+    XFR: Final = int(_Fcr.XFR)
 
 
 class Ier:
     """IER bits as plain ints (see ``Fcr``)."""
 
-    RDI = int(_Ier.RDI)
-    THRI = int(_Ier.THRI)
-    RLSI = int(_Ier.RLSI)
-    MSI = int(_Ier.MSI)
+    RDI: Final = int(_Ier.RDI)
+    THRI: Final = int(_Ier.THRI)
+    RLSI: Final = int(_Ier.RLSI)
+    MSI: Final = int(_Ier.MSI)
 
 
 class Iir:
     """IIR interrupt IDs as plain ints (see ``Fcr``)."""
 
-    MSI = int(_Iir.MSI)
-    NO_INT = int(_Iir.NO_INT)
-    THRI = int(_Iir.THRI)
-    RDI = int(_Iir.RDI)
-    RLSI = int(_Iir.RLSI)
-    CTI = int(_Iir.CTI)
+    MSI: Final = int(_Iir.MSI)
+    NO_INT: Final = int(_Iir.NO_INT)
+    THRI: Final = int(_Iir.THRI)
+    RDI: Final = int(_Iir.RDI)
+    RLSI: Final = int(_Iir.RLSI)
+    CTI: Final = int(_Iir.CTI)
 
 
 class Lcr:
     """LCR bits as plain ints (see ``Fcr``)."""
 
-    WLS_MASK = int(_Lcr.WLS_MASK)
-    STOP = int(_Lcr.STOP)
-    PEN = int(_Lcr.PEN)
-    EPS = int(_Lcr.EPS)
-    SPAR = int(_Lcr.SPAR)
-    SBC = int(_Lcr.SBC)
-    DLAB = int(_Lcr.DLAB)
+    WLS_MASK: Final = int(_Lcr.WLS_MASK)
+    STOP: Final = int(_Lcr.STOP)
+    PEN: Final = int(_Lcr.PEN)
+    EPS: Final = int(_Lcr.EPS)
+    SPAR: Final = int(_Lcr.SPAR)
+    SBC: Final = int(_Lcr.SBC)
+    DLAB: Final = int(_Lcr.DLAB)
 
 
 class Lsr:
     """LSR bits as plain ints (see ``Fcr``)."""
 
-    DR = int(_Lsr.DR)
-    OE = int(_Lsr.OE)
-    PE = int(_Lsr.PE)
-    FE = int(_Lsr.FE)
-    BI = int(_Lsr.BI)
-    THRE = int(_Lsr.THRE)
-    TEMT = int(_Lsr.TEMT)
-    FIFOE = int(_Lsr.FIFOE)
+    DR: Final = int(_Lsr.DR)
+    OE: Final = int(_Lsr.OE)
+    PE: Final = int(_Lsr.PE)
+    FE: Final = int(_Lsr.FE)
+    BI: Final = int(_Lsr.BI)
+    THRE: Final = int(_Lsr.THRE)
+    TEMT: Final = int(_Lsr.TEMT)
+    FIFOE: Final = int(_Lsr.FIFOE)
 
 
 class Mcr:
     """MCR bits as plain ints (see ``Fcr``)."""
 
-    DTR = int(_Mcr.DTR)
-    RTS = int(_Mcr.RTS)
-    OUT1 = int(_Mcr.OUT1)
-    OUT2 = int(_Mcr.OUT2)
-    LOOP = int(_Mcr.LOOP)
+    DTR: Final = int(_Mcr.DTR)
+    RTS: Final = int(_Mcr.RTS)
+    OUT1: Final = int(_Mcr.OUT1)
+    OUT2: Final = int(_Mcr.OUT2)
+    LOOP: Final = int(_Mcr.LOOP)
 
 
 class Msr:
     """MSR bits as plain ints (see ``Fcr``)."""
 
-    DCTS = int(_Msr.DCTS)
-    DDSR = int(_Msr.DDSR)
-    TERI = int(_Msr.TERI)
-    DDCD = int(_Msr.DDCD)
-    CTS = int(_Msr.CTS)
-    DSR = int(_Msr.DSR)
-    RI = int(_Msr.RI)
-    DCD = int(_Msr.DCD)
+    DCTS: Final = int(_Msr.DCTS)
+    DDSR: Final = int(_Msr.DDSR)
+    TERI: Final = int(_Msr.TERI)
+    DDCD: Final = int(_Msr.DDCD)
+    CTS: Final = int(_Msr.CTS)
+    DSR: Final = int(_Msr.DSR)
+    RI: Final = int(_Msr.RI)
+    DCD: Final = int(_Msr.DCD)
 
 Clock = Callable[[], int]
 Parity = Literal["N", "O", "E", "M", "S"]
@@ -161,24 +161,24 @@ Parity = Literal["N", "O", "E", "M", "S"]
 Pace = Literal["none", "line"]
 PACES: tuple[Pace, ...] = ("none", "line")
 
-NS_PER_S = 1_000_000_000
+NS_PER_S: Final = 1_000_000_000
 # QEMU's serial_reset sets the character time directly to (1e9 // 9600) * 10 ns, not derived
 # from LCR (which reads 0, i.e. 5N1), until the next LCR/DLL/DLM write (reference §2, V38).
-RESET_CHAR_TIME_NS = (NS_PER_S // 9600) * 10
+RESET_CHAR_TIME_NS: Final = (NS_PER_S // 9600) * 10
 # Modern QEMU's answer to a zero divisor (reference §5): about 3500 baud.
-ZERO_DIVISOR_BAUD = 3500
+ZERO_DIVISOR_BAUD: Final = 3500
 # How many character times of silence raise the character-timeout interrupt (§4.3).
-TIMEOUT_CHARS = 4
+TIMEOUT_CHARS: Final = 4
 # QEMU's MAX_XMIT_RETRY, for users who ask for QEMU's drop-after-retries behaviour.
-QEMU_MAX_XMIT_RETRY = 4
+QEMU_MAX_XMIT_RETRY: Final = 4
 # Line-rate pacing: bytes from the wire that wait, in order, to be shifted in one character
 # time apart (they are "on the line"). Enough for the host's timers to be tens of ms late at
 # 115200 without the line running dry; the rest waits in the host's RX backlog and kernel.
-RX_LINE_BYTES = 256
+RX_LINE_BYTES: Final = 256
 # ... and bytes whose character has started on the transmit line but the wire has not taken
 # yet (the host collects them after the operation or timer that started them). A full line
 # holds the transmitter back, as a wire that refuses does.
-TX_LINE_BYTES = 256
+TX_LINE_BYTES: Final = 256
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

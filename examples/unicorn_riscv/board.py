@@ -62,6 +62,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -77,7 +78,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from unicorn import UC_ARCH_RISCV, UC_HOOK_INTR, UC_MODE_RISCV64, Uc, UcError
+from unicorn import (
+    UC_ARCH_RISCV,
+    UC_ERR_INSN_INVALID,
+    UC_HOOK_INTR,
+    UC_MODE_RISCV64,
+    Uc,
+    UcError,
+)
 from unicorn import riscv_const as rv
 
 from uartbridge.embed import Bridge
@@ -88,6 +96,9 @@ HERE = Path(__file__).resolve().parent
 DTS = HERE / "board.dts"
 FIRMWARE = Path("/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_jump.bin")
 PAYLOAD = Path("/usr/lib/u-boot/qemu-riscv64_smode/u-boot.bin")
+# The U-Boot this board boots to its prompt: Debian 12's. Debian 13's (2025.01) gets past
+# OpenSBI 1.6 but stops early with a load from 0x2000, which nothing on this board maps.
+VERIFIED_UBOOT = ("2023.01",)
 
 # The memory map; board.dts describes the same (checked by check_device_tree).
 RAM_BASE = 0x8000_0000
@@ -122,6 +133,7 @@ MSTATUS_SIE, MSTATUS_MIE, MSTATUS_SPIE, MSTATUS_MPIE = 1 << 1, 1 << 3, 1 << 5, 1
 MSTATUS_SPP, MSTATUS_MPP_SHIFT = 1 << 8, 11
 IRQ_MSI, IRQ_MTI = 3, 7
 CAUSE_ILLEGAL_INSN, CAUSE_BREAKPOINT = 2, 3
+EBREAK, C_EBREAK = 0x0010_0073, 0x9002  # the two encodings of ebreak
 CAUSE_INTERRUPT = 1 << 63
 MAX_CAUSE = 63
 CSR_REGS = {  # the CSRs unicorn exposes as registers
@@ -329,7 +341,14 @@ class Board:
                 uc.emu_start(pc, 0)
             except UcError as exc:
                 pc = uc.reg_read(rv.UC_RISCV_REG_PC)
-                raise BoardError(f"emulation failed at pc {pc:#x}: {exc}") from exc
+                if not self._is_ebreak(exc, pc):
+                    raise BoardError(f"emulation failed at pc {pc:#x}: {exc}") from exc
+                # unicorn 2.1.4 stops at an ebreak with "invalid instruction" instead of
+                # raising the breakpoint exception (the interrupt hook never sees it), with
+                # the PC at the ebreak. OpenSBI >= 1.3 probes for semihosting with one
+                # (Debian 13's fw_jump.bin does at boot): the privileged spec's answer is a
+                # breakpoint trap, mepc = mtval = its address.
+                self._exception = (CAUSE_BREAKPOINT, pc, pc)
             if self._exception is not None:
                 cause, epc, tval = self._exception
                 self._exception = None
@@ -346,6 +365,18 @@ class Board:
                 if on_checkpoint is not None:
                     on_checkpoint()
             self._take_interrupt()
+
+    def _is_ebreak(self, exc: UcError, pc: int) -> bool:
+        """Whether unicorn's "invalid instruction" at ``pc`` is an EBREAK or C.EBREAK."""
+        if exc.errno != UC_ERR_INSN_INVALID:
+            return False
+        try:
+            low = int.from_bytes(self.uc.mem_read(pc, 2), "little")
+            if low == C_EBREAK:
+                return True
+            return int.from_bytes(self.uc.mem_read(pc, 4), "little") == EBREAK
+        except UcError:
+            return False
 
     def request_stop(self) -> None:
         """Stop at the next device access (signal handlers and other threads may call it)."""
@@ -773,6 +804,12 @@ def _port_settings(url: str, link: str | None) -> PortSettings:
     return PortSettings(url=url, link_path=link)
 
 
+def uboot_version(payload: Path) -> str | None:
+    """The version in a U-Boot image ("2023.01"), or None if it names none."""
+    found = re.search(rb"U-Boot (20\d\d\.\d\d)", payload.read_bytes())
+    return found.group(1).decode() if found else None
+
+
 def build(args: argparse.Namespace) -> Board:
     """A board from the command line: booted afresh, or resumed from ``--resume``."""
     if args.resume is not None:
@@ -789,6 +826,11 @@ def build(args: argparse.Namespace) -> Board:
                         record=args.record)
         board = Board(bridge)
         board.load(Path(args.firmware), Path(args.payload), dtb)
+        version = uboot_version(Path(args.payload))
+        if version not in VERIFIED_UBOOT:
+            print(f"board: warning: U-Boot {version or '(unknown)'} is not one this board "
+                  f"boots to its prompt (verified: {', '.join(VERIFIED_UBOOT)})",
+                  file=sys.stderr)
     return board
 
 

@@ -268,7 +268,7 @@ def _check_offset(offset: int) -> None:
         raise FrameError(ErrorCode.BAD_OFFSET, f"register offset must be 0..7, got {offset}")
 
 
-def frame_bytes(kind: FrameType, payload: bytes) -> bytes:
+def frame_bytes(kind: int, payload: bytes) -> bytes:
     return HEADER.pack(len(payload) + 1, kind) + payload
 
 

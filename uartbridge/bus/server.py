@@ -58,7 +58,7 @@ import termios
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -306,7 +306,8 @@ class _Connection(asyncio.BufferedProtocol):
     # -- transport callbacks --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # Not isinstance-checked: uvloop's transports are not asyncio.Transport subclasses.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         server = self._server
         transport.set_write_buffer_limits(high=server.high_water, low=server.high_water // 4)
@@ -993,6 +994,8 @@ class BusServer:
         self._connections: set[_Connection] = set()
         self._listeners: list[Listener] = []
         self._unix_paths: list[tuple[Path, int]] = []
+        # Listening Unix sockets kept open by ``close(keep_listening=True)``, for the next run.
+        self.kept_unix: list[socket.socket] = []
         self._attaching: set[asyncio.Task[None]] = set()
         self._diag: SockDiag | None = None
         self._diag_error = ""
@@ -1026,10 +1029,14 @@ class BusServer:
         )
         self._listeners.append(listener)
 
-    async def start_unix(self, path: Path, *, mode: int = 0o660) -> None:
-        """Listen on a Unix socket at ``path`` (a stale socket file is replaced)."""
+    async def start_unix(
+        self, path: Path, *, mode: int = 0o660, sock: socket.socket | None = None
+    ) -> None:
+        """Listen on a Unix socket at ``path`` (a stale socket file is replaced); ``sock``:
+        the one listening there already (handed over by the previous run)."""
         path = Path(path)
-        sock = bind_unix(path, mode)
+        if sock is None:
+            sock = bind_unix(path, mode)
         try:
             inode = os.stat(path).st_ino
             sock.listen(_LISTEN_BACKLOG)
@@ -1184,16 +1191,30 @@ class BusServer:
         """How many sock_diag queries identified TCP peers (one or so per connection)."""
         return self._diag.queries if self._diag is not None else 0
 
-    async def close(self) -> None:
+    def detach_unix(self) -> None:
+        """Stop accepting on the Unix listening sockets and keep them open (``kept_unix``)
+        for the next run: who connects from now on waits in the backlog for it."""
+        for listener in list(self._listeners):
+            if listener.sock.family == socket.AF_UNIX:
+                self._listeners.remove(listener)
+                self.kept_unix.append(listener.detach())
+
+    async def close(self, *, keep_listening: bool = False) -> None:
         """Stop listening, execute what the guest already sent (``_Connection.drain``), close
-        every connection (the guest is told), remove socket files."""
+        every connection (the guest is told), remove socket files.
+
+        ``keep_listening``: the Unix listening sockets stay open and their files stay, for the
+        next run (``kept_unix``); connections wait in the backlog meanwhile.
+        """
         self.closing = True
+        if keep_listening:
+            self.detach_unix()
         for listener in self._listeners:
             listener.close()
         self._listeners.clear()
         for path, inode in self._unix_paths:
             with contextlib.suppress(OSError):
-                if os.stat(path).st_ino == inode:
+                if not keep_listening and os.stat(path).st_ino == inode:
                     path.unlink()
         self._unix_paths.clear()
         for task in list(self._attaching):

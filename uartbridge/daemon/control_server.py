@@ -53,6 +53,7 @@ LINGER_S = 2.0
 _KEYS = {
     "status": frozenset({"config", "instance"}),
     "checkpoint": frozenset({"uart", "stop", "document", "config", "instance"}),
+    "restart": frozenset({"config", "instance"}),
 }
 
 
@@ -70,6 +71,10 @@ class ControlTarget(Protocol):
 
     def request_stop(self) -> None: ...
 
+    def prepare_restart(self) -> None: ...
+
+    def request_restart(self) -> None: ...
+
 
 class _Conn:
     """One control connection, from accept on: busy while a request is being answered.
@@ -78,7 +83,7 @@ class _Conn:
     connection is pushed out by closing the socket itself (the descriptor is free at once).
     """
 
-    __slots__ = ("busy", "since", "sock", "task", "writer")
+    __slots__ = ("busy", "since", "sock", "task", "wrapping", "writer")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -86,6 +91,7 @@ class _Conn:
         self.task: asyncio.Task[None] | None = None
         self.since = time.monotonic()
         self.busy = False
+        self.wrapping = False  # its task is inside open_unix_connection: a transport holds it
 
     def close(self) -> None:
         """Drop the connection (no reply: it is only waiting)."""
@@ -94,6 +100,11 @@ class _Conn:
             return
         if self.task is not None:
             self.task.cancel()
+        if self.wrapping:
+            # A transport already holds the descriptor (uvloop's holds the number, not the
+            # socket object): closing it here would let the next accept reuse the number,
+            # and that transport's own close (the cancel) would then close the new client.
+            return
         self.sock.close()
 
 
@@ -117,10 +128,13 @@ class ControlServer:
         self._conns: list[_Conn] = []
         self.log = daemon.log.bind(component="control")
         self.evicted = 0
+        self.kept: socket.socket | None = None  # by close(keep_listening=True)
 
-    async def start(self) -> None:
-        """Listen on the control socket (mode 0660, ``group`` if given)."""
-        sock = bind_unix(self.path, mode=0o660, group=self.group)
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on the control socket (mode 0660, ``group`` if given); ``sock``: the one
+        listening there already (handed over by the previous run)."""
+        if sock is None:
+            sock = bind_unix(self.path, mode=0o660, group=self.group)
         sock.listen(64)
         self._loop = asyncio.get_running_loop()
         self._listener = Listener(
@@ -143,8 +157,15 @@ class ControlServer:
         """How many accept calls failed so far."""
         return self._listener.errors if self._listener is not None else 0
 
+    def detach_listener(self) -> None:
+        """Stop accepting; the listening socket and its file stay, in ``kept``, for the next
+        run (connections wait in its backlog). ``close`` then leaves both."""
+        if self._listener is not None:
+            self.kept = self._listener.detach()
+            self._listener = None
+
     async def close(self) -> None:
-        """Stop listening and remove the socket file."""
+        """Stop listening and remove the socket file (unless ``detach_listener`` kept it)."""
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -174,6 +195,7 @@ class ControlServer:
         return True
 
     async def _serve_conn(self, conn: _Conn) -> None:
+        conn.wrapping = True
         try:
             reader, writer = await asyncio.open_unix_connection(
                 sock=conn.sock, limit=MAX_LINE_BYTES
@@ -247,6 +269,13 @@ class ControlServer:
         self._check_identity(request)
         if cmd == "status":
             return {"ok": True, **self.daemon.status()}, None
+        if cmd == "restart":
+            # Before the reply: the client's next connection (to the bus or here) must wait
+            # for the next run, not reach this one as it stops.
+            self.daemon.prepare_restart()
+            status = self.daemon.status()
+            return {"ok": True, "pid": status["pid"], "restarts": status["restarts"]}, \
+                self.daemon.request_restart
         uart = request.get("uart")
         stop = request.get("stop", False)
         document = request.get("document", False)

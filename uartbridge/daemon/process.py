@@ -48,7 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .. import logs
+from .. import __version__, buildinfo, eventloop, logs
 from ..checkpoint import Checkpoint, encode, latest_checkpoint
 from ..config import Config
 from ..errors import (
@@ -66,7 +66,8 @@ from ..errors import (
 from ..logs import get_logger
 from ..paths import emergency_dir
 from ..record import RecordWriter
-from ..sockets import default_peer_allowed, ensure_private_dir
+from ..sockets import adopt_unix_listener, default_peer_allowed, ensure_private_dir
+from . import handover
 from . import sdnotify as _sdnotify
 from .control_server import ControlServer
 from .service import NS_PER_S, UartService
@@ -228,14 +229,23 @@ class Daemon:
         self._emergency: set[str] = set()  # UARTs with an emergency copy on disk
         self._unsaved: dict[str, tuple[Checkpoint, CheckpointWriteError]] = {}
         self._loop_errors: dict[str, tuple[float, int]] = {}
+        # In-place restarts (``uartbridge restart``): how many led to this run; requested?
+        self.restarts = handover.restarts_so_far()
+        self._restart_prepared = False
+        self._restart_requested = False
+        self._handing_over = False
 
     # -- start ----------------------------------------------------------------------------
 
     def _resume_source(self, name: str) -> tuple[Checkpoint | None, Path | None]:
-        if name in self.explicit_resume:
+        if self.restarts and name in self.explicit_resume:
+            # An in-place restart resumes from the checkpoint it just wrote, not from the
+            # file `uartbridge resume FILE` named at the first start.
+            pass
+        elif name in self.explicit_resume:
             ckpt, path = self.explicit_resume[name]
             return ckpt, path
-        if self.config.checkpoint.resume != "auto":
+        if self.config.checkpoint.resume != "auto" and not self.restarts:
             return None, None
         problems: list[str] = []
         found = latest_checkpoint(self.config.daemon.state_dir, name, problems=problems)
@@ -276,6 +286,7 @@ class Daemon:
         """Lock the state directory, resume or create every UART, open ports, listen."""
         daemon_cfg = self.config.daemon
         state_dir = daemon_cfg.state_dir
+        handed = handover.HandedFds.from_environment()
         ensure_private_dir(state_dir, mode=0o700, error=StateDirError, what="state directory")
         self._lock_fd = lock_state_dir(state_dir)
         marker = state_dir / RUNNING_MARKER
@@ -317,7 +328,8 @@ class Daemon:
         # All ports at once: one that takes seconds to answer delays no other UART.
         results = await asyncio.gather(
             *(
-                s.start(fail_fast=daemon_cfg.fail_fast, socket_gid=daemon_cfg.socket_gid)
+                s.start(fail_fast=daemon_cfg.fail_fast, socket_gid=daemon_cfg.socket_gid,
+                        handed=handed)
                 for s in self.services.values()
             ),
             return_exceptions=True,
@@ -331,7 +343,17 @@ class Daemon:
             peer_allowed=peer_allowed,
             group=daemon_cfg.socket_gid,
         )
-        await self.control.start()
+        control_sock = None
+        control_fd = handed.take(handover.CONTROL_NAME)
+        if control_fd is not None:
+            control_sock, why = adopt_unix_listener(control_fd, daemon_cfg.control_socket)
+            if why is not None:
+                self.log.warning("control socket not taken over", reason=why)
+        await self.control.start(control_sock)
+        handed.close_rest(self.log)
+        if self.restarts:
+            self.log.info("restarted in place", restarts=self.restarts,
+                          handed_over=sorted(handed.taken))
 
     # -- run ------------------------------------------------------------------------------
 
@@ -354,10 +376,12 @@ class Daemon:
             if interval:
                 watchdog = asyncio.create_task(self._watchdog(interval))
             await self.stop_event.wait()
-            _sdnotify.stopping()
             for task in (self._periodic, watchdog):
                 if task is not None:
                     task.cancel()
+            if self._restart_requested:
+                await self._restart_in_place()  # returns only if the restart cannot be done
+            _sdnotify.stopping()
             self._stop_task = asyncio.create_task(self._stop_sequence())
             try:
                 code = await self._stop_task
@@ -374,6 +398,57 @@ class Daemon:
             self._finish_files(code if started or self.crashed_before else EX_OK)
         self.log.info("stopped", exit_code=code, log_lines_dropped=logs.dropped_lines())
         return code
+
+    def prepare_restart(self) -> None:
+        """Before ``request_restart``: stop accepting on the control and bus sockets (kept
+        open: who connects from now on waits in their backlogs for the next run)."""
+        if self.stop_event.is_set():
+            return
+        self._restart_prepared = True
+        if self.control is not None:
+            self.control.detach_listener()
+        for service in self.services.values():
+            service.bus.detach_unix()
+
+    def request_restart(self) -> None:
+        """Restart in place (``uartbridge restart``) after the request has been answered."""
+        if self._restart_prepared and not self.stop_event.is_set():
+            self._restart_requested = True
+            self.stop_event.set()
+
+    async def _restart_in_place(self) -> None:
+        """Final checkpoint, then ``exec`` this same command line keeping the ports and the
+        listening sockets open (``handover``). Returns only if that cannot be done (the
+        state directory refused the checkpoint): the daemon then stops as on SIGTERM."""
+        self.log.info("restarting in place", restarts=self.restarts + 1)
+        _sdnotify.reloading()
+        self._handing_over = True
+        self.stopped_by_request = True  # the checkpoint is needed whatever on_stop says
+        await self._final()
+        if self._unsaved:
+            self.log.error("restart abandoned: the final checkpoint was not written; stopping",
+                           unsaved=sorted(self._unsaved))
+            return
+        fds: dict[str, int] = {}
+        for service in self.services.values():
+            fds.update(service.handover_fds())
+        if self.control is not None:
+            await self.control.close()
+            if self.control.kept is not None:
+                fds[handover.CONTROL_NAME] = self.control.kept.fileno()
+        kept = handover.keep(fds)
+        for service in self.services.values():
+            with contextlib.suppress(Exception):
+                await service.stop(keep=True)
+        if self._recorder is not None:
+            self._recorder.close()
+        self._finish_files(EX_OK)
+        self.log.info("exec", fds=sorted(kept))
+        try:
+            handover.exec_in_place(kept, self.restarts + 1)
+        except OSError as exc:  # the interpreter is gone (an upgrade removed it…)
+            self.log.error("restart failed: cannot exec", error=str(exc))
+            os._exit(EX_SOFTWARE)
 
     async def _stop_sequence(self) -> int:
         """Quiesce and save (unless ``on_stop`` is off); the exit code."""
@@ -679,7 +754,7 @@ class Daemon:
         emergency directory and into ``_unsaved`` for ``_retry_unsaved``."""
         services = list(self.services.values())
         for service in services:
-            await service.quiesce()
+            await service.quiesce(keep_listening=self._handing_over)
         written: dict[str, str] = {}
         failed: dict[str, str] = {}
         snapshots: dict[str, Checkpoint] = {}
@@ -763,12 +838,16 @@ class Daemon:
         """What ``uartbridge status`` shows."""
         return {
             "pid": os.getpid(),
+            "version": __version__,
+            "build": buildinfo.build_name(),
+            "event_loop": eventloop.running_loop_name(),
             "uptime_s": round((time.monotonic_ns() - self.started_mono_ns) / NS_PER_S, 3),
             "config": self.config.source,
             "instance": self.config.instance,
             "runtime_dir": str(self.config.daemon.runtime_dir),
             "state_dir": str(self.config.daemon.state_dir),
             "resumed_after_crash": self.crashed_before,
+            "restarts": self.restarts,
             "checkpoint_errors": dict(self._periodic_errors),
             "log_lines_dropped": logs.dropped_lines(),
             "uarts": [s.status() for s in self.services.values()],
@@ -801,7 +880,7 @@ def serve(
         return await daemon.run()
 
     try:
-        return asyncio.run(main())
+        return eventloop.run(main(), config.daemon.event_loop)
     except UartBridgeError as exc:
         logs.fatal(str(exc), exit_code=exc.exit_code)
         return exc.exit_code

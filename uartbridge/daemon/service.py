@@ -12,6 +12,7 @@ model's (a resumed device keeps the pace it was checkpointed with, as its baudba
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -26,10 +27,13 @@ from ..config import UartConfig
 from ..device import UartDevice
 from ..errors import CheckpointError, CheckpointWriteError, exit_code_for_os_error
 from ..port import PortLink
+from ..port.handle import fd_identity
 from ..record import RecordWriter
 from ..registers import REGISTER_BITS, Lsr, decode_bits
-from ..sockets import PeerCredentials
+from ..sockets import PeerCredentials, adopt_unix_listener
 from ..uart import Uart16550
+from . import sdnotify as _sdnotify
+from .handover import HandedFds, bus_name, port_name
 
 NS_PER_S = 1_000_000_000
 
@@ -115,23 +119,69 @@ class UartService:
 
     # -- life cycle -------------------------------------------------------------------------
 
-    async def start(self, *, fail_fast: bool, socket_gid: int | None = None) -> None:
+    async def start(
+        self, *, fail_fast: bool, socket_gid: int | None = None, handed: HandedFds | None = None
+    ) -> None:
         """Open the port (or keep trying in the background) and listen on the bus.
 
         ``socket_gid`` (``socket_group``) gets the bus socket and our pty's slave, mode 0660;
         without one the slave is 0600 (the tty layer hands it out 0620, group tty).
+        ``handed``: descriptors the previous run left (``handover``): the bus's listening
+        socket, and the port's, taken only if it is the port the resumed checkpoint names
+        (``meta.port_handle``); otherwise it is closed, logged, and the path is opened.
         """
-        await self.bus.start_unix(self.config.bus_socket)
-        self._share(self.config.bus_socket, socket_gid, private_mode=None)
+        bus_sock = None
+        if handed is not None:
+            bus_fd = handed.take(bus_name(self.name))
+            if bus_fd is not None:
+                bus_sock, why = adopt_unix_listener(bus_fd, self.config.bus_socket)
+                if why is not None:
+                    self.log.warning("bus.handover_refused", reason=why,
+                                     hint="binding the bus socket anew")
+        if bus_sock is None:
+            await self.bus.start_unix(self.config.bus_socket)
+            self._share(self.config.bus_socket, socket_gid, private_mode=None)
+        else:
+            await self.bus.start_unix(self.config.bus_socket, sock=bus_sock)
         if self.config.bus_tcp is not None:
             host, port = self.config.bus_tcp
             await self.bus.start_tcp(host, port)
         # Without fail_fast, a port that is not there yet (or in use, or not permitted) is
         # reopened by the link with backoff, and its on_disconnect policy applies meanwhile;
         # the link logs each new reason once (port.open_failed, with errno and a hint).
-        await self.device.open(retry=not fail_fast)
+        port_fd = None if handed is None else self._handed_port(handed)
+        self.link.on_port_fd = self._store_port_fd
+        await self.device.open(retry=not fail_fast, adopt_fd=port_fd)
         if self.link.slave_path is not None:  # a link to /dev/pts/N: chown/chmod follow it
             self._share(Path(self.link.slave_path), socket_gid, private_mode=0o600)
+
+    def _handed_port(self, handed: HandedFds) -> int | None:
+        """The handed-over port descriptor if the resumed checkpoint was taken with it."""
+        fd = handed.take(port_name(self.name))
+        if fd is None:
+            return None
+        expected = None if self.resumed_from is None else self.resumed_from.meta.port_handle
+        actual = fd_identity(fd)
+        if expected is not None and actual == expected:
+            return fd
+        self.log.warning(
+            "port.handover_mismatch", checkpoint_handle=expected, handed_handle=actual,
+            hint="the state was not taken with this descriptor; it is closed and the port's "
+            "path opened instead",
+        )
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        return None
+
+    def _store_port_fd(self, fd: int | None) -> None:
+        """Under systemd, keep the open port's descriptor in the fd store (``handover``)."""
+        if not _sdnotify.available():
+            return
+        name = port_name(self.name)
+        _sdnotify.remove_fd(name)
+        if fd is not None:
+            # An owned pty's master shows POLLHUP while no client has the slave: keep it.
+            _sdnotify.store_fd(name, fd, poll=self.link.slave_path is None)
 
     def _share(self, path: Path, gid: int | None, *, private_mode: int | None) -> None:
         try:
@@ -143,10 +193,12 @@ class UartService:
         except OSError as exc:
             self.log.warning("socket_group not applied", path=str(path), error=exc.strerror)
 
-    async def stop(self) -> None:
-        """Close the bus and the port; the model's state stays as it was."""
+    async def stop(self, *, keep: bool = False) -> None:
+        """Close the bus and the port; the model's state stays as it was (``keep``: the
+        next run holds the port, see ``PortLink.close``)."""
+        self.link.on_port_fd = None  # what the fd store holds stays there for the next start
         await self.bus.close()
-        await self.device.close()
+        await self.device.close(keep=keep)
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -181,10 +233,21 @@ class UartService:
         self.last_checkpoint_path = path
         self.last_checkpoint_unix_ns = ckpt.meta.created_unix_ns
 
-    async def quiesce(self) -> None:
-        """Stop taking input from the port and let the OS finish what it accepted."""
-        await self.bus.close()
+    async def quiesce(self, *, keep_listening: bool = False) -> None:
+        """Stop taking input from the port and let the OS finish what it accepted
+        (``keep_listening``: the bus's listening socket stays open for the next run)."""
+        await self.bus.close(keep_listening=keep_listening)
         await self.device.quiesce()
+
+    def handover_fds(self) -> dict[str, int]:
+        """The descriptors the next run takes over: the open port, the bus listener."""
+        fds: dict[str, int] = {}
+        fd = self.link.port_fd
+        if fd is not None and self.port_open:
+            fds[port_name(self.name)] = fd
+        if self.bus.kept_unix:
+            fds[bus_name(self.name)] = self.bus.kept_unix[0].fileno()
+        return fds
 
     # -- status -----------------------------------------------------------------------------
 

@@ -27,6 +27,13 @@ The steps, in order, each before anything changes the port (``claim_tty``):
    the slave open, so the flag would outlive a crashed daemon there and refuse its restart
    (as a non-root user) until the peer restarts; flock and the lock file cover ptys.
 
+**Adopting** a descriptor handed over by the previous run (``adopt_tty``): the fd must be a
+terminal and the device the path names (same device number and node); the flock comes with it
+(it belongs to the open file description, which the fd store or ``exec`` kept), TIOCEXCL is
+still set (a tty flag, kept while the tty is open) and is set again; a UUCP lock file that
+names the previous run (or a dead process) is rewritten with our PID, atomically; one that
+names another live process is left alone and logged (we hold the port: it could not open it).
+
 Every refusal is a ``PortUnavailableError`` (the holder may go away: the link retries)
 raised from an ``OSError`` whose errno says what happened (EBUSY for a port in use), so the
 link can log it once and give a hint (``failure_hint``).
@@ -359,6 +366,99 @@ def claim_tty(
     if lock.path is not None:
         _held[lock.path] = fd
     return claim
+
+
+def adopt_tty(
+    fd: int,
+    path: str,
+    ops: TermiosOps,
+    *,
+    lock_dir: str | None,
+    note: Callable[[str], None],
+    previous_pids: tuple[int, ...] = (),
+) -> Claim:
+    """Take over the tty open on ``fd`` (handed over by the previous run) as the claim of
+    ``path``: ``PortError`` if ``fd`` is not that terminal (the caller then opens the path).
+
+    ``previous_pids``: the PIDs whose UUCP lock files on this port are ours to take over
+    (the run that handed the fd over; our own PID after ``exec``).
+    """
+    try:
+        mine = os.fstat(fd)
+        theirs = check_port_path(path)
+    except OSError as exc:
+        raise PortError(f"cannot check the handed-over descriptor of {path}: {exc}") from exc
+    if not os.isatty(fd):
+        raise PortError(f"the descriptor handed over for {path} is not a terminal")
+    if (mine.st_rdev, mine.st_ino, mine.st_dev) != (theirs.st_rdev, theirs.st_ino, theirs.st_dev):
+        raise PortError(
+            f"the descriptor handed over is not {path} (device {os.major(mine.st_rdev)}:"
+            f"{os.minor(mine.st_rdev)}, {path} is {os.major(theirs.st_rdev)}:"
+            f"{os.minor(theirs.st_rdev)} now)"
+        )
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: a no-op on this OFD
+    except BlockingIOError as exc:
+        raise _busy(path, exc, mine) from exc
+    except OSError:
+        pass
+    pty = ops.is_pty(fd)
+    lock = take_over_uucp_lock(path, lock_dir, note, previous_pids)
+    claim = Claim(fd=fd, path=path, pty=pty, lock=lock)
+    if not pty:
+        try:
+            ops.set_exclusive(fd, True)
+            claim.exclusive = True
+        except OSError:
+            pass
+    if lock.path is not None:
+        _held[lock.path] = fd
+    return claim
+
+
+def take_over_uucp_lock(
+    path: str, lock_dir: str | None, note: Callable[[str], None], previous_pids: tuple[int, ...]
+) -> UucpLock:
+    """Our ``LCK..`` file for a port we already hold: one naming ``previous_pids`` or a dead
+    process is replaced by ours (rename: never a moment without one); none is created."""
+    lock = UucpLock()
+    if lock_dir is None:
+        return lock
+    directory = Path(lock_dir)
+    names = lock_names(path)
+    for name in names:
+        lock_path = directory / f"LCK..{name}"
+        try:
+            pid = _read_lock_pid(lock_path)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            continue
+        if pid is not None and pid > 0 and pid != os.getpid() and pid not in previous_pids \
+                and _pid_alive(pid):
+            note(f"{lock_path} names {process_label(pid)}, which cannot have the port (this "
+                 "daemon holds it since before its restart): left alone")
+            return lock
+        if name != names[0]:
+            with contextlib.suppress(OSError):
+                lock_path.unlink()  # the link name's lock: ours is under the device's name
+    ours = directory / f"LCK..{names[0]}"
+    if not (directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)):
+        return take_uucp_lock(path, lock_dir, note)  # logs "not writable" once, honours others
+    temp = directory / f"LTMP.{os.getpid()}.{names[0]}"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, f"{os.getpid():10d}\n".encode("ascii"))
+        finally:
+            os.close(fd)
+        os.replace(temp, ours)
+        lock.path = ours
+    except OSError as exc:
+        note(f"cannot take over {ours}: {exc.strerror or exc}; not locking it")
+        with contextlib.suppress(OSError):
+            temp.unlink()
+    return lock
 
 
 def _busy(path: str, exc: OSError, info: os.stat_result | None = None) -> PortUnavailableError:

@@ -95,8 +95,9 @@ import structlog
 
 from ..errors import PortError, PortUnavailableError
 from ..uart import LineSettings, ModemOutputs, Uart16550, UartEvents
-from .claim import Claim, claim_tty, errno_name, failure_hint
-from .owned_pty import Inotify, OwnedPty, create_pty, master_hung_up
+from .claim import Claim, adopt_tty, claim_tty, errno_name, failure_hint
+from .handle import fd_identity
+from .owned_pty import Inotify, OwnedPty, adopt_pty, create_pty, master_hung_up
 from .rfc2217 import PortGone, Rfc2217Io, WriteInFlight
 from .state import (
     MAX_RX_BACKLOG_BYTES,
@@ -298,8 +299,6 @@ class PortLink:
         self._quiesced = False
         self._closed = False
         self._in_events = False
-        self._changed_in_events = False
-        self._notify_scheduled = False
         self._reconnect_delay_s = settings.reconnect_min_s
         self._reconnect_handle: asyncio.TimerHandle | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -311,6 +310,9 @@ class PortLink:
         self._soft_flow = False  # xonxoff on a tty: XON/XOFF handled here, not by IXON
         self._xoff = False  # the peer sent XOFF and no XON since
         self._opened = False
+        # Called with the open port's descriptor whenever it changes (None: none open).
+        self.on_port_fd: Callable[[int | None], None] | None = None
+        self._reported_fd: int | None = None
 
     # -- public API ------------------------------------------------------------------------
 
@@ -386,16 +388,23 @@ class PortLink:
             "age_s": round((time.monotonic_ns() - at_ns) / 1e9, 3),
         }
 
-    async def open(self, *, retry: bool = False) -> None:
+    async def open(self, *, retry: bool = False, adopt_fd: int | None = None) -> None:
         """Open the port; ``PortUnavailableError`` if it is not there.
 
         With ``retry``, a port that is not there yet is no error: the link starts
         disconnected (``on_disconnect`` applies to what the guest sends meanwhile) and keeps
         reopening the path with backoff, as after a disconnect.
+
+        ``adopt_fd``: the port's descriptor handed over by the previous run (the caller has
+        checked it against the checkpoint's ``port_handle``); the link owns it from now on.
+        If it is not this port after all it is closed, logged, and the path is opened.
         """
         if self._opened:
             raise PortError("port link already open")
         self._loop = asyncio.get_running_loop()
+        if adopt_fd is not None and self._adopt(adopt_fd):
+            self._opened = True
+            return
         if self._kind == "pty":
             self._open_owned_pty()
         else:
@@ -412,7 +421,13 @@ class PortLink:
         self._opened = True
 
     def on_events(self, events: UartEvents) -> None:
-        """React to what the model did (called synchronously; never calls on_uart_change)."""
+        """React to what the model did (called synchronously; never calls on_uart_change).
+
+        The caller takes the model's events until none are left (``UartDevice.settle``), so
+        what this does to the model (bytes the OS took, bytes read in) shows up there, in the
+        same settle: no deferred notification (it cost a loop round, an ``epoll_wait``, per
+        transmitting settle and found nothing left to do).
+        """
         if self._closed or not self._opened:
             return
         self._in_events = True
@@ -425,15 +440,12 @@ class PortLink:
             if events.msi_enabled is not None:
                 self._update_msi_poll()
             if events.rx_space:
-                self._changed_in_events |= self._pump_rx()
+                self._pump_rx()
                 self._update_reading()
             if events.tx_ready and not self._tx_parked():
-                self._changed_in_events |= self._transmit()
+                self._transmit()
         finally:
             self._in_events = False
-        if self._changed_in_events:
-            self._changed_in_events = False
-            self._schedule_notify()
 
     async def quiesce(self) -> None:
         """Stop reading and writing, hold the peer back, and let the OS send what it took.
@@ -581,8 +593,27 @@ class PortLink:
                 hint="the peer holds flow control; the OS keeps what it accepted",
             )
 
-    async def close(self) -> None:
-        """Close the port and stop every timer and watch."""
+    @property
+    def port_fd(self) -> int | None:
+        """The open port's descriptor (an owned pty's master), or None; None for an
+        ``rfc2217://`` port too (pyserial's connection cannot be handed to another run)."""
+        if self._owned is not None:
+            return self._owned.master_fd
+        if self._io is None or isinstance(self._io, Rfc2217Io):
+            return None
+        return self._io.fd
+
+    def handle_identity(self) -> str | None:
+        """Which port is open (``handle.fd_identity``: a checkpoint's ``port_handle``)."""
+        fd = self.port_fd
+        return None if fd is None else fd_identity(fd)
+
+    async def close(self, *, keep: bool = False) -> None:
+        """Close the port and stop every timer and watch.
+
+        ``keep``: the port goes on in the next run, which holds a copy of its descriptor: an
+        owned pty's link stays (ours is closed; the pty is not, while the copy lives).
+        """
         self._closed = True
         for handle in (self._reconnect_handle, self._msi_handle, self._refresh_handle,
                        self._owned_poll_handle, self._stall_handle, self._cts_handle,
@@ -600,28 +631,16 @@ class PortLink:
             self._inotify.close()
             self._inotify = None
         if self._owned is not None:
-            self._owned.close()
+            self._owned.close(keep=keep)
+        self._report_fd()
 
     # -- notifications -----------------------------------------------------------------------
 
     def _notify(self) -> None:
-        """The model changed outside on_events: tell the daemon (or defer if inside it)."""
-        if self._in_events:
-            self._changed_in_events = True
-        else:
+        """The model changed: tell the daemon, unless inside on_events, whose caller takes the
+        model's events until none are left (and so sees this change)."""
+        if not self._in_events:
             self._on_uart_change()
-
-    def _schedule_notify(self) -> None:
-        if self._notify_scheduled or self._loop is None:
-            return
-        self._notify_scheduled = True
-
-        def run() -> None:
-            self._notify_scheduled = False
-            if not self._closed:
-                self._on_uart_change()
-
-        self._loop.call_soon(run)
 
     def _error(self, message: str, exc: BaseException | None = None) -> None:
         text = message if exc is None else f"{message}: {exc}"
@@ -642,12 +661,62 @@ class PortLink:
 
     # -- opening and reconnecting ---------------------------------------------------------------
 
-    def _open_owned_pty(self) -> None:
+    def _report_fd(self) -> None:
+        """Tell ``on_port_fd`` when the open descriptor changed (the fd store follows it)."""
+        fd = None if self._closed else self.port_fd
+        if fd != self._reported_fd:
+            self._reported_fd = fd
+            if self.on_port_fd is not None:
+                self.on_port_fd(fd)
+
+    def _adopt(self, fd: int) -> bool:
+        """Take over ``fd`` as this link's open port; False (fd closed, logged) if it is not."""
         assert self._loop is not None
+        url = self._settings.url
+        try:
+            if self._kind == "pty":
+                self._owned = adopt_pty(fd, self._settings.link_path)
+                self._start_owned_pty()
+            elif self._kind == "tty":
+                claim = adopt_tty(fd, url, self._ops, lock_dir=self._settings.lock_dir,
+                                  note=lambda text: self._log.warning("port.lock_files",
+                                                                      note=text))
+                self._start_tty(claim)
+            elif self._kind == "socket":
+                sock = socket.socket(fileno=fd)
+                try:
+                    sock.getpeername()
+                except OSError as exc:
+                    sock.detach()
+                    raise PortError(f"the handed-over socket is not connected: {exc}") from exc
+                sock.setblocking(False)
+                self._io = _FdIo(self._loop, fd, is_tty=False, sock=sock)
+                self._parmrk = False
+                self._start_stream(resumed_stream=True)
+            else:
+                raise PortError(f"a {self._kind} port cannot be handed over")
+        except (PortError, OSError) as exc:
+            self._owned = None
+            self._io = None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            self._log.warning("port.handover_refused", error=str(exc),
+                              hint="the handed-over descriptor is closed; opening the path")
+            return False
+        self._log.info("port.taken_over", handle=self.handle_identity())
+        return True
+
+    def _open_owned_pty(self) -> None:
         try:
             self._owned = create_pty(self._settings.link_path)
         except OSError as exc:
             raise PortUnavailableError(f"cannot create a pty: {exc}") from exc
+        self._log.info("port.pty_created", slave=self._owned.slave_name,
+                       link=self._owned.link_path)
+        self._start_owned_pty()
+
+    def _start_owned_pty(self) -> None:
+        assert self._loop is not None and self._owned is not None
         master = self._owned.master_fd
         self._io = _FdIo(self._loop, master, is_tty=True, owns_fd=False)
         self._parmrk = False  # the master's own discipline is raw; PARMRK would act on the slave
@@ -658,10 +727,9 @@ class PortLink:
         except OSError as exc:
             self._log.warning("port.inotify_unavailable", error=str(exc))
             self._inotify = None
-        self._log.info("port.pty_created", slave=self._owned.slave_name,
-                       link=self._owned.link_path)
         self._state = ReaderState.DISCONNECTED
         self._check_owned_client()
+        self._report_fd()
 
     def _on_inotify(self) -> None:
         if self._inotify is None:
@@ -692,19 +760,9 @@ class PortLink:
         if self._kind == "tty":
             claim = claim_tty(url, self._ops, lock_dir=self._settings.lock_dir,
                               note=lambda text: self._log.warning("port.lock_files", note=text))
-            try:
-                mode = take_raw_mode(self._ops, claim.fd, serial=not claim.pty,
-                                     rtscts=self._settings.rtscts, xonxoff=self._settings.xonxoff)
-            except OSError as exc:
-                claim.release(self._ops)
-                os.close(claim.fd)
-                raise PortUnavailableError(f"cannot configure {url}: {exc}") from exc
-            self._claim = claim
-            io = _FdIo(self._loop, claim.fd, is_tty=True)
-            self._parmrk = mode.parmrk
-            self._rx_plain_left = mode.plain_bytes
-            self._rx_window_left = mode.window_bytes
-        elif self._kind == "socket":
+            self._start_tty(claim, resumed_stream=resumed_stream)
+            return
+        if self._kind == "socket":
             parts = urlsplit(url)
             host, port = parts.hostname or "localhost", parts.port
             if port is None:
@@ -728,6 +786,30 @@ class PortLink:
                 raise PortUnavailableError(f"cannot open {url}: {exc}") from exc
             self._parmrk = False
         self._io = io
+        self._start_stream(resumed_stream=resumed_stream)
+
+    def _start_tty(self, claim: Claim, *, resumed_stream: bool = True) -> None:
+        """Raw mode on the claimed tty (``take_raw_mode``: a handed-over one that has PARMRK
+        already keeps its escaping), then the byte path."""
+        assert self._loop is not None
+        try:
+            mode = take_raw_mode(self._ops, claim.fd, serial=not claim.pty,
+                                 rtscts=self._settings.rtscts, xonxoff=self._settings.xonxoff)
+        except OSError as exc:
+            claim.release(self._ops)
+            os.close(claim.fd)
+            raise PortUnavailableError(f"cannot configure {self._settings.url}: {exc}") from exc
+        self._claim = claim
+        self._io = _FdIo(self._loop, claim.fd, is_tty=True)
+        self._parmrk = mode.parmrk
+        self._rx_plain_left = mode.plain_bytes
+        self._rx_window_left = mode.window_bytes
+        self._start_stream(resumed_stream=resumed_stream)
+
+    def _start_stream(self, *, resumed_stream: bool) -> None:
+        """The port is open (``self._io``): configure it and start moving bytes."""
+        io = self._io
+        assert io is not None
         if not (resumed_stream and self._parmrk):
             if self._decoder.partial and resumed_stream:
                 self._log.warning(
@@ -742,6 +824,7 @@ class PortLink:
         self._xoff = False  # a new connection starts with the peer ready, as IXON would
         self._configure_port()
         self._connected()
+        self._report_fd()
 
     def _configure_port(self) -> None:
         """Apply the last line settings (or the model's) and the model's modem outputs."""
@@ -818,6 +901,7 @@ class PortLink:
         self._tx_tail.clear()
         self._pace_outq = self._pace_progress_ns = 0
         self._rx_plain_left = self._rx_window_left = 0  # they counted that port's queue
+        self._report_fd()
 
     def _schedule_reconnect(self) -> None:
         if self._closed or self._loop is None or self._quiesced:

@@ -10,6 +10,10 @@ HUP, so "no client yet" and "client left" look the same (reference/host-ports.md
 are seen through inotify on the slave's ``/dev/pts/N`` (IN_OPEN, IN_CLOSE_WRITE,
 IN_CLOSE_NOWRITE) via ctypes; where inotify is unavailable the caller polls the master for
 POLLHUP once a second instead.
+
+Across a restart the master is handed to the next run (``adopt_pty``): its slave keeps its
+number, so the link keeps pointing at it and a client that has the slave open never sees a
+hang-up; ``OwnedPty.close(keep=True)`` leaves both the master's open file and the link.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import tty
 from dataclasses import dataclass
 
 from ..errors import PortError
+from .handle import is_pty_master, pty_index
 
 IN_OPEN = 0x00000020
 IN_CLOSE_WRITE = 0x00000008
@@ -48,9 +53,13 @@ class OwnedPty:
         """Where clients open the slave."""
         return self.link_path or self.slave_name
 
-    def close(self) -> None:
-        """Close the master and remove the link if it is still our symlink to our slave."""
-        if self.link_path is not None:
+    def close(self, *, keep: bool = False) -> None:
+        """Close the master and remove the link if it is still our symlink to our slave.
+
+        ``keep``: the pty goes on in the next run (which holds the master too): the link
+        stays, and closing our descriptor does not close the pty.
+        """
+        if self.link_path is not None and not keep:
             with contextlib.suppress(OSError):
                 if _our_symlink(self.link_path) == self.slave_name:
                     os.unlink(self.link_path)
@@ -116,6 +125,35 @@ def create_pty(link_path: str | None) -> OwnedPty:
         except BaseException:
             os.close(master_fd)
             raise
+    return OwnedPty(master_fd=master_fd, slave_name=slave_name, link_path=link_path)
+
+
+def adopt_pty(master_fd: int, link_path: str | None) -> OwnedPty:
+    """The pty whose master ``master_fd`` the previous run handed over, published at
+    ``link_path`` again (kept if it already points at its slave). ``PortError`` if the
+    descriptor is not a pty master, or the link path holds something that is not ours."""
+    try:
+        info = os.fstat(master_fd)
+    except OSError as exc:
+        raise PortError(f"the handed-over pty descriptor cannot be used: {exc}") from exc
+    index = pty_index(master_fd) if is_pty_master(info) else None
+    if index is None:
+        raise PortError("the descriptor handed over for a pty: port is not a pty master")
+    slave_name = f"/dev/pts/{index}"
+    os.set_blocking(master_fd, False)
+    if link_path is not None:
+        try:
+            current = _our_symlink(link_path)
+        except FileNotFoundError:
+            current = None
+        if current != slave_name:
+            what = _what_is_at(link_path)
+            if what is not None:
+                raise PortError(
+                    f"link path {link_path} holds {what}; uartbridge replaces only its own "
+                    "symlink to a pty: move it away or choose another link"
+                )
+            _publish(slave_name, link_path)
     return OwnedPty(master_fd=master_fd, slave_name=slave_name, link_path=link_path)
 
 

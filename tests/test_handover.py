@@ -1,0 +1,228 @@
+"""The pieces of a restart that closes nothing: fd identities, taking over a tty, a pty or a
+listening socket, and the sd_notify fd store messages (real ptys, sockets and datagrams)."""
+
+from __future__ import annotations
+
+import array
+import os
+import pty
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from procs import socat_pair
+
+from uartbridge.daemon import sdnotify
+from uartbridge.daemon.handover import HandedFds
+from uartbridge.errors import PortError
+from uartbridge.port.claim import adopt_tty
+from uartbridge.port.handle import fd_identity
+from uartbridge.port.owned_pty import adopt_pty, create_pty
+from uartbridge.port.termios_ops import RealTermiosOps
+from uartbridge.sockets import adopt_unix_listener, bind_unix
+
+
+def _receive(sock: socket.socket) -> tuple[str, list[int]]:
+    data, ancdata, _flags, _addr = sock.recvmsg(4096, socket.CMSG_SPACE(16))
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return data.decode(), list(fds)
+
+
+def test_fd_identity_names_the_device_not_the_open(tmp_path: Path) -> None:
+    """Two opens of one tty have one identity; another tty, a pty master, a connected and a
+    listening socket, a regular file each get theirs (or None)."""
+    with socat_pair(tmp_path, "one") as one, socat_pair(tmp_path, "two") as two:
+        a1 = os.open(one.a, os.O_RDWR | os.O_NOCTTY)
+        a2 = os.open(one.a, os.O_RDWR | os.O_NOCTTY)
+        b = os.open(two.a, os.O_RDWR | os.O_NOCTTY)
+        try:
+            assert fd_identity(a1) == fd_identity(a2) is not None
+            assert fd_identity(a1) != fd_identity(b)
+            assert str(fd_identity(a1)).startswith("tty dev=")
+        finally:
+            for fd in (a1, a2, b):
+                os.close(fd)
+    master, slave = pty.openpty()
+    try:
+        assert fd_identity(master) == f"pty slave={os.ttyname(slave)}"
+    finally:
+        os.close(master)
+        os.close(slave)
+    left, right = socket.socketpair()
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    plain = tmp_path / "file"
+    plain.write_bytes(b"")
+    fd = os.open(plain, os.O_RDONLY)
+    try:
+        assert str(fd_identity(left.fileno())).startswith("socket ino=")
+        assert fd_identity(left.fileno()) != fd_identity(right.fileno())
+        assert fd_identity(listening.fileno()) is None
+        assert fd_identity(fd) is None
+    finally:
+        for sock in (left, right, listening):
+            sock.close()
+        os.close(fd)
+
+
+def test_adopt_tty_refuses_a_descriptor_of_another_tty(tmp_path: Path) -> None:
+    """adopt_tty takes a descriptor of the path's own device and refuses another tty's."""
+    ops = RealTermiosOps()
+    with socat_pair(tmp_path, "one") as one, socat_pair(tmp_path, "two") as two:
+        other = os.open(two.a, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            with pytest.raises(PortError, match="is not"):
+                adopt_tty(other, str(one.a), ops, lock_dir=None, note=lambda _t: None)
+        finally:
+            os.close(other)
+        mine = os.open(one.a, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        try:
+            claim = adopt_tty(mine, str(one.a), ops, lock_dir=None, note=lambda _t: None)
+            assert claim.fd == mine and claim.pty
+        finally:
+            os.close(mine)
+
+
+def test_adopt_pty_keeps_the_slave_and_republishes_the_link(tmp_path: Path) -> None:
+    """A kept pty master is taken over with its slave number; a missing link is published
+    again; a descriptor that is not a pty master is refused."""
+    link = tmp_path / "uart0.pty"
+    owned = create_pty(str(link))
+    slave = owned.slave_name
+    kept = os.dup(owned.master_fd)
+    owned.close(keep=True)
+    assert os.path.realpath(link) == slave  # keep=True leaves the link
+    link.unlink()
+    again = adopt_pty(kept, str(link))
+    try:
+        assert again.slave_name == slave and os.path.realpath(link) == slave
+    finally:
+        again.close()
+    assert not link.exists()
+    left, right = socket.socketpair()
+    try:
+        with pytest.raises(PortError, match="not a pty master"):
+            adopt_pty(left.fileno(), None)
+    finally:
+        left.close()
+        right.close()
+
+
+def test_adopt_unix_listener_takes_only_the_socket_at_the_path(tmp_path: Path) -> None:
+    """The listening socket bound at the path is taken; one bound elsewhere, one not
+    listening, or one whose file is gone is closed and refused with the reason."""
+    path = tmp_path / "bus.sock"
+    sock = bind_unix(path)
+    sock.listen(4)
+    taken, why = adopt_unix_listener(os.dup(sock.fileno()), path)
+    assert why is None and taken is not None
+    taken.close()
+    elsewhere, why = adopt_unix_listener(os.dup(sock.fileno()), tmp_path / "other.sock")
+    assert elsewhere is None and why is not None and "bound to" in why
+    idle = bind_unix(tmp_path / "idle.sock")
+    refused, why = adopt_unix_listener(os.dup(idle.fileno()), tmp_path / "idle.sock")
+    assert refused is None and why == "not listening"
+    path.unlink()
+    gone, why = adopt_unix_listener(os.dup(sock.fileno()), path)
+    assert gone is None and why is not None and "bus.sock" in why
+    sock.close()
+    idle.close()
+
+
+def test_fd_store_messages_carry_the_fd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """store_fd sends FDSTORE=1, FDNAME= (FDPOLL=0 when asked) with the fd attached;
+    remove_fd sends FDSTOREREMOVE=1; a name systemd would refuse raises ValueError."""
+    path = tmp_path / "notify.sock"
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(path))
+    manager.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    master, slave = pty.openpty()
+    try:
+        assert sdnotify.store_fd("port.uart0", master, poll=False)
+        text, fds = _receive(manager)
+        assert text.splitlines() == ["FDSTORE=1", "FDNAME=port.uart0", "FDPOLL=0"]
+        assert len(fds) == 1 and fd_identity(fds[0]) == fd_identity(master)
+        os.close(fds[0])
+        assert sdnotify.remove_fd("port.uart0")
+        text, fds = _receive(manager)
+        assert text.splitlines() == ["FDSTOREREMOVE=1", "FDNAME=port.uart0"] and fds == []
+        for bad in ("", "a:b", "x" * 256, "tab\there"):
+            with pytest.raises(ValueError):
+                sdnotify.store_fd(bad, master)
+    finally:
+        os.close(master)
+        os.close(slave)
+        manager.close()
+
+
+def test_listen_fds_only_for_our_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """listen_fds returns the named fds from 3 on only when LISTEN_PID is ours, and removes
+    the variables either way; HandedFds keeps the newest of two with one name."""
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    monkeypatch.setenv("LISTEN_FDNAMES", "control")
+    assert sdnotify.listen_fds() == []
+    assert "LISTEN_FDS" not in os.environ and "LISTEN_PID" not in os.environ
+    saved = {fd: os.dup(fd) if _open(fd) else None for fd in (3, 4)}  # put back after
+    left, right = socket.socketpair()
+    try:
+        os.dup2(left.fileno(), 3)
+        os.dup2(right.fileno(), 4)
+        monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+        monkeypatch.setenv("LISTEN_FDS", "2")
+        monkeypatch.setenv("LISTEN_FDNAMES", "port.a:port.a")
+        found = sdnotify.listen_fds()
+        assert found == [("port.a", 3), ("port.a", 4)]
+        handed = HandedFds(found)
+        assert handed.take("port.a") == 4 and handed.take("port.a") is None
+    finally:
+        left.close()
+        right.close()
+        for fd, copy in saved.items():
+            if copy is None:
+                os.close(fd)
+            else:
+                os.dup2(copy, fd, inheritable=False)
+                os.close(copy)
+
+
+def _open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def test_barrier_waits_for_the_manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """barrier() sends BARRIER=1 with a pipe's write end and is True once the manager has
+    closed it; with a manager that keeps it, False after the timeout; with none, False."""
+    assert not sdnotify.barrier(0.1)  # no NOTIFY_SOCKET
+    path = tmp_path / "notify.sock"
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(path))
+    manager.settimeout(5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    try:
+        assert not sdnotify.barrier(0.2)  # sent, but nobody read it: the pipe stays open
+        text, fds = _receive(manager)
+        assert text == "BARRIER=1" and len(fds) == 1
+        os.close(fds[0])  # (that barrier has already timed out)
+        def answer() -> None:
+            text, fds = _receive(manager)
+            assert text == "BARRIER=1"
+            for fd in fds:
+                os.close(fd)
+
+        helper = threading.Thread(target=answer)
+        helper.start()
+        assert sdnotify.barrier(5.0)
+        helper.join(5)
+    finally:
+        manager.close()
