@@ -489,11 +489,11 @@ def _sync(sock: socket.socket, decoder: FrameDecoder, token: int) -> None:
             decoder.feed(data)
 
 
-@pytest.mark.parametrize("how", ["sigterm", "checkpoint-stop"])
+@pytest.mark.parametrize("how", ["sigterm", "checkpoint-stop", "restart"])
 def test_posted_writes_in_the_socket_at_a_stop_are_not_lost(tmp_path: Path, how: str) -> None:
-    """THR writes a guest posted just before SIGTERM or `checkpoint --stop`, still unread in
-    the daemon's socket, end on the far end or in the final checkpoint: every byte exactly
-    once, in order."""
+    """THR writes a guest posted just before SIGTERM, `checkpoint --stop` or `restart`, still
+    unread in the daemon's socket, end on the far end or in the final checkpoint: every byte
+    exactly once, in order."""
     with (
         socat_pair(tmp_path) as pair,
         daemon(tmp_path / "d", [_socat_uart(pair.a)], interval_s=0) as d,
@@ -528,8 +528,9 @@ def test_posted_writes_at_sigterm_with_no_port_are_in_the_checkpoint(tmp_path: P
 
 def _post_then_stop(d: Daemon, how: str = "sigterm") -> tuple[bytes, bytes]:
     """A guest posts THR writes into the socket of the stopped (SIGSTOP) daemon, which is
-    then asked to stop (``how``: SIGTERM or a `checkpoint --stop` request) and continued;
-    (the THR bytes posted, the final checkpoint's unsent bytes)."""
+    then asked to stop (``how``: SIGTERM, a `checkpoint --stop` or `restart` request) and
+    continued; (the THR bytes posted, the final checkpoint's unsent bytes: none for a
+    restart, whose next run sends them)."""
     assert d.proc is not None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
@@ -556,16 +557,20 @@ def _post_then_stop(d: Daemon, how: str = "sigterm") -> tuple[bytes, bytes]:
             sock.sendall(payload)  # into the socket of a stopped daemon: nothing read yet
             if how == "sigterm":
                 os.kill(d.proc.pid, signal.SIGTERM)
-            else:  # what `checkpoint --stop` sends, queued before the daemon runs again
+            else:  # what `checkpoint --stop` or `restart` sends, queued before it runs again
+                message = ({"cmd": "restart"} if how == "restart" else
+                           {"cmd": "checkpoint", "uart": None, "stop": True, "document": False})
                 control.connect(str(d.control))
-                control.sendall(json.dumps({"cmd": "checkpoint", "uart": None, "stop": True,
-                                            "document": False}).encode() + b"\n")
+                control.sendall(json.dumps(message).encode() + b"\n")
         finally:
             os.kill(d.proc.pid, signal.SIGCONT)
         with control:
             if how != "sigterm":
                 reply = json.loads(control.makefile("rb").readline())
                 assert reply.get("ok"), reply
+        if how == "restart":  # in place: the same process goes on and sends what it holds
+            wait_for(lambda: d.status().get("restarts") == 1, 30.0)
+            return singles + burst, b""
         assert d.wait_exit() == 0, d.log()
         d.proc = None
     finally:
