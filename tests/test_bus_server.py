@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ from uartbridge.bus import (
     SERVER_CAPABILITIES,
     BusServer,
     ErrorCode,
+    ErrorFrame,
+    FrameDecoder,
     Hello,
     HelloReply,
     IrqEvent,
@@ -458,6 +461,115 @@ def test_close_tells_guest_and_removes_socket() -> None:
         assert not path.exists()
 
     serve(body)
+
+
+async def _raw_guest(path: Path, tcp: tuple[str, int] | None = None) -> socket.socket:
+    """A blocking socket (Unix, or TCP to ``tcp``) that has completed HELLO (the reply read
+    on the loop)."""
+    if tcp is None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(path))
+    else:
+        sock = socket.create_connection(tcp)
+    sock.sendall(encode(Hello(1)))
+    sock.setblocking(False)
+    decoder = FrameDecoder()
+    while (reply := decoder.next_frame()) is None:
+        decoder.feed(await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, 4096), 10))
+    assert isinstance(reply, HelloReply), reply
+    sock.setblocking(True)
+    sock.settimeout(10)
+    return sock
+
+
+def _read_to_eof(sock: socket.socket) -> list[object]:
+    """Every frame until the server's EOF (a reset fails the test: the close must be clean)."""
+    decoder = FrameDecoder()
+    while data := sock.recv(65536):
+        decoder.feed(data)
+    return list(decoder.frames())
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_close_executes_every_frame_the_guest_already_sent(transport: str) -> None:
+    """close() first executes, in order, the frames already in the socket (posted THR writes
+    reach the wire, a SYNC is answered), drops a partial frame, then closes without a reset."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        tcp = await server.start_tcp() if transport == "tcp" else None
+        sock = await _raw_guest(path, tcp)
+        try:
+            singles = bytes(i % 251 for i in range(200))
+            burst = bytes((i * 7) % 256 for i in range(3000))
+            partial = encode(Write(SCR, 0x55))[:3]
+            sock.sendall(b"".join(encode(Write(THR, b)) for b in singles)
+                         + encode(WriteN(THR, burst)) + encode(Sync(9)) + partial)
+            # No await in between: the loop has not read a byte of it when the stop begins.
+            assert not wire.sent
+            await server.close()
+            assert bytes(wire.sent) == singles + burst
+            assert uart.read(SCR) == 0  # the partial frame was never completed: not executed
+            frames = await asyncio.to_thread(_read_to_eof, sock)
+            assert frames[-2:] == [SyncReply(9), ErrorFrame(int(ErrorCode.SHUTTING_DOWN),
+                                                           "server is shutting down")]
+        finally:
+            sock.close()
+
+    serve(body)
+
+
+def test_close_drain_is_bounded_in_register_operations() -> None:
+    """A guest that queued more work than the drain's bound (READ_N asks 4094 reads in 6
+    bytes) gets at most the bound executed at close; the frames after it are dropped."""
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        sock = await _raw_guest(path)
+        try:
+            sock.sendall(encode(Write(SCR, 0x11)) + encode(ReadN(SCR, 4094)) * 50
+                         + encode(Write(SCR, 0x77)))
+            await server.close()
+            frames = await asyncio.to_thread(_read_to_eof, sock)
+            replies = [f for f in frames if isinstance(f, ReadNReply)]
+            assert 1 <= len(replies) <= 16384 // 4094
+            assert all(r.data == b"\x11" * 4094 for r in replies)
+            assert uart.read(SCR) == 0x11  # the write after the bound was not executed
+        finally:
+            sock.close()
+
+    serve(body, drain_limit_bytes=16384)
+
+
+def test_close_is_not_held_by_a_flooding_guest() -> None:
+    """A guest that never stops sending THR bursts does not hold close(): the drain executes
+    at most its bound of what the guest sent, and the guest is disconnected."""
+    limit = 16384
+
+    async def body(server: BusServer, uart: Uart16550, wire: VirtualWire, path: Path) -> None:
+        sock = await _raw_guest(path)
+        frame = encode(WriteN(THR, bytes(range(256)) * 15))
+        sent = [0]
+
+        def flood() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    sent[0] += sock.send(frame)
+
+        flooder = threading.Thread(target=flood, daemon=True)
+        flooder.start()
+        try:
+            await wait_for(lambda: len(wire.sent) > 200_000)
+            before = len(wire.sent)
+            await server.close()
+            drained = len(wire.sent) - before
+            assert drained <= limit
+            # The guest had more in flight than the bound: the bound is what ended the drain.
+            await wait_for(lambda: sent[0] > len(wire.sent) + limit)
+            await asyncio.to_thread(flooder.join, 30)
+            assert not flooder.is_alive()  # disconnected: its send failed
+        finally:
+            sock.close()
+
+    serve(body, drain_limit_bytes=limit)
 
 
 def test_tcp_listener_on_loopback() -> None:

@@ -28,10 +28,21 @@ from procs import (
 )
 from streams import FarEnd, GuestRunner, assert_exact, sequence_stream, wait_streams
 
+from uartbridge.bus import (
+    FrameDecoder,
+    Hello,
+    HelloReply,
+    Sync,
+    SyncReply,
+    Write,
+    WriteN,
+    encode,
+)
 from uartbridge.checkpoint import checkpoint_path, read_checkpoint
 from uartbridge.client import BusClient
 from uartbridge.errors import BusError
 from uartbridge.guest import Guest8250
+from uartbridge.registers import FCR, LCR, SCR, THR
 
 pytestmark = pytest.mark.e2e
 
@@ -451,3 +462,118 @@ def test_what_check_config_accepts_run_runs(tmp_path: Path) -> None:
             assert result.returncode == 78, (bad, command, result.stderr)
             assert "Traceback" not in result.stderr and "uart[0].name" in result.stderr
         assert not run.exists()
+
+
+def _hello(sock: socket.socket) -> FrameDecoder:
+    """HELLO v1 on a blocking socket; the decoder past the HELLO_REPLY."""
+    sock.sendall(encode(Hello(1)))
+    decoder = FrameDecoder()
+    while (reply := decoder.next_frame()) is None:
+        data = sock.recv(4096)
+        assert data, "the daemon closed the bus connection"
+        decoder.feed(data)
+    assert isinstance(reply, HelloReply), reply
+    return decoder
+
+
+def _sync(sock: socket.socket, decoder: FrameDecoder, token: int) -> None:
+    """SYNC and wait for its reply (IRQ frames before it are skipped)."""
+    sock.sendall(encode(Sync(token)))
+    while True:
+        frame = decoder.next_frame()
+        if frame == SyncReply(token):
+            return
+        if frame is None:
+            data = sock.recv(4096)
+            assert data, "the daemon closed the bus connection"
+            decoder.feed(data)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "checkpoint-stop", "restart"])
+def test_posted_writes_in_the_socket_at_a_stop_are_not_lost(tmp_path: Path, how: str) -> None:
+    """THR writes a guest posted just before SIGTERM, `checkpoint --stop` or `restart`, still
+    unread in the daemon's socket, end on the far end or in the final checkpoint: every byte
+    exactly once, in order."""
+    with (
+        socat_pair(tmp_path) as pair,
+        daemon(tmp_path / "d", [_socat_uart(pair.a)], interval_s=0) as d,
+    ):
+        d.start()
+        assert d.proc is not None
+        far = FarEnd(pair.b, b"")
+        far.start()
+        try:
+            expected, held = _post_then_stop(d, how)
+            deadline = time.monotonic() + 20.0  # generous: the far end is a thread
+            while len(far.received) + len(held) < len(expected) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.2)  # nothing more arrives (a duplicate would)
+        finally:
+            far.stop()
+        got = bytes(far.received) + held
+        assert len(got) == len(expected), (
+            f"far end {len(far.received)} + checkpoint {len(held)} of {len(expected)} bytes")
+        assert got == expected
+
+
+def test_posted_writes_at_sigterm_with_no_port_are_in_the_checkpoint(tmp_path: Path) -> None:
+    """With the port missing (`buffer`), THR writes posted just before SIGTERM and still
+    unread in the daemon's socket are all in the final checkpoint's TX backlog, in order."""
+    with daemon(tmp_path / "d", [_socat_uart(tmp_path / "missing-a")], interval_s=0) as d:
+        d.start()
+        assert d.status()["uarts"][0]["reader_state"] == "disconnected"
+        expected, held = _post_then_stop(d)
+        assert held == expected, f"checkpoint holds {len(held)} of {len(expected)} bytes"
+
+
+def _post_then_stop(d: Daemon, how: str = "sigterm") -> tuple[bytes, bytes]:
+    """A guest posts THR writes into the socket of the stopped (SIGSTOP) daemon, which is
+    then asked to stop (``how``: SIGTERM, a `checkpoint --stop` or `restart` request) and
+    continued; (the THR bytes posted, the final checkpoint's unsent bytes: none for a
+    restart, whose next run sends them)."""
+    assert d.proc is not None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    try:
+        sock.settimeout(20)
+        sock.connect(str(d.bus()))
+        decoder = _hello(sock)
+        # 8N1 at 115200, FIFOs on; applied before the stop.
+        sock.sendall(b"".join(encode(Write(reg, value)) for reg, value in (
+            (LCR, 0x83), (0, 1), (1, 0), (LCR, 0x03), (FCR, 0x07))))
+        _sync(sock, decoder, 1)
+        singles = bytes((i * 13) % 256 for i in range(200))
+        burst = bytes((i * 7 + 3) % 256 for i in range(2000))
+        # Work ahead of the THR frames: SCR bursts of 4094 writes, one fair-share turn
+        # each, so the stop surely begins while the THR frames are still unread (the
+        # daemon takes a few loop steps from the signal to closing the bus).
+        ahead = encode(WriteN(SCR, b"\x5a" * 4094)) * 40
+        payload = (ahead + b"".join(encode(Write(THR, b)) for b in singles)
+                   + encode(WriteN(THR, burst)))
+        control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        control.settimeout(20)
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        try:
+            sock.sendall(payload)  # into the socket of a stopped daemon: nothing read yet
+            if how == "sigterm":
+                os.kill(d.proc.pid, signal.SIGTERM)
+            else:  # what `checkpoint --stop` or `restart` sends, queued before it runs again
+                message = ({"cmd": "restart"} if how == "restart" else
+                           {"cmd": "checkpoint", "uart": None, "stop": True, "document": False})
+                control.connect(str(d.control))
+                control.sendall(json.dumps(message).encode() + b"\n")
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        with control:
+            if how != "sigterm":
+                reply = json.loads(control.makefile("rb").readline())
+                assert reply.get("ok"), reply
+        if how == "restart":  # in place: the same process goes on and sends what it holds
+            wait_for(lambda: d.status().get("restarts") == 1, 30.0)
+            return singles + burst, b""
+        assert d.wait_exit() == 0, d.log()
+        d.proc = None
+    finally:
+        sock.close()
+    ckpt = read_checkpoint(checkpoint_path(d.state_dir, "uart0"))
+    return singles + burst, ckpt.port.tx_backlog + ckpt.uart.tx_waiting()

@@ -31,6 +31,12 @@ mark the server stops executing frames and stops reading (the kernel's socket bu
 hold the client back), and a client that stays that way for ``stall_timeout_s`` is dropped.
 Every ERROR frame is followed by the server closing the connection.
 
+**Stop.** ``close`` (the daemon's stop and quiesce, before the final checkpoint) first
+executes every complete frame the guest already sent — decoded, buffered, or in the kernel's
+receive queue when the stop begins — without turns and bounded (``drain_limit_bytes`` read,
+as many register operations), then settles, so the posted writes are in the device and the
+checkpoint taken next. A partial frame is dropped; the queue emptied, the close is orderly.
+
 **Time (protocol v2).** On a UART whose clock is the guest's (``guest_clock``), a v2 guest
 that asks for ``GUEST_TIME`` in HELLO drives it: each TIME frame advances the clock by what
 the guest's time moved and runs the timers due; after every settle the server sends a
@@ -43,10 +49,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hmac
 import os
 import socket
 import sys
+import termios
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -277,11 +285,18 @@ class _Connection(asyncio.BufferedProtocol):
         self._guest_time_ns: int | None = None
         self._deadline_sent: int | None = None
         self._follows_host = False  # this guest gets host time on a guest-time UART
+        self._draining = False  # the server is stopping: see drain()
+        self.replies_dropped = 0  # output frames the drain could not send (backed up)
 
     @property
     def drives_time(self) -> bool:
         """This guest was granted GUEST_TIME: it drives the device's clock."""
         return self._guest_time_ns is not None
+
+    @property
+    def drainable(self) -> bool:
+        """The guest's connection is open: ``drain`` would execute what it sent."""
+        return self._is_guest and not self._closing and self._transport is not None
 
     @property
     def attached(self) -> bool:
@@ -750,6 +765,9 @@ class _Connection(asyncio.BufferedProtocol):
         transport = self._transport
         if transport is None or self._closing:
             return
+        if self._draining and transport.get_write_buffer_size() >= self._server.high_water:
+            self.replies_dropped += 1  # the guest is going away and not reading: best effort
+            return
         transport.write(data)
         if transport.get_write_buffer_size() > self._server.hard_limit:
             self._server.log.warning(
@@ -794,6 +812,93 @@ class _Connection(asyncio.BufferedProtocol):
         """The server is closing: tell the peer, then close."""
         self._fail(ErrorCode.SHUTTING_DOWN, "server is shutting down")
 
+    def drain(self, limit_bytes: int) -> tuple[int, int]:
+        """The server is stopping: execute every complete frame this guest already sent.
+
+        Those are the frames decoded or buffered here and those in the kernel's receive queue
+        when the drain begins (``FIONREAD``), of which at most ``limit_bytes`` are read, with
+        non-blocking reads: what a guest sends meanwhile does not prolong the stop. The frames
+        run in order, without turns, at most ``limit_bytes`` register operations in all (a
+        READ_N may ask for 4094 reads in 6 bytes); posted writes reach the device (and the
+        port, by the settle at the end), replies are sent while the socket takes them
+        (``_write``: never more than the high-water mark is buffered). A partial frame at
+        the end is dropped: the guest never completed it. Returns (bytes read, register
+        operations executed). Only for the guest; ``shutdown`` closes afterwards.
+        """
+        transport = self._transport
+        if not self.drainable or transport is None:
+            return 0, 0
+        if self._continuation is not None:
+            self._continuation.cancel()
+            self._continuation = None
+        server = self._server
+        self._draining = True
+        self._out = bytearray()
+        read = ops = 0
+        try:
+            fd = transport.get_extra_info("socket").fileno()
+            try:
+                queued = int.from_bytes(
+                    fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"), sys.byteorder
+                )
+            except OSError:
+                queued = 0
+            to_read = min(queued, limit_bytes)
+            ops = self._drain_frames(limit_bytes)
+            view = server._rview
+            while to_read > 0 and not self._closing and ops < limit_bytes:
+                try:
+                    n = os.readv(fd, [view[: min(to_read, len(view))]])
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break  # the guest is gone; what it sent before is executed
+                if n == 0:
+                    break
+                read += n
+                to_read -= n
+                self._decoder.feed(view[:n])
+                ops += self._drain_frames(limit_bytes - ops)
+            if self._unsettled and not self._closing:
+                self._settle()
+            turn_end = server.on_turn_end
+            if turn_end is not None:
+                turn_end()
+        except Exception:
+            self._internal_error()
+        finally:
+            self._flush()
+            self._out = None
+        return read, ops
+
+    def _drain_frames(self, budget: int) -> int:
+        """Execute buffered complete frames in order, up to ``budget`` register operations
+        (the drain at a stop: no turns, whatever the output's back-pressure); their count."""
+        ops = 0
+        while not self._closing:
+            frame = self._pending_frame
+            self._pending_frame = None
+            if frame is None:
+                try:
+                    frame = self._decoder.next_frame()
+                except FrameError as exc:
+                    self._fail(exc.code, exc.message)
+                    break
+                if frame is None:
+                    break
+            cost = _cost(frame)
+            if ops + cost > budget:
+                self._pending_frame = frame
+                break
+            try:
+                self._execute(frame)
+            except FrameError as exc:
+                self._fail(exc.code, exc.message)
+                break
+            ops += cost
+            self.frames_executed += 1
+        return ops
+
 
 _OUT_BATCH = 16 * 1024
 _READ_SIZE = 64 * 1024
@@ -833,6 +938,7 @@ class BusServer:
         log_interval_s: float = 10.0,
         on_turn_end: Callable[[], None] | None = None,
         guest_clock: GuestClock | None = None,
+        drain_limit_bytes: int = 256 * 1024,
     ) -> None:
         """A server for ``uart`` named ``name`` (≤ 255 UTF-8 bytes; sent in HELLO_REPLY).
 
@@ -855,7 +961,9 @@ class BusServer:
         for a port to apply, once, what the turn's register writes changed (line settings).
         ``guest_clock``: the UART's clock is the guest's (``clock = "guest"``): a v2 guest
         with GUEST_TIME drives it, any other guest gets host time while attached (the
-        module docstring, "Time"); it must be the model's clock.
+        module docstring, "Time"); it must be the model's clock. ``close`` first executes
+        the frames the guest already sent, reading at most ``drain_limit_bytes`` of them
+        from the socket and executing at most as many register operations (``drain``).
         """
         if len(name.encode()) > MAX_NAME_LEN:
             raise ValueError(f"UART name longer than {MAX_NAME_LEN} bytes: {name!r}")
@@ -880,6 +988,7 @@ class BusServer:
         self.log_interval_s = log_interval_s
         self.on_turn_end = on_turn_end
         self.guest_clock = guest_clock
+        self.drain_limit_bytes = drain_limit_bytes
         self.closing = False
         self._guest: _Connection | None = None
         self._connections: set[_Connection] = set()
@@ -1091,7 +1200,8 @@ class BusServer:
                 self.kept_unix.append(listener.detach())
 
     async def close(self, *, keep_listening: bool = False) -> None:
-        """Stop listening, close every connection (the guest is told), remove socket files.
+        """Stop listening, execute what the guest already sent (``_Connection.drain``), close
+        every connection (the guest is told), remove socket files.
 
         ``keep_listening``: the Unix listening sockets stay open and their files stay, for the
         next run (``kept_unix``); connections wait in the backlog meanwhile.
@@ -1110,6 +1220,19 @@ class BusServer:
         for task in list(self._attaching):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(task, timeout=self.close_grace_s + 1)
+        guest = self._guest
+        if guest is not None and guest.drainable:
+            # Frames the guest sent before the stop are executed before anything else, so
+            # its posted writes are in the device (and in the checkpoint taken after this).
+            frames = guest.frames_executed
+            read, ops = guest.drain(self.drain_limit_bytes)
+            bounded = read >= self.drain_limit_bytes or guest._pending_frame is not None
+            # A guest past the bound (flooding) loses what it sent beyond it: say so.
+            log = self.log.warning if bounded else self.log.info
+            log("bus.drained", uart=self.name, peer=guest._peer, bytes_read=read,
+                frames=guest.frames_executed - frames, operations=ops,
+                bytes_left=guest._decoder.buffered, bounded=bounded,
+                replies_dropped=guest.replies_dropped)
         for conn in list(self._connections):
             conn.shutdown()
         for limiter in self._limiters.values():
