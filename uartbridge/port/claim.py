@@ -349,14 +349,7 @@ def claim_tty(
                 raise _busy(path, exc, os.fstat(fd)) from exc
             except OSError:
                 pass  # a filesystem without flock: TIOCEXCL and the lock file still apply
-            pty = ops.is_pty(fd)
-            claim = Claim(fd=fd, path=path, pty=pty, lock=lock)
-            if not pty:
-                try:
-                    ops.set_exclusive(fd, True)
-                    claim.exclusive = True
-                except OSError:
-                    pass
+            claim = _exclusive_claim(fd, path, lock, ops)
         except BaseException:
             os.close(fd)
             raise
@@ -367,6 +360,18 @@ def claim_tty(
         _held[lock.path] = fd
     return claim
 
+
+
+def _exclusive_claim(fd: int, path: str, lock: UucpLock, ops: TermiosOps) -> Claim:
+    """The Claim on ``fd``, with TIOCEXCL on a serial port (not on a pty: it would outlive
+    a crash while socat holds the slave)."""
+    pty = ops.is_pty(fd)
+    claim = Claim(fd=fd, path=path, pty=pty, lock=lock)
+    if not pty:
+        with contextlib.suppress(OSError):
+            ops.set_exclusive(fd, True)
+            claim.exclusive = True
+    return claim
 
 def adopt_tty(
     fd: int,
@@ -402,15 +407,8 @@ def adopt_tty(
         raise _busy(path, exc, mine) from exc
     except OSError:
         pass
-    pty = ops.is_pty(fd)
     lock = take_over_uucp_lock(path, lock_dir, note, previous_pids)
-    claim = Claim(fd=fd, path=path, pty=pty, lock=lock)
-    if not pty:
-        try:
-            ops.set_exclusive(fd, True)
-            claim.exclusive = True
-        except OSError:
-            pass
+    claim = _exclusive_claim(fd, path, lock, ops)
     if lock.path is not None:
         _held[lock.path] = fd
     return claim
