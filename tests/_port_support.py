@@ -144,11 +144,17 @@ def read_available(fd: int, limit: int = 1 << 20) -> bytes:
 
 
 def open_raw(path: str) -> int:
-    """Open a tty path non-blocking and make it raw."""
+    """Open a tty path non-blocking and make it raw, keeping what is already queued for it.
+
+    TCSANOW, not setraw's default TCSAFLUSH: that discards unread input, and a writer that
+    reacts to the open (the daemon delivers a pty's kept bytes when a client opens it) races
+    the flush — README's embedding example lost its prompt so about 1 run in 10.
+    """
+    import termios
     import tty
 
     fd = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)
     return fd
 
 
