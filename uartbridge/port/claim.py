@@ -215,11 +215,7 @@ def take_uucp_lock(path: str, lock_dir: str | None, note: Callable[[str], None])
         return lock
     temp = directory / f"LTMP.{os.getpid()}.{names[0]}"
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, f"{os.getpid():10d}\n".encode("ascii"))
-        finally:
-            os.close(fd)
+        _write_our_pid(temp)
         for _attempt in range(2):
             try:
                 os.link(temp, ours)
@@ -235,6 +231,15 @@ def take_uucp_lock(path: str, lock_dir: str | None, note: Callable[[str], None])
         with contextlib.suppress(OSError):
             temp.unlink()
     return lock
+
+
+def _write_our_pid(path: Path) -> None:
+    """A lock file's content as HDB UUCP writes it: our PID, ten characters, a newline."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, f"{os.getpid():10d}\n".encode("ascii"))
+    finally:
+        os.close(fd)
 
 
 def _honour(lock_path: Path, port_path: str) -> None:
@@ -428,9 +433,7 @@ def take_over_uucp_lock(
         lock_path = directory / f"LCK..{name}"
         try:
             pid = _read_lock_pid(lock_path)
-        except FileNotFoundError:
-            continue
-        except OSError:
+        except OSError:  # none (or unreadable): nothing to honour or replace
             continue
         if pid is not None and pid > 0 and pid != os.getpid() and pid not in previous_pids \
                 and _pid_alive(pid):
@@ -445,11 +448,7 @@ def take_over_uucp_lock(
         return take_uucp_lock(path, lock_dir, note)  # logs "not writable" once, honours others
     temp = directory / f"LTMP.{os.getpid()}.{names[0]}"
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        try:
-            os.write(fd, f"{os.getpid():10d}\n".encode("ascii"))
-        finally:
-            os.close(fd)
+        _write_our_pid(temp)
         os.replace(temp, ours)
         lock.path = ours
     except OSError as exc:
