@@ -742,31 +742,34 @@ def _upgrade_v2(document: dict[str, object], version: int) -> dict[str, object]:
     return {**document, "port": upgraded}
 
 
+def _add_fields(
+    document: dict[str, object], section: str, defaults: dict[str, object], version: int,
+    since: int,
+) -> dict[str, object]:
+    """``document`` with ``section`` given the fields that came with format ``since``, at
+    ``defaults``; one already there in a version-``version`` file is refused."""
+    fields = document.get(section)
+    if not isinstance(fields, dict):
+        return document  # (the schema check names what is wrong)
+    for key in defaults:
+        if key in fields:
+            raise _error(
+                f"{section}.{key}",
+                f"unknown field in format version {version} (it came with {since})",
+            )
+    return {**document, section: {**fields, **defaults}}
+
+
 def _upgrade_v3(document: dict[str, object], version: int) -> dict[str, object]:
     """Versions 1 to 3 had no line-rate pacing: the device was QEMU's (``pace`` "none"), with
     no character on the line and nothing waiting to come in at line rate."""
-    uart = document.get("uart")
-    if not isinstance(uart, dict):
-        return document
-    for key in _UART_V4:
-        if key in uart:
-            raise _error(
-                f"uart.{key}", f"unknown field in format version {version} (it came with 4)"
-            )
-    return {**document, "uart": {**uart, **_UART_V4}}
+    return _add_fields(document, "uart", _UART_V4, version, since=4)
 
 
 def _upgrade_v4(document: dict[str, object], version: int) -> dict[str, object]:
     """Versions 1 to 4 did not say which open port the state belongs to: a writer of those
     never handed a port to its next run, so no descriptor may resume with it (null)."""
-    meta = document.get("meta")
-    if not isinstance(meta, dict):
-        return document
-    if "port_handle" in meta:
-        raise _error(
-            "meta.port_handle", f"unknown field in format version {version} (it came with 5)"
-        )
-    return {**document, "meta": {**meta, "port_handle": None}}
+    return _add_fields(document, "meta", {"port_handle": None}, version, since=5)
 
 
 def from_document(document: object) -> Checkpoint:
