@@ -9,6 +9,7 @@ import shutil
 import socket
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -539,6 +540,15 @@ def test_close_drain_is_bounded_in_register_operations() -> None:
     serve(body, drain_limit_bytes=16384)
 
 
+def _wait_until_stuck(sent: list[int], *, settle_s: float = 0.05, timeout_s: float = 10.0) -> None:
+    """Block (the loop too, on purpose) until ``sent[0]`` stops growing: the sender is blocked."""
+    deadline = time.monotonic() + timeout_s
+    last = -1
+    while sent[0] != last and time.monotonic() < deadline:
+        last = sent[0]
+        time.sleep(settle_s)
+
+
 def test_close_is_not_held_by_a_flooding_guest() -> None:
     """A guest that never stops sending THR bursts does not hold close(): the drain executes
     at most its bound of what the guest sent, and the guest is disconnected."""
@@ -558,6 +568,10 @@ def test_close_is_not_held_by_a_flooding_guest() -> None:
         flooder.start()
         try:
             await wait_for(lambda: len(wire.sent) > 200_000)
+            # Hold the loop until the flooder has filled the socket, so the guest has more in
+            # flight than the bound however fast the server executes (the compiled core with
+            # uvloop kept up with the flooder and emptied the socket before close).
+            _wait_until_stuck(sent)
             before = len(wire.sent)
             await server.close()
             drained = len(wire.sent) - before
