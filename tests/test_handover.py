@@ -20,7 +20,7 @@ from uartbridge.port.claim import adopt_tty
 from uartbridge.port.handle import fd_identity
 from uartbridge.port.owned_pty import adopt_pty, create_pty
 from uartbridge.port.termios_ops import RealTermiosOps
-from uartbridge.sockets import adopt_unix_listener, bind_unix
+from uartbridge.sockets import adopt_listener, bind_unix
 
 
 def _receive(sock: socket.socket) -> tuple[str, list[int]]:
@@ -113,22 +113,22 @@ def test_adopt_pty_keeps_the_slave_and_republishes_the_link(tmp_path: Path) -> N
         right.close()
 
 
-def test_adopt_unix_listener_takes_only_the_socket_at_the_path(tmp_path: Path) -> None:
+def test_adopt_listener_takes_only_the_unix_socket_at_the_path(tmp_path: Path) -> None:
     """The listening socket bound at the path is taken; one bound elsewhere, one not
     listening, or one whose file is gone is closed and refused with the reason."""
     path = tmp_path / "bus.sock"
     sock = bind_unix(path)
     sock.listen(4)
-    taken, why = adopt_unix_listener(os.dup(sock.fileno()), path)
+    taken, why = adopt_listener(os.dup(sock.fileno()), path)
     assert why is None and taken is not None
     taken.close()
-    elsewhere, why = adopt_unix_listener(os.dup(sock.fileno()), tmp_path / "other.sock")
+    elsewhere, why = adopt_listener(os.dup(sock.fileno()), tmp_path / "other.sock")
     assert elsewhere is None and why is not None and "bound to" in why
     idle = bind_unix(tmp_path / "idle.sock")
-    refused, why = adopt_unix_listener(os.dup(idle.fileno()), tmp_path / "idle.sock")
+    refused, why = adopt_listener(os.dup(idle.fileno()), tmp_path / "idle.sock")
     assert refused is None and why == "not listening"
     path.unlink()
-    gone, why = adopt_unix_listener(os.dup(sock.fileno()), path)
+    gone, why = adopt_listener(os.dup(sock.fileno()), path)
     assert gone is None and why is not None and "bus.sock" in why
     sock.close()
     idle.close()
