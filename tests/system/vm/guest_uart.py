@@ -115,7 +115,8 @@ def cmd_loop(args: argparse.Namespace) -> dict[str, Any]:
     pattern bytes while THRE, read while DR, close), back to back, until ``count`` bytes are
     written and as many read as the file ``read_count_file`` says once it exists (the host
     writes it when it has sent its last byte), or ``timeout_s``. A failed connect is retried after
-    10 ms and counted by errno; a session the daemon ends (its stop) is a reconnect. Reports
+    10 ms and counted by errno (``refused``; a HELLO answered with an error: ``turned_away``);
+    a session the daemon ends (its stop) is a reconnect. Reports
     every gap longer than 50 ms between two operations that succeeded."""
     import errno
 
@@ -124,7 +125,8 @@ def cmd_loop(args: argparse.Namespace) -> dict[str, Any]:
     data = pattern(args.seed, args.count)
     done = 0
     got = bytearray()
-    refused: dict[str, int] = {}
+    refused: dict[str, int] = {}  # connect() errors by errno
+    turned_away: dict[str, int] = {}
     sessions = dropped = 0
     gaps: list[float] = []
     start = last_ok = time.monotonic()
@@ -148,9 +150,11 @@ def cmd_loop(args: argparse.Namespace) -> dict[str, Any]:
             bus = _client(args.socket)
         except BusError as exc:
             cause = exc.__cause__
-            code = cause.errno if isinstance(cause, OSError) else None
-            name = errno.errorcode.get(code, "other") if code is not None else "other"
-            refused[name] = refused.get(name, 0) + 1
+            if isinstance(cause, OSError) and cause.errno is not None:  # connect() failed
+                name = errno.errorcode.get(cause.errno, str(cause.errno))
+                refused[name] = refused.get(name, 0) + 1
+            else:  # connected, but HELLO was answered with an error (SHUTTING_DOWN, BUSY)
+                turned_away[str(exc)[:60]] = turned_away.get(str(exc)[:60], 0) + 1
             time.sleep(0.01)
             continue
         sessions += 1
@@ -175,6 +179,7 @@ def cmd_loop(args: argparse.Namespace) -> dict[str, Any]:
         except BusError:
             dropped += 1  # the daemon stopped under this session: reconnect
     return {"written": done, "n": len(got), "hex": got.hex(), "refused": refused,
+            "turned_away": turned_away,
             "sessions": sessions, "dropped": dropped, "gaps": gaps}
 
 

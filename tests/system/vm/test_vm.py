@@ -881,7 +881,8 @@ def test_socket_unit_keeps_the_bus_across_systemctl_restart(clean: Vm) -> None:
         gaps = _longest_gaps(result)
         print(f"guest's longest reconnect gaps {label} ({machine.accel}): median "
               f"{statistics.median(gaps):.3f} s, each {', '.join(f'{g:.3f}' for g in gaps)}; "
-              f"refused {result['refused']}, sessions {result['sessions']}, "
+              f"refused {result['refused']}, turned away {result['turned_away']}, "
+              f"sessions {result['sessions']}, "
               f"ended by a stop {result['dropped']}")
 
 
