@@ -7,11 +7,12 @@ import array
 import os
 import pty
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-from procs import socat_pair
+from procs import REPO, new_user, socat_pair
 
 from uartbridge.daemon import sdnotify
 from uartbridge.daemon.handover import HandedFds
@@ -226,3 +227,36 @@ def test_barrier_waits_for_the_manager(tmp_path: Path, monkeypatch: pytest.Monke
         helper.join(5)
     finally:
         manager.close()
+
+
+def test_listener_in_a_directory_the_daemon_cannot_enter_is_taken(tmp_path: Path) -> None:
+    """A socket unit's listener lives in a root-owned 0750 directory the daemon's user cannot
+    enter: an unprivileged process handed it still takes it (getsockname() names the path;
+    the file cannot be looked at) — and one bound elsewhere is still refused."""
+    directory = tmp_path / "sockets"
+    directory.mkdir(mode=0o750)
+    os.chmod(directory, 0o750)
+    os.chmod(tmp_path, 0o755)
+    path = directory / "uart0.bus"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(4)
+    check = ("import sys; from pathlib import Path; from uartbridge.sockets import "
+             "listener_mismatch, socket; s = socket.socket(fileno=int(sys.argv[2])); "
+             "print(listener_mismatch(s, Path(sys.argv[1])), "
+             "listener_mismatch(s, Path(sys.argv[1] + '.other')) is not None)")
+    with new_user() as user:
+        fd = os.dup(sock.fileno())
+        try:
+            proc = subprocess.run(
+                # The system's python3: the venv's may live where the user cannot read.
+                ["/usr/bin/python3", "-c", check, str(path), str(fd)], capture_output=True,
+                text=True, timeout=60, cwd="/", env={"PYTHONPATH": str(REPO)},
+                user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                pass_fds=(fd,),
+            )
+        finally:
+            os.close(fd)
+    sock.close()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["None", "True"], proc.stdout

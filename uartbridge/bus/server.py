@@ -999,7 +999,7 @@ class BusServer:
         self._guest: _Connection | None = None
         self._connections: set[_Connection] = set()
         self._listeners: list[Listener] = []
-        self._roles: dict[Listener, str] = {}  # LISTENER_ROLES
+        self._roles: dict[Listener, str] = {}  # ROLE_UNIX, ROLE_UNIX_HANDED or ROLE_TCP
         self._unix_paths: list[tuple[Path, int]] = []  # socket files ours to remove at close
         # Listening sockets kept open by ``close(keep_listening=True)``, for the next run:
         # (role, socket).
@@ -1056,7 +1056,8 @@ class BusServer:
         if sock is None:
             sock, owned = bind_unix(path, mode), True
         try:
-            inode = os.stat(path).st_ino
+            # Not stat-ed unless ours: a socket unit's may be in a directory we cannot enter.
+            inode = os.stat(path).st_ino if owned else 0
             sock.listen(_LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
