@@ -7,11 +7,12 @@ import array
 import os
 import pty
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-from procs import socat_pair
+from procs import REPO, new_user, socat_pair
 
 from uartbridge.daemon import sdnotify
 from uartbridge.daemon.handover import HandedFds
@@ -20,7 +21,7 @@ from uartbridge.port.claim import adopt_tty
 from uartbridge.port.handle import fd_identity
 from uartbridge.port.owned_pty import adopt_pty, create_pty
 from uartbridge.port.termios_ops import RealTermiosOps
-from uartbridge.sockets import adopt_unix_listener, bind_unix
+from uartbridge.sockets import adopt_listener, bind_unix
 
 
 def _receive(sock: socket.socket) -> tuple[str, list[int]]:
@@ -113,22 +114,22 @@ def test_adopt_pty_keeps_the_slave_and_republishes_the_link(tmp_path: Path) -> N
         right.close()
 
 
-def test_adopt_unix_listener_takes_only_the_socket_at_the_path(tmp_path: Path) -> None:
+def test_adopt_listener_takes_only_the_unix_socket_at_the_path(tmp_path: Path) -> None:
     """The listening socket bound at the path is taken; one bound elsewhere, one not
     listening, or one whose file is gone is closed and refused with the reason."""
     path = tmp_path / "bus.sock"
     sock = bind_unix(path)
     sock.listen(4)
-    taken, why = adopt_unix_listener(os.dup(sock.fileno()), path)
+    taken, why = adopt_listener(os.dup(sock.fileno()), path)
     assert why is None and taken is not None
     taken.close()
-    elsewhere, why = adopt_unix_listener(os.dup(sock.fileno()), tmp_path / "other.sock")
+    elsewhere, why = adopt_listener(os.dup(sock.fileno()), tmp_path / "other.sock")
     assert elsewhere is None and why is not None and "bound to" in why
     idle = bind_unix(tmp_path / "idle.sock")
-    refused, why = adopt_unix_listener(os.dup(idle.fileno()), tmp_path / "idle.sock")
+    refused, why = adopt_listener(os.dup(idle.fileno()), tmp_path / "idle.sock")
     assert refused is None and why == "not listening"
     path.unlink()
-    gone, why = adopt_unix_listener(os.dup(sock.fileno()), path)
+    gone, why = adopt_listener(os.dup(sock.fileno()), path)
     assert gone is None and why is not None and "bus.sock" in why
     sock.close()
     idle.close()
@@ -226,3 +227,36 @@ def test_barrier_waits_for_the_manager(tmp_path: Path, monkeypatch: pytest.Monke
         helper.join(5)
     finally:
         manager.close()
+
+
+def test_listener_in_a_directory_the_daemon_cannot_enter_is_taken(tmp_path: Path) -> None:
+    """A socket unit's listener lives in a root-owned 0750 directory the daemon's user cannot
+    enter: an unprivileged process handed it still takes it (getsockname() names the path;
+    the file cannot be looked at) — and one bound elsewhere is still refused."""
+    directory = tmp_path / "sockets"
+    directory.mkdir(mode=0o750)
+    os.chmod(directory, 0o750)
+    os.chmod(tmp_path, 0o755)
+    path = directory / "uart0.bus"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(4)
+    check = ("import sys; from pathlib import Path; from uartbridge.sockets import "
+             "listener_mismatch, socket; s = socket.socket(fileno=int(sys.argv[2])); "
+             "print(listener_mismatch(s, Path(sys.argv[1])), "
+             "listener_mismatch(s, Path(sys.argv[1] + '.other')) is not None)")
+    with new_user() as user:
+        fd = os.dup(sock.fileno())
+        try:
+            proc = subprocess.run(
+                # The system's python3: the venv's may live where the user cannot read.
+                ["/usr/bin/python3", "-c", check, str(path), str(fd)], capture_output=True,
+                text=True, timeout=60, cwd="/", env={"PYTHONPATH": str(REPO)},
+                user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                pass_fds=(fd,),
+            )
+        finally:
+            os.close(fd)
+    sock.close()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["None", "True"], proc.stdout

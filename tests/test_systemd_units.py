@@ -244,3 +244,77 @@ def test_udev_rule_starts_the_instance() -> None:
     for part in ('ACTION=="add"', 'SUBSYSTEM=="tty"', 'ENV{ID_SERIAL}=="', 'TAG+="systemd"',
                  'ENV{SYSTEMD_WANTS}+="uartbridge@%k.service"'):
         assert part in rule
+
+
+# -- the optional socket units ---------------------------------------------------------------
+
+SINGLE_SOCKET = SYSTEMD / "uartbridge.socket"
+TEMPLATE_SOCKET = SYSTEMD / "uartbridge@.socket"
+
+
+def test_socket_units_verify(tmp_path: Path) -> None:
+    """systemd-analyze verify accepts uartbridge.socket and uartbridge@ttyS1.socket (each
+    beside the service it activates) with no warning."""
+    exe = systemd_analyze()
+    for service, sock in ((SINGLE, SINGLE_SOCKET), (TEMPLATE, TEMPLATE_SOCKET)):
+        copy_unit(service, tmp_path)
+        (tmp_path / sock.name).write_text(sock.read_text(encoding="utf-8"), encoding="utf-8")
+    verify(exe, tmp_path / SINGLE_SOCKET.name)
+    verify(exe, tmp_path / "uartbridge@ttyS1.socket")
+
+
+@pytest.mark.parametrize(("sock", "service", "instance"),
+                         [(SINGLE_SOCKET, SINGLE, None), (TEMPLATE_SOCKET, TEMPLATE, "%i")],
+                         ids=["single", "template"])
+def test_socket_units_keep_private_sockets_outside_the_runtime_directory(
+        sock: Path, service: Path, instance: str | None) -> None:
+    """Each socket unit activates its service, names its sockets as the daemon takes them
+    (FileDescriptorName= is handover.LISTENER_NAME), keeps them in paths.socket_unit_dir —
+    not in the service's RuntimeDirectory=, which systemd removes at every stop — with a
+    0750 directory and 0660 sockets, and listens for the control socket and uart0's bus."""
+    from uartbridge import paths
+    from uartbridge.daemon import handover
+
+    assert one(sock, "Socket", "Service") == service.name.replace("@.", "@%i.")
+    assert one(sock, "Socket", "FileDescriptorName") == handover.LISTENER_NAME
+    assert one(sock, "Socket", "DirectoryMode") == "0750"
+    assert int(one(sock, "Socket", "SocketMode"), 8) & 0o007 == 0  # 0660 or tighter
+    assert one(sock, "Socket", "RemoveOnStop") == "yes"
+    assert "Accept" not in dict(parse_unit(sock)["Socket"])  # one daemon takes them all
+    directory = paths.socket_unit_dir(instance)
+    listens = [Path(v) for v in values(sock, "Socket", "ListenStream")]
+    assert listens == [paths.control_socket_path(directory),
+                       paths.bus_socket_path(directory, "uart0")]
+    runtime = Path("/run") / one(service, "Service", "RuntimeDirectory")
+    assert all(runtime not in p.parents for p in listens), listens
+    assert one(sock, "Install", "WantedBy") == "sockets.target"
+
+
+def test_socket_units_differ_only_per_instance() -> None:
+    """Both socket units carry the same settings, apart from the per-instance ones."""
+    per_instance = {"Description", "ListenStream", "Service"}
+    single, template = parse_unit(SINGLE_SOCKET), parse_unit(TEMPLATE_SOCKET)
+    assert single.keys() == template.keys()
+    for section in single:
+        assert [kv for kv in single[section] if kv[0] not in per_instance] == [
+            kv for kv in template[section] if kv[0] not in per_instance], section
+
+
+def test_socket_unit_directories_are_found_by_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`uartbridge status` with no options looks in the socket units' directories too."""
+    from uartbridge import paths
+
+    assert paths.socket_unit_dir(None) == Path("/run/uartbridge.sockets")
+    assert paths.socket_unit_dir("ttyS1") == Path("/run/uartbridge-ttyS1.sockets")
+    globbed: list[tuple[str, str]] = []
+    real_glob = Path.glob
+
+    def spy(self: Path, pattern: str) -> object:
+        globbed.append((str(self), pattern))
+        return real_glob(self, pattern)
+
+    monkeypatch.setattr(Path, "glob", spy)
+    paths.runtime_dir_candidates()
+    covered = {(base, pattern) for base, pattern in globbed if base == "/run"}
+    assert ("/run", "uartbridge.sockets") in covered
+    assert ("/run", "uartbridge-*") in covered  # uartbridge-NAME.sockets

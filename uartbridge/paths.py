@@ -28,6 +28,9 @@ BASE_NAME = "uartbridge"
 DEFAULT_CONFIG = CONFIG_DIR / f"{BASE_NAME}.toml"
 # Where a daemon writes a checkpoint its state directory refused (tmpfs, usually).
 EMERGENCY_SUBDIR = "emergency"
+# The optional socket units (systemd/uartbridge[@].socket) put their sockets in
+# /run/<dir_name>.sockets: beside the runtime directory, which the service removes at stop.
+SOCKET_UNIT_SUFFIX = ".sockets"
 
 
 def instance_of(config_path: str | Path | None) -> str | None:
@@ -52,6 +55,12 @@ def instance_of(config_path: str | Path | None) -> str | None:
 def dir_name(instance: str | None) -> str:
     """``uartbridge`` or ``uartbridge-NAME``: the units' RuntimeDirectory=/StateDirectory=."""
     return BASE_NAME if instance is None else f"{BASE_NAME}-{instance}"
+
+
+def socket_unit_dir(instance: str | None = None) -> Path:
+    """Where the socket units keep the control and bus sockets: ``/run/uartbridge.sockets``
+    or ``/run/uartbridge-NAME.sockets`` (a config names them there to use them)."""
+    return Path("/run") / f"{dir_name(instance)}{SOCKET_UNIT_SUFFIX}"
 
 
 def _systemd_dir(variable: str) -> Path | None:
@@ -84,12 +93,14 @@ def default_state_dir(instance: str | None = None) -> Path:
 def runtime_dir_candidates() -> list[Path]:
     """Every directory where a daemon of this host may listen, for ``status`` to look at.
 
-    ``/run/uartbridge`` and ``/run/uartbridge-*`` (DynamicUser's ``/run/private/…`` too),
+    ``/run/uartbridge`` and ``/run/uartbridge-*`` (DynamicUser's ``/run/private/…`` too, and
+    the socket units' ``/run/uartbridge[-NAME].sockets``),
     ``$XDG_RUNTIME_DIR/uartbridge*`` and this user's ``/tmp/uartbridge*-<uid>``; each once
     (by its resolved path), in a stable order.
     """
     patterns: list[tuple[Path, str]] = [
         (Path("/run"), f"{BASE_NAME}"),
+        (Path("/run"), f"{BASE_NAME}{SOCKET_UNIT_SUFFIX}"),
         (Path("/run"), f"{BASE_NAME}-*"),
         (Path("/run/private"), f"{BASE_NAME}*"),
     ]

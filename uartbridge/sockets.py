@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import BusError, UartBridgeError
 
@@ -225,28 +226,71 @@ def bind_unix(
     return sock
 
 
-def adopt_unix_listener(fd: int, path: Path) -> tuple[socket.socket | None, str | None]:
-    """The listening ``AF_UNIX`` stream socket ``fd`` handed over by the previous run, if it
-    is the one at ``path`` (bound there, listening, and ``path`` is still a socket file):
-    ``(socket, None)``; else ``fd`` is closed and ``(None, why)``."""
+# Where a listening socket listens: a Unix socket's path, or an IP socket's (family, sockaddr)
+# as getaddrinfo gives it (only host and port are compared).
+ListenAddress = Path | tuple[int, tuple[Any, ...]]
+
+
+def _describe(address: ListenAddress) -> str:
+    if isinstance(address, Path):
+        return str(address)
+    host, port = address[1][:2]
+    return f"[{host}]:{port}" if address[0] == socket.AF_INET6 else f"{host}:{port}"
+
+
+def listener_mismatch(sock: socket.socket, address: ListenAddress) -> str | None:
+    """Why ``sock`` is not a listening stream socket at ``address`` (None: it is).
+
+    A Unix one must be bound to that path and the path must still be a socket file (a file
+    removed or replaced means no client can reach this socket by it any more).
+    """
+    family = socket.AF_UNIX if isinstance(address, Path) else address[0]
+    try:
+        if sock.family != family or sock.type != socket.SOCK_STREAM:
+            kind = "Unix" if family == socket.AF_UNIX else "TCP"
+            return f"not a {kind} stream socket ({sock.family!r}, {sock.type!r})"
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            return "not listening"
+        name = sock.getsockname()
+        if isinstance(address, Path):
+            if name != os.fspath(address):
+                return f"bound to {name!r}, not {address}"
+            try:
+                if not stat.S_ISSOCK(address.lstat().st_mode):
+                    return f"{address} is no longer a socket file"
+            except PermissionError:
+                pass  # a socket unit's directory (root's, 0750) we may not enter: no check
+        elif tuple(name[:2]) != tuple(address[1][:2]):
+            return f"bound to {name[:2]!r}, not {_describe(address)}"
+    except OSError as exc:
+        return f"{_describe(address)}: {exc.strerror or exc}"
+    return None
+
+
+def probe_listener(fd: int, address: ListenAddress) -> bool:
+    """Whether descriptor ``fd`` is a listening stream socket at ``address`` (``fd`` stays
+    open and unchanged: a duplicate is inspected)."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    try:
+        return listener_mismatch(sock, address) is None
+    finally:
+        sock.close()
+
+
+def adopt_listener(fd: int, address: ListenAddress) -> tuple[socket.socket | None, str | None]:
+    """The listening stream socket ``fd`` handed to this run (by the previous run, systemd's
+    fd store or a socket unit), if it listens at ``address`` (``listener_mismatch``):
+    ``(socket, None)``, non-blocking; else ``fd`` is closed and ``(None, why)``."""
     try:
         sock = socket.socket(fileno=fd)
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.close(fd)
         return None, f"not a socket: {exc.strerror or exc}"
-    why: str | None = None
-    try:
-        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-            why = "not a Unix stream socket"
-        elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-            why = "not listening"
-        elif sock.getsockname() != os.fspath(path):
-            why = f"bound to {sock.getsockname()!r}, not {path}"
-        elif not stat.S_ISSOCK(path.lstat().st_mode):
-            why = f"{path} is no longer a socket file"
-    except OSError as exc:
-        why = f"{path}: {exc.strerror or exc}"
+    why = listener_mismatch(sock, address)
     if why is not None:
         sock.close()
         return None, why
@@ -255,10 +299,13 @@ def adopt_unix_listener(fd: int, path: Path) -> tuple[socket.socket | None, str 
 
 
 __all__ = [
+    "ListenAddress",
     "PeerCredentials",
-    "adopt_unix_listener",
+    "adopt_listener",
     "bind_unix",
     "default_peer_allowed",
     "ensure_private_dir",
+    "listener_mismatch",
     "peer_credentials",
+    "probe_listener",
 ]

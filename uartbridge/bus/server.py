@@ -232,6 +232,12 @@ def accept_all_settle(
 
 # -- the server -----------------------------------------------------------------------------
 
+# What a listening socket is to the server (``BusServer.kept``): a Unix socket whose file it
+# made (or a previous run of it), one handed by a socket unit (its file is not ours), TCP.
+ROLE_UNIX = "unix"
+ROLE_UNIX_HANDED = "unix-handed"
+ROLE_TCP = "tcp"
+
 
 def _cost(frame: Frame) -> int:
     """Register operations a frame performs (what the fair-share budget counts)."""
@@ -993,9 +999,11 @@ class BusServer:
         self._guest: _Connection | None = None
         self._connections: set[_Connection] = set()
         self._listeners: list[Listener] = []
-        self._unix_paths: list[tuple[Path, int]] = []
-        # Listening Unix sockets kept open by ``close(keep_listening=True)``, for the next run.
-        self.kept_unix: list[socket.socket] = []
+        self._roles: dict[Listener, str] = {}  # ROLE_UNIX, ROLE_UNIX_HANDED or ROLE_TCP
+        self._unix_paths: list[tuple[Path, int]] = []  # socket files ours to remove at close
+        # Listening sockets kept open by ``close(keep_listening=True)``, for the next run:
+        # (role, socket).
+        self.kept: list[tuple[str, socket.socket]] = []
         self._attaching: set[asyncio.Task[None]] = set()
         self._diag: SockDiag | None = None
         self._diag_error = ""
@@ -1017,8 +1025,9 @@ class BusServer:
 
     # -- listening --------------------------------------------------------------------------
 
-    def _listen(self, sock: socket.socket, *, unix: bool, what: str) -> None:
+    def _listen(self, sock: socket.socket, *, role: str, what: str) -> None:
         index = len(self._listeners)
+        unix = role != ROLE_TCP
         listener = Listener(
             sock,
             lambda conn: self._accept(conn, unix=unix, listener=index),
@@ -1028,27 +1037,48 @@ class BusServer:
             log_interval_s=self.log_interval_s,
         )
         self._listeners.append(listener)
+        self._roles[listener] = role
 
     async def start_unix(
-        self, path: Path, *, mode: int = 0o660, sock: socket.socket | None = None
+        self,
+        path: Path,
+        *,
+        mode: int = 0o660,
+        sock: socket.socket | None = None,
+        owned: bool = True,
     ) -> None:
         """Listen on a Unix socket at ``path`` (a stale socket file is replaced); ``sock``:
-        the one listening there already (handed over by the previous run)."""
+        the one listening there already (handed over). ``owned``: the socket file is ours,
+        removed at ``close``; a handed socket that is not (a socket unit's) is never
+        unlinked nor rebound."""
         path = Path(path)
+        handed = sock is not None
         if sock is None:
-            sock = bind_unix(path, mode)
+            sock, owned = bind_unix(path, mode), True
         try:
-            inode = os.stat(path).st_ino
+            # Not stat-ed unless ours: a socket unit's may be in a directory we cannot enter.
+            inode = os.stat(path).st_ino if owned else 0
             sock.listen(_LISTEN_BACKLOG)
         except OSError as exc:
             sock.close()
             raise BusError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
-        self._listen(sock, unix=True, what=str(path))
-        self._unix_paths.append((path, inode))
-        self.log.info("bus.listening", uart=self.name, socket=str(path))
+        self._listen(sock, role=ROLE_UNIX if owned else ROLE_UNIX_HANDED, what=str(path))
+        if owned:
+            self._unix_paths.append((path, inode))
+        self.log.info("bus.listening", uart=self.name, socket=str(path),
+                      handed_over=handed or None)
 
-    async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+    async def start_tcp(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        take: Callable[[int, tuple[Any, ...]], socket.socket | None] | None = None,
+    ) -> tuple[str, int]:
         """Listen on TCP (loopback unless told otherwise); returns the bound (host, port).
+
+        ``take(family, sockaddr)``: a listening socket handed over for that address, or None
+        (then one is bound): for each address ``host`` resolves to, it is asked first.
 
         A peer is admitted when the kernel identifies its socket as an ESTABLISHED socket on
         this host owned by a user ``peer_allowed`` permits (``uartbridge.sockdiag``), or, with
@@ -1070,12 +1100,17 @@ class BusServer:
         socks: list[socket.socket] = []
         try:
             for family, kind, proto, _name, address in infos:
-                sock = socket.socket(family, kind, proto)
-                socks.append(sock)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
+                handed = None if take is None else take(family, address)
+                if handed is not None:
+                    sock = handed
+                    socks.append(sock)
+                else:
+                    sock = socket.socket(family, kind, proto)
+                    socks.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    if family == socket.AF_INET6:
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind(address)
                 # Accepted sockets inherit it (Linux): replies leave without Nagle's delay.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.listen(_LISTEN_BACKLOG)
@@ -1088,7 +1123,8 @@ class BusServer:
             raise BusError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
         assert bound is not None
         for sock in socks:
-            self._listen(sock, unix=False, what=f"tcp {bound[0]}:{bound[1]}")
+            sock.setblocking(False)
+            self._listen(sock, role=ROLE_TCP, what=f"tcp {bound[0]}:{bound[1]}")
         self.log.info("bus.listening", uart=self.name, tcp=f"{bound[0]}:{bound[1]}")
         return bound
 
@@ -1191,27 +1227,33 @@ class BusServer:
         """How many sock_diag queries identified TCP peers (one or so per connection)."""
         return self._diag.queries if self._diag is not None else 0
 
-    def detach_unix(self) -> None:
-        """Stop accepting on the Unix listening sockets and keep them open (``kept_unix``)
-        for the next run: who connects from now on waits in the backlog for it."""
+    @property
+    def tcp_sockets(self) -> list[socket.socket]:
+        """The listening TCP sockets (for the fd store)."""
+        return [listener.sock for listener in self._listeners
+                if self._roles.get(listener) == ROLE_TCP]
+
+    def detach_listeners(self) -> None:
+        """Stop accepting on every listening socket and keep them open (``kept``, with their
+        role) for the next run: who connects from now on waits in the backlog for it."""
         for listener in list(self._listeners):
-            if listener.sock.family == socket.AF_UNIX:
-                self._listeners.remove(listener)
-                self.kept_unix.append(listener.detach())
+            self._listeners.remove(listener)
+            self.kept.append((self._roles.pop(listener, ROLE_TCP), listener.detach()))
 
     async def close(self, *, keep_listening: bool = False) -> None:
         """Stop listening, execute what the guest already sent (``_Connection.drain``), close
         every connection (the guest is told), remove socket files.
 
-        ``keep_listening``: the Unix listening sockets stay open and their files stay, for the
-        next run (``kept_unix``); connections wait in the backlog meanwhile.
+        ``keep_listening``: the listening sockets stay open and their files stay, for the
+        next run (``kept``); connections wait in the backlog meanwhile.
         """
         self.closing = True
         if keep_listening:
-            self.detach_unix()
+            self.detach_listeners()
         for listener in self._listeners:
             listener.close()
         self._listeners.clear()
+        self._roles.clear()
         for path, inode in self._unix_paths:
             with contextlib.suppress(OSError):
                 if not keep_listening and os.stat(path).st_ino == inode:

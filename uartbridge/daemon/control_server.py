@@ -129,10 +129,13 @@ class ControlServer:
         self.log = daemon.log.bind(component="control")
         self.evicted = 0
         self.kept: socket.socket | None = None  # by close(keep_listening=True)
+        # The socket file is ours to remove at close (False: a socket unit's, never unlinked).
+        self.owned = True
 
-    async def start(self, sock: socket.socket | None = None) -> None:
+    async def start(self, sock: socket.socket | None = None, *, owned: bool = True) -> None:
         """Listen on the control socket (mode 0660, ``group`` if given); ``sock``: the one
-        listening there already (handed over by the previous run)."""
+        listening there already (handed over); ``owned``: its file is ours to remove."""
+        self.owned = owned or sock is None
         if sock is None:
             sock = bind_unix(self.path, mode=0o660, group=self.group)
         sock.listen(64)
@@ -169,8 +172,9 @@ class ControlServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+            if self.owned:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
         for conn in list(self._conns):
             conn.close()
         self._conns.clear()

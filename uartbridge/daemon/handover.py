@@ -12,8 +12,12 @@ One way back in serves both: the next run finds them as ``$LISTEN_FDS``/``$LISTE
 - Under systemd each open port's descriptor goes to the fd store (``FDSTORE=1``, see
   ``sdnotify``), which hands it back at the next start of the unit.
 
+- A socket unit (``systemd/uartbridge@.socket``) hands the bus and control listeners at
+  every start; the daemon takes them by address and never unlinks or rebinds them.
+
 Names: ``port.<uart>`` (the open port: tty, an owned pty's master, a ``socket://``
-connection), ``bus.<uart>`` (the bus's listening Unix socket), ``control``.
+connection), ``bus.<uart>`` (the bus's listening Unix socket), ``bus-tcp.<uart>`` (its TCP
+listeners, also kept in the fd store), ``control``, ``listener`` (a socket unit's).
 """
 
 from __future__ import annotations
@@ -21,13 +25,19 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import sys
 from typing import Any, NoReturn
 
+from ..sockets import ListenAddress, adopt_listener, probe_listener
 from . import sdnotify
 
 HANDOVER_ENV = "UARTBRIDGE_HANDOVER"
 CONTROL_NAME = "control"
+# The FileDescriptorName= of the shipped socket units, and the name an in-place restart
+# hands on a listener that came from one (the next run then matches it by address, and
+# leaves its socket file alone at stop: systemd made it, systemd removes it).
+LISTENER_NAME = "listener"
 
 
 def port_name(uart: str) -> str:
@@ -40,6 +50,11 @@ def bus_name(uart: str) -> str:
     return f"bus.{uart}"
 
 
+def bus_tcp_name(uart: str) -> str:
+    """The name of a UART's listening TCP bus socket(s) in the fd store."""
+    return f"bus-tcp.{uart}"
+
+
 def restarts_so_far() -> int:
     """How many in-place restarts led to this run (0: none), from ``$UARTBRIDGE_HANDOVER``;
     the variable is removed so that no child sees it."""
@@ -50,60 +65,97 @@ def restarts_so_far() -> int:
 
 
 class HandedFds:
-    """The descriptors this run was handed, by name (``take`` them; ``close_rest``)."""
+    """The descriptors this run was handed, by name (``take`` them; ``close_rest``).
+
+    Listening sockets are taken with ``take_listener``, by the address they must listen at:
+    the one named for that role if there is one (``bus.<uart>``, ``control``: from our own
+    in-place restart), else any handed descriptor that listens there (a socket unit's, named
+    by its ``FileDescriptorName=``, or a TCP listener kept in the fd store, ``bus-tcp.<uart>``).
+    """
 
     def __init__(self, fds: list[tuple[str, int]]) -> None:
-        self._fds: dict[str, int] = {}
-        self._extra: list[tuple[str, int]] = []
+        self._fds: list[tuple[str, int]] = list(fds)  # in order: the newest of a name last
+        self._stale: list[tuple[str, int]] = []  # older ones of a name taken (for close_rest)
         self.taken: list[str] = []  # the names taken so far
-        for name, fd in fds:
-            if name in self._fds:
-                self._extra.append((name, self._fds[name]))  # the store had two: newest wins
-            self._fds[name] = fd
+        self.stored: set[str] = set()  # names this run put in the fd store anew
 
     @classmethod
     def from_environment(cls) -> HandedFds:
         """What ``$LISTEN_FDS`` hands to this process (systemd's fd store, or our exec)."""
         return cls(sdnotify.listen_fds())
 
-    def take(self, name: str) -> int | None:
-        """The descriptor named ``name`` (the caller owns it from now on), or None."""
-        fd = self._fds.pop(name, None)
-        if fd is not None:
-            self.taken.append(name)
+    def _pop(self, index: int) -> int:
+        name, fd = self._fds.pop(index)
+        self.taken.append(name)
         return fd
 
+    def take(self, name: str) -> int | None:
+        """The descriptor named ``name`` (the caller owns it from now on), or None. If the
+        store had two of that name the newest is taken (``close_rest`` closes the other)."""
+        indexes = [i for i, (found, _fd) in enumerate(self._fds) if found == name]
+        if not indexes:
+            return None
+        fd = self._pop(indexes[-1])
+        self._stale += [self._fds[i] for i in indexes[:-1]]
+        self._fds = [entry for i, entry in enumerate(self._fds) if i not in indexes[:-1]]
+        return fd
+
+    def take_listener(
+        self, address: ListenAddress, *, name: str | None, log: Any
+    ) -> tuple[socket.socket, str] | None:
+        """A handed listening socket for ``address`` and the name it was handed under, or
+        None (then bind one). The one named ``name`` is checked (``listener_mismatch``): a
+        mismatch is logged, the descriptor closed, and None returned. Without one named so,
+        the first handed descriptor listening at ``address`` is taken, whatever its name."""
+        if name is not None:
+            fd = self.take(name)
+            if fd is not None:
+                sock, why = adopt_listener(fd, address)
+                if sock is None:
+                    log.warning("listener.handover_refused", name=name, reason=why,
+                                hint="binding it anew")
+                    return None
+                return sock, name
+        for index, (found, fd) in enumerate(self._fds):
+            if probe_listener(fd, address):
+                sock, _why = adopt_listener(self._pop(index), address)
+                if sock is not None:
+                    return sock, found
+        return None
+
     def close_rest(self, log: Any) -> None:
-        """Close what nobody took (a UART no longer configured…), naming each in the log."""
-        for name, fd in [*self._extra, *self._fds.items()]:
+        """Close what nobody took (a UART no longer configured, a socket unit's socket the
+        config does not name…), naming each in the log; drop it from the fd store."""
+        for name, fd in [*self._stale, *self._fds]:
             log.warning("handed-over descriptor not used; closed", name=name)
-            if sdnotify.available() and sdnotify.valid_fd_name(name):
+            # FDSTOREREMOVE drops every fd of the name: not one this run stored again.
+            mine = name in self.taken or name in self.stored
+            if sdnotify.available() and sdnotify.valid_fd_name(name) and not mine:
                 sdnotify.remove_fd(name)
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
-        self._extra.clear()
+        self._stale.clear()
 
 
-def keep(fds: dict[str, int]) -> dict[str, int]:
+def keep(fds: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """Duplicates of ``fds`` above every open descriptor (close-on-exec until ``exec_in_place``
     moves them): closing the originals then closes nothing the next run needs."""
     try:
         highest = max(int(entry) for entry in os.listdir("/proc/self/fd"))
     except (OSError, ValueError):
         highest = 1024
-    return {name: fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, highest + 1)
-            for name, fd in fds.items()}
+    return [(name, fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, highest + 1)) for name, fd in fds]
 
 
-def exec_in_place(kept: dict[str, int], restarts: int) -> NoReturn:
+def exec_in_place(kept: list[tuple[str, int]], restarts: int) -> NoReturn:
     """Move ``kept`` (from ``keep``) to fds 3… and exec this same command line with
     ``$LISTEN_*`` naming them. Raises ``OSError`` only if the exec itself fails."""
-    names = list(kept)
-    for index, name in enumerate(names):
+    names = [name for name, _fd in kept]
+    for index, (_name, fd) in enumerate(kept):
         # dup2 targets are all below every kept duplicate (``keep`` put them higher); the
         # target inherits across exec (os.dup2 makes it inheritable).
-        os.dup2(kept[name], sdnotify.SD_LISTEN_FDS_START + index)
+        os.dup2(fd, sdnotify.SD_LISTEN_FDS_START + index)
     env = dict(os.environ)
     env.update({
         "LISTEN_PID": str(os.getpid()),  # exec keeps the PID
@@ -116,5 +168,5 @@ def exec_in_place(kept: dict[str, int], restarts: int) -> NoReturn:
     os.execve(sys.executable, sys.orig_argv, env)
 
 
-__all__ = ["CONTROL_NAME", "HANDOVER_ENV", "HandedFds", "bus_name", "exec_in_place", "keep",
-           "port_name", "restarts_so_far"]
+__all__ = ["CONTROL_NAME", "HANDOVER_ENV", "LISTENER_NAME", "HandedFds", "bus_name",
+           "bus_tcp_name", "exec_in_place", "keep", "port_name", "restarts_so_far"]

@@ -66,7 +66,7 @@ from ..errors import (
 from ..logs import get_logger
 from ..paths import emergency_dir
 from ..record import RecordWriter
-from ..sockets import adopt_unix_listener, default_peer_allowed, ensure_private_dir
+from ..sockets import default_peer_allowed, ensure_private_dir
 from . import handover
 from . import sdnotify as _sdnotify
 from .control_server import ControlServer
@@ -343,13 +343,12 @@ class Daemon:
             peer_allowed=peer_allowed,
             group=daemon_cfg.socket_gid,
         )
-        control_sock = None
-        control_fd = handed.take(handover.CONTROL_NAME)
-        if control_fd is not None:
-            control_sock, why = adopt_unix_listener(control_fd, daemon_cfg.control_socket)
-            if why is not None:
-                self.log.warning("control socket not taken over", reason=why)
-        await self.control.start(control_sock)
+        taken = handed.take_listener(daemon_cfg.control_socket, name=handover.CONTROL_NAME,
+                                     log=self.log)
+        if taken is None:
+            await self.control.start()
+        else:
+            await self.control.start(taken[0], owned=taken[1] == handover.CONTROL_NAME)
         handed.close_rest(self.log)
         if self.restarts:
             self.log.info("restarted in place", restarts=self.restarts,
@@ -408,7 +407,7 @@ class Daemon:
         if self.control is not None:
             self.control.detach_listener()
         for service in self.services.values():
-            service.bus.detach_unix()
+            service.bus.detach_listeners()
 
     def request_restart(self) -> None:
         """Restart in place (``uartbridge restart``) after the request has been answered."""
@@ -429,13 +428,14 @@ class Daemon:
             self.log.error("restart abandoned: the final checkpoint was not written; stopping",
                            unsaved=sorted(self._unsaved))
             return
-        fds: dict[str, int] = {}
+        fds: list[tuple[str, int]] = []
         for service in self.services.values():
-            fds.update(service.handover_fds())
+            fds += service.handover_fds()
         if self.control is not None:
             await self.control.close()
             if self.control.kept is not None:
-                fds[handover.CONTROL_NAME] = self.control.kept.fileno()
+                name = handover.CONTROL_NAME if self.control.owned else handover.LISTENER_NAME
+                fds.append((name, self.control.kept.fileno()))
         kept = handover.keep(fds)
         for service in self.services.values():
             with contextlib.suppress(Exception):
@@ -443,7 +443,7 @@ class Daemon:
         if self._recorder is not None:
             self._recorder.close()
         self._finish_files(EX_OK)
-        self.log.info("exec", fds=sorted(kept))
+        self.log.info("exec", fds=sorted(name for name, _fd in kept))
         try:
             handover.exec_in_place(kept, self.restarts + 1)
         except OSError as exc:  # the interpreter is gone (an upgrade removed it…)

@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..bus import BusServer
+from ..bus.server import ROLE_TCP, ROLE_UNIX, ROLE_UNIX_HANDED
 from ..checkpoint import Checkpoint, checkpoint_path, write_checkpoint
 from ..clock import GuestClock
 from ..config import UartConfig
@@ -30,10 +32,10 @@ from ..port import PortLink
 from ..port.handle import fd_identity
 from ..record import RecordWriter
 from ..registers import REGISTER_BITS, Lsr, decode_bits
-from ..sockets import PeerCredentials, adopt_unix_listener
+from ..sockets import PeerCredentials
 from ..uart import Uart16550
 from . import sdnotify as _sdnotify
-from .handover import HandedFds, bus_name, port_name
+from .handover import LISTENER_NAME, HandedFds, bus_name, bus_tcp_name, port_name
 
 NS_PER_S = 1_000_000_000
 
@@ -93,6 +95,8 @@ class UartService:
         # its snapshot is taken (the writer thread writes it later, the device's generation
         # counts snapshots).
         self.last_checkpoint_path: Path | None = None
+        # The TCP bus listeners a socket unit handed (by fd): not for the fd store.
+        self._tcp_from_unit: set[int] = set()
         self.last_checkpoint_unix_ns: int | None = None
         self.last_checkpoint_generation: int | None = None
 
@@ -129,22 +133,18 @@ class UartService:
         socket, and the port's, taken only if it is the port the resumed checkpoint names
         (``meta.port_handle``); otherwise it is closed, logged, and the path is opened.
         """
-        bus_sock = None
-        if handed is not None:
-            bus_fd = handed.take(bus_name(self.name))
-            if bus_fd is not None:
-                bus_sock, why = adopt_unix_listener(bus_fd, self.config.bus_socket)
-                if why is not None:
-                    self.log.warning("bus.handover_refused", reason=why,
-                                     hint="binding the bus socket anew")
-        if bus_sock is None:
+        taken = None if handed is None else handed.take_listener(
+            self.config.bus_socket, name=bus_name(self.name), log=self.log)
+        if taken is None:
             await self.bus.start_unix(self.config.bus_socket)
             self._share(self.config.bus_socket, socket_gid, private_mode=None)
         else:
-            await self.bus.start_unix(self.config.bus_socket, sock=bus_sock)
+            # Ours (our in-place restart named it bus.<uart>) or a socket unit's: that file
+            # is systemd's, with the unit's SocketMode=/SocketGroup=, and stays at our stop.
+            await self.bus.start_unix(self.config.bus_socket, sock=taken[0],
+                                      owned=taken[1] == bus_name(self.name))
         if self.config.bus_tcp is not None:
-            host, port = self.config.bus_tcp
-            await self.bus.start_tcp(host, port)
+            await self._start_tcp(handed)
         # Without fail_fast, a port that is not there yet (or in use, or not permitted) is
         # reopened by the link with backoff, and its on_disconnect policy applies meanwhile;
         # the link logs each new reason once (port.open_failed, with errno and a hint).
@@ -153,6 +153,36 @@ class UartService:
         await self.device.open(retry=not fail_fast, adopt_fd=port_fd)
         if self.link.slave_path is not None:  # a link to /dev/pts/N: chown/chmod follow it
             self._share(Path(self.link.slave_path), socket_gid, private_mode=0o600)
+
+    async def _start_tcp(self, handed: HandedFds | None) -> None:
+        """The TCP bus listeners: handed over where one listens at the address (the previous
+        run's, the fd store's, a socket unit's), else bound. Under systemd the ones not from
+        a socket unit go to the fd store (``bus-tcp.<uart>``): across ``systemctl restart``
+        the port stays bound and connections wait in its backlog."""
+        assert self.config.bus_tcp is not None
+        host, port = self.config.bus_tcp
+        from_unit = self._tcp_from_unit
+
+        def take(family: int, address: tuple[Any, ...]) -> socket.socket | None:
+            if handed is None:
+                return None
+            taken = handed.take_listener((family, address), name=None, log=self.log)
+            if taken is None:
+                return None
+            if taken[1] != bus_tcp_name(self.name):  # a socket unit's (systemd keeps it)
+                from_unit.add(taken[0].fileno())
+            return taken[0]
+
+        await self.bus.start_tcp(host, port, take=take)
+        if not _sdnotify.available():
+            return
+        name = bus_tcp_name(self.name)
+        _sdnotify.remove_fd(name)
+        if handed is not None:
+            handed.stored.add(name)
+        for sock in self.bus.tcp_sockets:
+            if sock.fileno() not in from_unit:
+                _sdnotify.store_fd(name, sock.fileno())
 
     def _handed_port(self, handed: HandedFds) -> int | None:
         """The handed-over port descriptor if the resumed checkpoint was taken with it."""
@@ -239,14 +269,18 @@ class UartService:
         await self.bus.close(keep_listening=keep_listening)
         await self.device.quiesce()
 
-    def handover_fds(self) -> dict[str, int]:
-        """The descriptors the next run takes over: the open port, the bus listener."""
-        fds: dict[str, int] = {}
+    def handover_fds(self) -> list[tuple[str, int]]:
+        """The descriptors the next run takes over, named: the open port, the bus
+        listeners (a socket unit's under ``LISTENER_NAME``: the next run leaves its file)."""
+        fds: list[tuple[str, int]] = []
         fd = self.link.port_fd
         if fd is not None and self.port_open:
-            fds[port_name(self.name)] = fd
-        if self.bus.kept_unix:
-            fds[bus_name(self.name)] = self.bus.kept_unix[0].fileno()
+            fds.append((port_name(self.name), fd))
+        names = {ROLE_UNIX: bus_name(self.name), ROLE_UNIX_HANDED: LISTENER_NAME,
+                 ROLE_TCP: bus_tcp_name(self.name)}
+        for role, sock in self.bus.kept:
+            unit = role == ROLE_TCP and sock.fileno() in self._tcp_from_unit
+            fds.append((LISTENER_NAME if unit else names[role], sock.fileno()))
         return fds
 
     # -- status -----------------------------------------------------------------------------

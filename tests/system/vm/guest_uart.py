@@ -11,6 +11,7 @@ FIFOs the checkpoint kept), as a guest whose emulator reconnects to the bus does
     write  SOCKET --seed S --count N [--skip K] [--idle-s T]
     read   SOCKET --count N [--idle-s T] [--timeout-s T]
     regs   SOCKET
+    loop   SOCKET --seed S --count N --read-count-file F [--session-s T] [--timeout-s T]
     tty    DEVICE                                           termios, modem lines, queues
 """
 
@@ -109,6 +110,79 @@ def cmd_read(args: argparse.Namespace) -> dict[str, Any]:
     return {"n": len(got), "hex": got.hex()}
 
 
+def cmd_loop(args: argparse.Namespace) -> dict[str, Any]:
+    """An emulator that reconnects all the time: sessions of ``session_s`` (connect, write
+    pattern bytes while THRE, read while DR, close), back to back, until ``count`` bytes are
+    written and as many read as the file ``read_count_file`` says once it exists (the host
+    writes it when it has sent its last byte), or ``timeout_s``. A failed connect is retried after
+    10 ms and counted by errno (``refused``; a HELLO answered with an error: ``turned_away``);
+    a session the daemon ends (its stop) is a reconnect. Reports
+    every gap longer than 50 ms between two operations that succeeded."""
+    import errno
+
+    from uartbridge.errors import BusError
+
+    data = pattern(args.seed, args.count)
+    done = 0
+    got = bytearray()
+    refused: dict[str, int] = {}  # connect() errors by errno
+    turned_away: dict[str, int] = {}
+    sessions = dropped = 0
+    gaps: list[float] = []
+    start = last_ok = time.monotonic()
+
+    def ok() -> None:
+        nonlocal last_ok
+        now = time.monotonic()
+        if now - last_ok > 0.05:
+            gaps.append(round(now - last_ok, 4))
+        last_ok = now
+
+    def more_to_read() -> bool:
+        try:
+            with open(args.read_count_file) as file:
+                return len(got) < int(file.read())
+        except (OSError, ValueError):
+            return True  # not written yet: the host is still sending
+
+    while (done < len(data) or more_to_read()) and time.monotonic() - start < args.timeout_s:
+        try:
+            bus = _client(args.socket)
+        except BusError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno is not None:  # connect() failed
+                name = errno.errorcode.get(cause.errno, str(cause.errno))
+                refused[name] = refused.get(name, 0) + 1
+            else:  # connected, but HELLO was answered with an error (SHUTTING_DOWN, BUSY)
+                turned_away[str(exc)[:60]] = turned_away.get(str(exc)[:60], 0) + 1
+            time.sleep(0.01)
+            continue
+        sessions += 1
+        ok()
+        try:
+            with bus:
+                until = time.monotonic() + args.session_s
+                while time.monotonic() < until:
+                    lsr = bus.read(5)
+                    ok()
+                    if lsr & LSR_DR:
+                        got += bus.read_many(0, 256)
+                        ok()
+                    if lsr & LSR_THRE and done < len(data):
+                        chunk = data[done:done + FIFO_SIZE]
+                        bus.write_many(0, chunk)
+                        done += len(chunk)  # sent whole: the daemon executes it (its drain)
+                    elif not lsr & LSR_DR:
+                        time.sleep(0.002)
+                bus.sync()
+                ok()
+        except BusError:
+            dropped += 1  # the daemon stopped under this session: reconnect
+    return {"written": done, "n": len(got), "hex": got.hex(), "refused": refused,
+            "turned_away": turned_away,
+            "sessions": sessions, "dropped": dropped, "gaps": gaps}
+
+
 def cmd_regs(args: argparse.Namespace) -> dict[str, Any]:
     with _client(args.socket) as bus:
         return {name: bus.read(off) for name, off in
@@ -168,6 +242,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--idle-s", type=float, default=10.0)
     p.add_argument("--timeout-s", type=float, default=120.0)
     p.set_defaults(func=cmd_read)
+    p = sub.add_parser("loop")
+    p.add_argument("socket")
+    p.add_argument("--seed", required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--read-count-file", required=True)
+    p.add_argument("--session-s", type=float, default=0.3)
+    p.add_argument("--timeout-s", type=float, default=240.0)
+    p.set_defaults(func=cmd_loop)
     p = sub.add_parser("regs")
     p.add_argument("socket")
     p.set_defaults(func=cmd_regs)
