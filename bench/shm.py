@@ -922,7 +922,7 @@ def main() -> None:
     lost_total = sum(results[k].get("guest_lost_wakeups", 0) + results[k]["daemon_lost_wakeups"]
                      for k in results)
     figures += [
-        Figure("lost_wakeups", "lost wake-ups, all variants (must be 0)", "count",
+        Figure("lost_wakeups_total", "lost wake-ups, all variants (must be 0)", "count",
                [lost_total], 0, "<=", 0),
         Figure("ping_pong_floor_us", "bare AF_UNIX ping-pong p50 (floor)", "us", [floor_us]),
         Figure("real_daemon_read_p50_us", "real daemon READ p50 (BusClient)", "us", real_p50),
