@@ -109,7 +109,11 @@ RING_SIZE = 256 * 1024  # bytes of frames per direction (the socket's buffers ho
 LINE = 64  # cache line
 # Control block of one ring: four u64 words, each in its own cache line.
 TAIL, HEAD, CONSUMER_SLEEPS, PRODUCER_SLEEPS = 0, 1, 2, 3
-CONTROL_SIZE = 4 * LINE
+# Instrumentation only (the lost wake-up count): set while a side is between publishing
+# (TAIL or HEAD) and deciding whether to ring; x86 keeps stores in order and loads in order,
+# so "data seen, then not busy, then no ring" proves a wake-up was lost.
+PRODUCER_BUSY, CONSUMER_BUSY = 4, 5
+CONTROL_SIZE = 6 * LINE
 SAFETY_TIMEOUT_MS = 5
 _U64 = struct.Struct("=Q")
 
@@ -259,7 +263,6 @@ class RingTransport(asyncio.Transport):
         self._high = 64 * 1024
         self._write_paused = False
         self._wake_due = False
-        self._suspect_head = -1
         self._in.set(CONSUMER_SLEEPS, 1)
         loop.add_reader(channel.daemon_bell, self._woken)
         self._safety = loop.call_later(SAFETY_TIMEOUT_MS / 1000, self._safety_check)
@@ -272,24 +275,18 @@ class RingTransport(asyncio.Transport):
         """The safety net: data waiting with nobody woken is a lost wake-up (counted)."""
         if self._closing:
             return
-        if self._reading and not self._wake_due and self._in.get(TAIL) != self._head:
-            # Rung but not yet polled (libuv runs timers before polling) is not lost, nor is
-            # a guest preempted between publishing and ringing: lost is no ring for a whole
-            # safety period after the data was seen.
-            if _clear(self._ch.daemon_bell):
-                self._woken()
-            elif self._suspect_head == self._head:
+        ring = self._in
+        # Rung but not yet polled (libuv runs timers before polling) is not lost, nor is a
+        # guest preempted between publishing and ringing (busy: check again next time).
+        if (self._reading and not self._wake_due and ring.get(TAIL) != self._head
+                and not ring.get(PRODUCER_BUSY)):
+            if not _clear(self._ch.daemon_bell):
                 self._stats["lost_wakeups"] += 1
-                self._woken()
-            else:
-                self._suspect_head = self._head
-        else:
-            self._suspect_head = -1
+            self._woken()
         self._safety = self._loop.call_later(SAFETY_TIMEOUT_MS / 1000, self._safety_check)
 
     def _woken(self) -> None:
         self._wake_due = False
-        self._suspect_head = -1
         _clear(self._ch.daemon_bell)
         self._flush_backlog()
         if not self._reading or self._protocol is None:
@@ -323,10 +320,13 @@ class RingTransport(asyncio.Transport):
         n = len(data)
         view[:n] = data
         self._head += n
-        self._in.set(HEAD, self._head)
-        self._in.fence()
-        if self._in.get(PRODUCER_SLEEPS):
+        ring = self._in
+        ring.set(CONSUMER_BUSY, 1)
+        ring.set(HEAD, self._head)
+        ring.fence()
+        if ring.get(PRODUCER_SLEEPS):
             _ring(self._ch.guest_bell)  # the guest waits for room
+        ring.set(CONSUMER_BUSY, 0)
         protocol.buffer_updated(n)
         return True
 
@@ -351,11 +351,13 @@ class RingTransport(asyncio.Transport):
                 return
         ring.set(PRODUCER_SLEEPS, 0)
         n = min(room, len(self._backlog))
+        ring.set(PRODUCER_BUSY, 1)
         self._tail = ring.put(self._tail, memoryview(self._backlog)[:n])
         del self._backlog[:n]
         ring.fence()
         if ring.get(CONSUMER_SLEEPS):
             _ring(self._ch.guest_bell)
+        ring.set(PRODUCER_BUSY, 0)
         if self._backlog:
             ring.set(PRODUCER_SLEEPS, 1)
         paused = len(self._backlog) > self._high
@@ -613,20 +615,17 @@ class RingClient:
         assert isinstance(reply, HelloReply) and reply.capabilities & Capability.BURST
         self.irq = reply.irq
 
-    def _sleep(self, ready: Callable[[], bool]) -> None:
+    def _sleep(self, ready: Callable[[], bool], busy: Callable[[], int]) -> None:
         """Sleep on our eventfd until ``ready()`` (the caller has set its sleep flag and
-        fenced); a safety timeout that finds it ready counts a lost wake-up."""
+        fenced); a safety timeout that finds it ready, the peer not ``busy()`` publishing,
+        and no ring, counts a lost wake-up."""
         deadline = time.monotonic() + self._timeout_s
         while not ready():
             self.sleeps += 1
             if self._poll.poll(SAFETY_TIMEOUT_MS):
                 _clear(self._ch.guest_bell)
-            elif ready() and not self._poll.poll(SAFETY_TIMEOUT_MS):
-                # Ready, and no ring for another safety period (the peer may have been
-                # preempted between publishing and ringing): a lost wake-up.
+            elif ready() and not busy() and not _clear(self._ch.guest_bell):
                 self.lost_wakeups += 1
-            else:
-                _clear(self._ch.guest_bell)
             if time.monotonic() > deadline:
                 raise RuntimeError("no progress from the daemon side within the timeout")
 
@@ -638,15 +637,18 @@ class RingClient:
             if room <= 0:
                 ring.set(PRODUCER_SLEEPS, 1)
                 ring.fence()
-                self._sleep(lambda: ring.free(self._tail) > 0)
+                self._sleep(lambda: ring.free(self._tail) > 0,
+                            lambda: ring.get(CONSUMER_BUSY))
                 ring.set(PRODUCER_SLEEPS, 0)
                 continue
             n = min(room, len(view))
+            ring.set(PRODUCER_BUSY, 1)
             self._tail = ring.put(self._tail, view[:n])
             view = view[n:]
             ring.fence()
             if ring.get(CONSUMER_SLEEPS):
                 _ring(self._ch.daemon_bell)
+            ring.set(PRODUCER_BUSY, 0)
 
     def _fill(self) -> None:
         ring = self._in
@@ -660,14 +662,17 @@ class RingClient:
             if ring.get(TAIL) == self._head:
                 ring.set(CONSUMER_SLEEPS, 1)
                 ring.fence()
-                self._sleep(lambda: ring.get(TAIL) != self._head)
+                self._sleep(lambda: ring.get(TAIL) != self._head,
+                            lambda: ring.get(PRODUCER_BUSY))
                 ring.set(CONSUMER_SLEEPS, 0)
             data = ring.take(self._head, 65536)
         self._head += len(data)
+        ring.set(CONSUMER_BUSY, 1)
         ring.set(HEAD, self._head)
         ring.fence()
         if ring.get(PRODUCER_SLEEPS):
             _ring(self._ch.daemon_bell)
+        ring.set(CONSUMER_BUSY, 0)
         self._decoder.feed(data)
 
     def _expect(self, kind: type[Frame]) -> Frame:
