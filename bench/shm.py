@@ -24,8 +24,9 @@ two flags, "consumer sleeps" and "producer sleeps (ring full)", each in its own 
 A producer rings the consumer's eventfd only if the consumer said it sleeps, so a busy peer
 costs no syscall at all; a sleeper sets its flag, fences, re-checks, then sleeps. The fence is
 an uncontended ``threading.Lock`` acquire/release (a ``lock``-prefixed instruction on x86,
-a full barrier: Dekker's store->load order); each sleep has a 5 ms safety timeout, and a
-timeout that finds data waiting is counted as a lost wake-up (printed: it must be 0).
+a full barrier: Dekker's store->load order). Each sleep has a 5 ms safety timeout; a lost
+wake-up is counted when it finds data waiting, the peer not between publishing and ringing
+(a ``busy`` word, instrumentation only) and no ring (printed as a figure: it must be 0).
 
 Variants (``spin``: a bounded busy-poll before sleeping, as ``BusClient(spin_us=...)``):
 
