@@ -1105,6 +1105,17 @@ class Uart16550:
             return len(self._tx) >= FIFO_SIZE
         return not self._lsr & Lsr.THRE
 
+    def write_can_post(self, offset: int) -> bool:
+        """A write to ``offset`` now may be *posted*: applied without the wire being given
+        its turn first. True for a THR write (DLAB 0) that overwrites no unsent byte; any
+        other register write may flush, loop back or re-time what waits (FCR, MCR loopback,
+        LCR, the divisor), so the wire takes what waits before it.
+
+        The rule the bus server and ``embed.Bridge`` post THR writes by, so that a burst
+        leaves in one ``os.write`` (docs/bus-protocol.md, "Settling"). No side effects.
+        """
+        return offset == 0 and not self._lcr & Lcr.DLAB and not self.tx_full()
+
     def rx_count(self) -> int:
         """Characters waiting in the RX FIFO (or 1 if RBR holds one), and with line-rate
         pacing those still on the line; no side effects."""
