@@ -22,6 +22,7 @@ from uartbridge.checkpoint import read_checkpoint
 from uartbridge.embed import Bridge
 from uartbridge.errors import PortError, PortUnavailableError
 from uartbridge.port.state import PortSettings, ReaderState
+from uartbridge.record import replay
 
 REPO = Path(__file__).resolve().parent.parent
 RBR = THR = 0
@@ -156,6 +157,32 @@ def test_posted_writes_are_in_a_checkpoint_once_wire_or_device(tmp_path: Path) -
     kept = ckpt.port.tx_backlog + ckpt.uart.tx_waiting()
     assert bytes(got) + kept == data
     assert bytes(got) == data  # the reader took them: none left in the device
+
+
+def test_the_rx_fifo_is_refilled_in_bulk_when_the_guest_has_read_it_empty(
+    tmp_path: Path,
+) -> None:
+    """Far end -> guest with trigger 8: the port link refills the RX FIFO once per FIFO's
+    worth the guest read (one receive of 8 bytes, seen in the device's recording), not after
+    every RBR read, and the guest's LSR.DR never falls while input waits."""
+    data = bytes((i * 7 + 3) & 0xFF for i in range(64))
+    record = tmp_path / "rx.ubrec"
+    with socat_pair(tmp_path) as s, raw_peer(s.b) as far, \
+            Bridge(str(s.a), record=record) as br:
+        br.write(LCR, 0x03)
+        br.write(FCR, 0x87)  # FIFOs on, trigger 8
+        os.write(far, data)
+        poll_until(br, lambda: br.status()["rx_backlog_bytes"] == len(data) - 8)
+        received = read_all(br)  # one LSR.DR run: DR stays up while the backlog lasts
+    assert received == data
+    from uartbridge.record import RECEIVE, _Reader
+
+    with open(record, "rb") as f:
+        reader = _Reader(f, str(record))
+        reader.header()
+        sizes = [len(r.args[0]) for r in reader.records() if r.kind == RECEIVE]
+    assert sizes == [8] * 8
+    assert replay(record).identical
 
 
 def test_irq_callback_and_the_receive_timeout_timer_run_inside_poll(tmp_path: Path) -> None:

@@ -1155,6 +1155,22 @@ class Uart16550:
             self._advance(now)
         return n
 
+    def receive_many(self, data: bytes) -> int:
+        """Take bytes from the wire as repeated ``receive`` calls would, until one takes
+        nothing (a full FIFO, a full line); returns how many were taken in all.
+
+        The same state after as feeding ``data`` one byte per ``receive`` until one is
+        refused (above the trigger level QEMU's ``can_receive`` offers one byte at a time,
+        so that loop is one call per byte): the port link's bulk refill, in one call.
+        """
+        taken = 0
+        while taken < len(data):
+            n = self.receive(data[taken:] if taken else data)
+            if not n:
+                break
+            taken += n
+        return taken
+
     def _receive(self, data: bytes) -> None:
         """QEMU ``serial_receive1``: no ``can_receive`` check (loopback bypasses it)."""
         if self._fcr & Fcr.FE:
