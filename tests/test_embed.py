@@ -22,6 +22,7 @@ from uartbridge.checkpoint import read_checkpoint
 from uartbridge.embed import Bridge
 from uartbridge.errors import PortError, PortUnavailableError
 from uartbridge.port.state import PortSettings, ReaderState
+from uartbridge.record import replay
 
 REPO = Path(__file__).resolve().parent.parent
 RBR = THR = 0
@@ -47,7 +48,8 @@ def read_all(bridge: Bridge) -> bytes:
 
 
 def test_bytes_both_ways_through_a_socat_pty_with_poll(tmp_path: Path) -> None:
-    """Without asyncio: writes reach the far end at once, its bytes come in through poll()."""
+    """Without asyncio: writes reach the far end by the next access or poll(), its bytes come
+    in through poll()."""
     irqs: list[bool] = []
     with socat_pair(tmp_path) as s, raw_peer(s.b) as far, \
             Bridge(str(s.a), on_irq=irqs.append) as br:
@@ -56,6 +58,7 @@ def test_bytes_both_ways_through_a_socat_pty_with_poll(tmp_path: Path) -> None:
         for value in b"hello, far end\r\n":
             assert br.read(LSR) & LSR_THRE
             br.write(THR, value)
+        br.poll()  # the last THR write is posted: the emulator's loop gives the port its turn
         got = bytearray()
         deadline = time.monotonic() + 10
         while len(got) < 16 and time.monotonic() < deadline:
@@ -73,9 +76,9 @@ def test_bytes_both_ways_through_a_socat_pty_with_poll(tmp_path: Path) -> None:
         assert counters["bytes_written"] == 16  # type: ignore[index]
 
 
-def test_a_write_the_wire_takes_at_once_is_settled_inside_write(tmp_path: Path) -> None:
-    """A THR write the pty takes at once is finished inside write(): its IRQ edges come
-    there, and the next poll() finds no change left over (no deferred notification)."""
+def test_a_write_the_wire_takes_at_once_is_settled_by_the_next_access(tmp_path: Path) -> None:
+    """A posted THR write the pty takes at once is finished by the next register access: its
+    IRQ edges come before that access, and the next poll() finds no change left over."""
     irqs: list[bool] = []
     with socat_pair(tmp_path) as s, raw_peer(s.b) as far, \
             Bridge(str(s.a), on_irq=irqs.append) as br:
@@ -87,7 +90,7 @@ def test_a_write_the_wire_takes_at_once_is_settled_inside_write(tmp_path: Path) 
         irqs.clear()
         for value in b"sixteen bytes!\r\n"[:16]:
             br.write(THR, value)
-            # The pty took the byte inside write(): THRE and the IRQ are back already.
+            # The pty took the byte before this read: THRE and the IRQ are back already.
             assert br.read(LSR) & LSR_THRE and br.irq
             assert br.read(IIR) & 0x0F == 0x02 and not br.irq
             assert not br.poll(), "poll() found a change that write() had already settled"
@@ -97,6 +100,89 @@ def test_a_write_the_wire_takes_at_once_is_settled_inside_write(tmp_path: Path) 
         while len(got) < 16 and time.monotonic() < deadline:
             got += read_available(far)
         assert bytes(got) == b"sixteen bytes!\r\n"[:16]
+
+
+def _tx_chunks(trace: Path) -> list[bytes]:
+    """The chunks the OS took for the port, one per write(2), from a Bridge's trace file."""
+    lines = [line.split(" ", 2) for line in trace.read_text().splitlines()]
+    return [bytes.fromhex(hexed) for _, direction, hexed in lines if direction == "tx"]
+
+
+def test_a_burst_of_thr_writes_goes_to_the_pty_in_one_write(tmp_path: Path) -> None:
+    """A polled driver's 16 THR writes per THRE reach the pty in ONE write(2) per burst (the
+    trace file has a line per write the OS took), the bytes identical and in order."""
+    data = bytes((i * 13 + 5) & 0xFF for i in range(16 * 20))
+    trace = tmp_path / "trace.txt"
+    with socat_pair(tmp_path) as s, raw_peer(s.b) as far, \
+            Bridge(str(s.a), trace_file=trace) as br:
+        br.write(LCR, 0x03)
+        br.write(FCR, 0x07)
+        got = bytearray()
+        for pos in range(0, len(data), 16):
+            while not br.read(LSR) & LSR_THRE:
+                br.poll(0.001)
+            for value in data[pos:pos + 16]:
+                br.write(THR, value)
+            got += read_available(far)  # keeps the pty from filling
+        br.poll()
+        deadline = time.monotonic() + 10
+        while len(got) < len(data) and time.monotonic() < deadline:
+            got += read_available(far)
+    assert bytes(got) == data
+    chunks = _tx_chunks(trace)
+    assert b"".join(chunks) == data
+    assert [len(chunk) for chunk in chunks] == [16] * 20
+
+
+def test_posted_writes_are_in_a_checkpoint_once_wire_or_device(tmp_path: Path) -> None:
+    """A stop-checkpoint right after posted THR writes: every byte is once either on the wire
+    or in the checkpoint (TSR/TX FIFO, TX backlog), never both, never neither; a far end
+    that reads gets them all before the port closes."""
+    data = b"posted, then checkpointed"[:16]
+    ckpt_path = tmp_path / "posted.json"
+    with socat_pair(tmp_path) as s, raw_peer(s.b) as far:
+        br = Bridge(str(s.a), name="posted").open()
+        br.write(LCR, 0x03)
+        br.write(FCR, 0x07)
+        assert br.read(LSR) & LSR_THRE
+        for value in data:
+            br.write(THR, value)
+        assert br.uart.state().tx_waiting(), "the writes are posted: the model holds them"
+        br.checkpoint(ckpt_path, stop=True)
+        got = bytearray()
+        deadline = time.monotonic() + 10
+        while len(got) < len(data) and time.monotonic() < deadline:
+            got += read_available(far)
+    ckpt = read_checkpoint(ckpt_path)
+    kept = ckpt.port.tx_backlog + ckpt.uart.tx_waiting()
+    assert bytes(got) + kept == data
+    assert bytes(got) == data  # the reader took them: none left in the device
+
+
+def test_the_rx_fifo_is_refilled_in_bulk_when_the_guest_has_read_it_empty(
+    tmp_path: Path,
+) -> None:
+    """Far end -> guest with trigger 8: the port link refills the RX FIFO once per FIFO's
+    worth the guest read (one receive of 8 bytes, seen in the device's recording), not after
+    every RBR read, and the guest's LSR.DR never falls while input waits."""
+    data = bytes((i * 7 + 3) & 0xFF for i in range(64))
+    record = tmp_path / "rx.ubrec"
+    with socat_pair(tmp_path) as s, raw_peer(s.b) as far, \
+            Bridge(str(s.a), record=record) as br:
+        br.write(LCR, 0x03)
+        br.write(FCR, 0x87)  # FIFOs on, trigger 8
+        os.write(far, data)
+        poll_until(br, lambda: br.status()["rx_backlog_bytes"] == len(data) - 8)
+        received = read_all(br)  # one LSR.DR run: DR stays up while the backlog lasts
+    assert received == data
+    from uartbridge.record import RECEIVE, _Reader
+
+    with open(record, "rb") as f:
+        reader = _Reader(f, str(record))
+        reader.header()
+        sizes = [len(r.args[0]) for r in reader.records() if r.kind == RECEIVE]
+    assert sizes == [8] * 8
+    assert replay(record).identical
 
 
 def test_irq_callback_and_the_receive_timeout_timer_run_inside_poll(tmp_path: Path) -> None:

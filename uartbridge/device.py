@@ -124,8 +124,12 @@ class UartDevice:
         uart = self.uart
         events = uart.take_events()
         if events is NO_EVENTS:
-            if uart.next_deadline_ns() is not None:
-                self._arm_timer()
+            deadline_ns = uart.next_deadline_ns()
+            if deadline_ns is not None:
+                armed = self._timer_deadline_ns
+                if armed is None or armed > deadline_ns or not self._host_clock:
+                    # On the host's clock an armed timer that fires first re-arms itself.
+                    self._arm_timer()
             return []  # the common case (a status poll): decided without building a list
         levels: list[bool] = []
         while events is not NO_EVENTS:

@@ -13,8 +13,8 @@ Two ways to drive it
 - **Your own loop, no asyncio** (``open()``): the Bridge keeps a private event loop. Call
   ``poll(timeout_s)`` regularly — ``poll()`` does what is ready and returns at once;
   ``poll(0.01)`` waits up to 10 ms for the port to change the device (an idle guest). Input
-  from the port reaches the model only inside ``poll``; output goes to the port at once,
-  inside ``write``.
+  from the port reaches the model only inside ``poll``; output goes to the port as set out in
+  "Posted THR writes" below.
 - **asyncio** (``await aopen()``): the Bridge uses the running loop, which does the I/O by
   itself; ``await apoll(timeout_s)`` waits for a change, if you want to.
 
@@ -27,6 +27,19 @@ emulator that runs its CPU on another thread must take its own lock around every
 Register accesses are ``read(offset)`` / ``write(offset, value)`` with offsets 0–7 (DLAB as
 on the chip: map your bus's ``reg-shift`` / ``reg-io-width`` onto them). The IRQ output is
 ``irq``; ``on_irq(level)`` is called for every change, in order.
+
+Posted THR writes
+-----------------
+A THR write is *posted*, as on the bus (docs/bus-protocol.md, "Settling"; the one rule is
+``Uart16550.write_can_post``): the byte is in the model at once (TSR, TX FIFO), and the run of
+THR writes goes to the port in one ``os.write`` at the next ``read``, write to another
+register, ``poll``, ``run_timers`` / ``advance_to``, ``irq``, ``next_deadline_ns``,
+checkpoint or ``close`` — or before a THR write that would overwrite an unsent byte. Every
+observation comes after the port had its chance, so the guest reads what it would have read
+had each byte gone at once; until then LSR's THRE/TEMT and the THRE interrupt stand as on a
+chip whose FIFO is still sending (its IRQ edges reach ``on_irq`` at that point). A byte is in
+the model until the OS took it, so a checkpoint always sees it once. With ``aopen()`` the
+posted bytes also go at the loop's next step.
 
 Time
 ----
@@ -150,7 +163,10 @@ class Bridge:
         self._uart_read = self._device.uart.read
         self._uart_write = self._device.uart.write
         self._settle = self._device.settle
+        self._write_can_post = self._device.uart.write_can_post
+        self._posted = False  # THR writes applied to the model, the port not given its turn
         self._own_loop: asyncio.AbstractEventLoop | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # aopen(): the running loop
         self._async = False
         self._closed = False
         self._changed = False  # the port or the timer changed the device since the last poll
@@ -218,12 +234,14 @@ class Bridge:
         if self._own_loop is not None or self._async:
             raise PortError("the bridge is already open")
         self._async = True
+        self._loop = asyncio.get_running_loop()
         self._change_event = asyncio.Event()
         try:
             await self._device.open(retry=retry)
         except BaseException:
             await self._device.close()
             self._async = False
+            self._loop = None
             raise
         return self
 
@@ -233,6 +251,7 @@ class Bridge:
             return
         if self._async:
             raise PortError("opened with aopen(): use await aclose()")
+        self._flush()
         self._closed = True
         loop = self._own_loop
         if loop is None:
@@ -255,6 +274,7 @@ class Bridge:
             return
         if self._own_loop is not None:
             raise PortError("opened with open(): use close()")
+        self._flush()
         self._closed = True
         try:
             await self._device.close()
@@ -297,6 +317,8 @@ class Bridge:
         """Read the register at ``offset`` (0–7) with its side effects; returns 0–255."""
         if self._closed:
             self._check_usable()
+        if self._posted:
+            self._flush()
         value = self._uart_read(offset)
         levels = self._settle()
         if levels:
@@ -304,17 +326,39 @@ class Bridge:
         return value
 
     def write(self, offset: int, value: int) -> None:
-        """Write ``value`` (0–255) to the register at ``offset`` (0–7); output goes at once."""
+        """Write ``value`` (0–255) to the register at ``offset`` (0–7). A THR write is posted
+        (module docstring, "Posted THR writes"); any other write reaches the port at once."""
         if self._closed:
             self._check_usable()
+        if self._write_can_post(offset):
+            self._uart_write(offset, value)
+            if not self._posted:
+                self._posted = True
+                if self._loop is not None:
+                    self._loop.call_soon(self._flush)
+            return
+        # Not postable: the posted bytes go first, then this write, settled at once.
+        if self._posted:
+            self._flush()
         self._uart_write(offset, value)
+        levels = self._settle()
+        if levels:
+            self._deliver(levels)
+
+    def _flush(self) -> None:
+        """Give the port its turn for the posted THR writes (one settle: one ``os.write``)."""
+        if not self._posted:
+            return
+        self._posted = False
         levels = self._settle()
         if levels:
             self._deliver(levels)
 
     @property
     def irq(self) -> bool:
-        """The level of the UART's interrupt output."""
+        """The level of the UART's interrupt output (after the posted writes went out)."""
+        if self._posted:
+            self._flush()
         return self._device.uart.irq
 
     @property
@@ -365,6 +409,8 @@ class Bridge:
         ``run_timers``) when your time reaches it. It changes after register accesses and
         input from the port too: read it again after each, or after ``poll``.
         """
+        if self._posted:
+            self._flush()
         return self._device.next_deadline_ns
 
     def run_timers(self) -> int | None:
@@ -372,6 +418,7 @@ class Bridge:
         ``on_irq``); returns the next deadline, or None."""
         if self._closed:
             self._check_usable()
+        self._flush()
         levels = self._device.run_timers()
         if levels:
             self._deliver(levels)
@@ -415,6 +462,9 @@ class Bridge:
         if loop is None:
             self._check_usable()
             raise PortError("poll() needs open(); with aopen() the running loop does the I/O")
+        if self._posted:
+            self._flush()
+            self._changed = True  # the wire took bytes that waited: no wait for more
         if timeout_s > 0 and not self._changed:
             stop = loop.call_later(timeout_s, loop.stop)
             self._waiting = True
@@ -436,6 +486,9 @@ class Bridge:
         if event is None or not self._async:
             self._check_usable()
             raise PortError("apoll() needs aopen(); with open() use poll()")
+        if self._posted:
+            self._flush()
+            self._changed = True
         if not self._changed:
             event.clear()
             with contextlib.suppress(TimeoutError):
@@ -447,6 +500,7 @@ class Bridge:
 
     def snapshot(self) -> Checkpoint:
         """The device and its host path now, as a value (the next generation)."""
+        self._flush()
         return self._device.snapshot()
 
     def checkpoint(
@@ -462,6 +516,7 @@ class Bridge:
         that was at ``path`` as ``<name>.prev.json``.
         """
         loop = self._own_loop
+        self._flush()
         if stop:
             if loop is None:
                 self._check_usable()
@@ -479,6 +534,7 @@ class Bridge:
         self, path: str | Path, *, stop: bool = False, keep_previous: bool = True
     ) -> Path:
         """``checkpoint`` for a Bridge opened with ``aopen()``."""
+        self._flush()
         if stop:
             await self._device.quiesce()
         path = Path(path)

@@ -1105,6 +1105,17 @@ class Uart16550:
             return len(self._tx) >= FIFO_SIZE
         return not self._lsr & Lsr.THRE
 
+    def write_can_post(self, offset: int) -> bool:
+        """A write to ``offset`` now may be *posted*: applied without the wire being given
+        its turn first. True for a THR write (DLAB 0) that overwrites no unsent byte; any
+        other register write may flush, loop back or re-time what waits (FCR, MCR loopback,
+        LCR, the divisor), so the wire takes what waits before it.
+
+        The rule the bus server and ``embed.Bridge`` post THR writes by, so that a burst
+        leaves in one ``os.write`` (docs/bus-protocol.md, "Settling"). No side effects.
+        """
+        return offset == 0 and not self._lcr & Lcr.DLAB and not self.tx_full()
+
     def rx_count(self) -> int:
         """Characters waiting in the RX FIFO (or 1 if RBR holds one), and with line-rate
         pacing those still on the line; no side effects."""
@@ -1143,6 +1154,22 @@ class Uart16550:
             self._rx_line += data[:n]
             self._advance(now)
         return n
+
+    def receive_many(self, data: bytes) -> int:
+        """Take bytes from the wire as repeated ``receive`` calls would, until one takes
+        nothing (a full FIFO, a full line); returns how many were taken in all.
+
+        The same state after as feeding ``data`` one byte per ``receive`` until one is
+        refused (above the trigger level QEMU's ``can_receive`` offers one byte at a time,
+        so that loop is one call per byte): the port link's bulk refill, in one call.
+        """
+        taken = 0
+        while taken < len(data):
+            n = self.receive(data[taken:] if taken else data)
+            if not n:
+                break
+            taken += n
+        return taken
 
     def _receive(self, data: bytes) -> None:
         """QEMU ``serial_receive1``: no ``can_receive`` check (loopback bypasses it)."""

@@ -675,9 +675,7 @@ class _Connection(asyncio.BufferedProtocol):
         flush, loop back or re-time what waits, so the wire takes it first; so it does
         before a THR write that would overwrite an unsent byte."""
         uart = self._server.uart
-        if self._unsettled and (
-            offset != THR or uart.dlab or uart.tx_full()
-        ):
+        if self._unsettled and not uart.write_can_post(offset):
             self._settle()
         uart.write(offset, value)
         self._unsettled = True

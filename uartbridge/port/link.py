@@ -13,6 +13,12 @@ The link owns the host port and moves bytes between it and the model with exact 
   ``rx_backlog``; with both full the reader is off the loop, unread input stays in the
   kernel (where the pty buffer or flow control holds the peer), and ``events.rx_space``
   turns the reader back on. Every byte read is in the model or in ``rx_backlog``.
+  ``rx_backlog`` refills the RX FIFO when the guest has read it empty (one ``receive`` of up
+  to the trigger level, QEMU's ``can_receive``), not after every RBR read (``_refill_due``):
+  the guest never sees LSR.DR fall while input waits, and the FIFO drains below the trigger
+  level between refills as a chip's does when the guest reads faster than the line (its
+  RDA/CTI rules apply; CTI fires if it stops reading). A reset or a new trigger level, and
+  line-rate pacing, refill at once.
 - **Reader states.** EAGAIN or a short write → *stalled*; a write that goes through again →
   *connected*. EOF, EIO, ENXIO, ENODEV, a closed socket → *disconnected*: the fd leaves the
   loop (no spinning), ``on_disconnect`` decides what happens to the device's bytes
@@ -94,7 +100,7 @@ import serial
 import structlog
 
 from ..errors import PortError, PortUnavailableError
-from ..uart import LineSettings, ModemOutputs, Uart16550, UartEvents
+from ..uart import RX_LINE_BYTES, LineSettings, ModemOutputs, Uart16550, UartEvents
 from .claim import Claim, adopt_tty, claim_tty, errno_name, failure_hint
 from .handle import fd_identity
 from .owned_pty import Inotify, OwnedPty, adopt_pty, create_pty, master_hung_up
@@ -268,6 +274,7 @@ class PortLink:
         self._inotify: Inotify | None = None
         self._state = ReaderState.DISCONNECTED
         self._rx_backlog = bytearray()
+        self._rx_top = 0  # the RX FIFO's fill after the last refill (_refill_due)
         # Breaks and line errors read from the port: (backlog bytes before it, kind).
         self._rx_marks: deque[tuple[int, str]] = deque()
         self._tx_backlog = bytearray()
@@ -439,7 +446,7 @@ class PortLink:
                 self._schedule_refresh(self._uart.char_time_ns / 1e9)
             if events.msi_enabled is not None:
                 self._update_msi_poll()
-            if events.rx_space:
+            if events.rx_space and self._refill_due():
                 self._pump_rx()
                 self._update_reading()
             if events.tx_ready and not self._tx_parked():
@@ -1240,6 +1247,22 @@ class PortLink:
         )
         self._set_reading(want)
 
+    def _refill_due(self) -> bool:
+        """After ``rx_space``: refill the RX FIFO now, or wait until the guest read it empty.
+
+        It waits only in the steady state of a guest reading RBR: the FIFO holds bytes and the
+        model would take back exactly what was read since the last refill (its fill plus
+        ``can_receive()`` is the level that refill left). Then the next refill, at empty,
+        is one ``receive`` of up to the trigger level instead of one byte per RBR read (see
+        "Receive is bounded"). Anything else — the FIFO empty, a reset or a new trigger
+        level, loopback bytes, line-rate pacing (whose line must not run dry) — refills now.
+        """
+        uart = self._uart
+        count = uart.rx_count()
+        if not count or uart.pace == "line":
+            return True
+        return count + uart.can_receive() != self._rx_top
+
     def _pump_rx(self) -> bool:
         """Move rx_backlog into the model as far as it takes; True if anything moved.
 
@@ -1261,14 +1284,20 @@ class PortLink:
                 continue
             if not backlog:
                 break
-            limit = marks[0][0] if marks else 64
-            n = uart.receive(bytes(backlog[: min(64, limit)]))
+            # All the model takes (receive_many: QEMU's trigger-level rule, one call), asked
+            # first, so a full FIFO costs no copy; never past the next mark.
+            if not uart.can_receive():
+                break
+            limit = min(RX_LINE_BYTES, marks[0][0]) if marks else RX_LINE_BYTES
+            n = uart.receive_many(bytes(backlog[:limit]))
             if not n:
                 break
             del backlog[:n]
-            for i, (position, kind) in enumerate(marks):
-                marks[i] = (position - n, kind)
+            if marks:
+                for i, (position, kind) in enumerate(marks):
+                    marks[i] = (position - n, kind)
             moved = True
+        self._rx_top = uart.rx_count()
         return moved
 
     def _apply_rx_mark(self, kind: str) -> None:
