@@ -15,7 +15,8 @@ The builds:
 
 A child finds its build through ``UARTBRIDGE_BENCH_TREE`` (``_common.TREE``: put first on
 ``sys.path``, and the daemon's working directory, so ``python -m uartbridge`` imports it) and
-checks, through ``uartbridge.buildinfo``, that it runs the build it was asked for.
+checks, through ``uartbridge.buildinfo``, that it runs the build it was asked for; a bench
+that measures a daemon also asks the daemon (``check_daemon_build``: its ``status``).
 ``--event-loop`` sets the daemon's ``[daemon] event_loop`` (default ``auto``: uvloop when
 installed) in both builds.
 """
@@ -103,6 +104,22 @@ def check_build(build: str, event_loop: str | None = None) -> str:
     return running
 
 
+def check_daemon_build(control: Path, build: str, event_loop: str | None = None) -> str:
+    """Ask a running daemon (``status`` on its control socket) which build and event loop it
+    runs; SystemExit if not ``build`` (or not ``event_loop``, unless ``auto``). Returns
+    ``"BUILD, LOOP"``. The bench process's own imports say nothing of an exec'd daemon's."""
+    from uartbridge.buildinfo import COMPILED, PURE
+    from uartbridge.control import request
+
+    status = request(control, {"cmd": "status"})
+    running, loop = status.get("build"), status.get("event_loop")
+    if running != {"pure": PURE, "compiled": COMPILED}[build]:
+        raise SystemExit(f"asked for the {build} build but the daemon runs {running}")
+    if event_loop not in (None, "auto") and loop != event_loop:
+        raise SystemExit(f"asked for the {event_loop} event loop but the daemon runs {loop}")
+    return f"{running}, {loop}"
+
+
 def _child(script: Path, build: str, argv: list[str], event_loop: str) -> dict[str, Any]:
     env = dict(os.environ, **{TREE_ENV: str(tree_for(build)), BUILD_ENV: build,
                               LOOP_ENV: event_loop})
@@ -150,15 +167,20 @@ def side_by_side(script: str, argv: list[str], runs: int, event_loop: str) -> No
         }
         pure = medians["pure"]
         ratio = medians["compiled"] / pure if pure else float("nan")
-        figures[key] = {"unit": first[key]["unit"], "target": target, "direction": direction,
+        figures[key] = {"unit": first[key]["unit"], "digits": first[key].get("digits", 2),
+                        "target": target, "direction": direction,
                         "median": medians, "runs": per_build, "met": met,
                         "ratio_compiled_to_pure": round(ratio, 3)}
     _print(bench, figures, runs, event_loop, results)
-    extras = {k: v for k, v in first.items() if k not in keys and k != "machine"}
+    def extras(result: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in result.items() if k not in keys and k != "machine"}
+
+    # pure_extra: the first pure round's; extras: every round's, per build (loss counts …).
     print(json.dumps({"bench": bench, "builds": list(BUILDS), "rounds": runs,
                       "event_loop": event_loop, "figures": figures,
-                      "pure_extra": extras, "machine": first.get("machine"),
-                      "load_avg": os.getloadavg()}))
+                      "pure_extra": extras(first),
+                      "extras": {build: [extras(r) for r in results[build]] for build in BUILDS},
+                      "machine": first.get("machine"), "load_avg": os.getloadavg()}))
 
 
 def _print(bench: str, figures: dict[str, Any], runs: int, event_loop: str,
@@ -173,11 +195,12 @@ def _print(bench: str, figures: dict[str, Any], runs: int, event_loop: str,
         target = "" if fig["target"] is None else f"{fig['direction']} {fig['target']:,}"
         met = "" if fig["target"] is None else "/".join(
             "yes" if fig["met"][b] else "NO" for b in BUILDS)
-        print(f"{key:<34} {fig['unit']:<8} {fig['median']['pure']:>12,.2f} "
-              f"{fig['median']['compiled']:>12,.2f} {fig['ratio_compiled_to_pure']:>7.3f} "
+        digits = max(2, fig["digits"])  # the bench's own precision (idle CPU: 0.034 %)
+        print(f"{key:<34} {fig['unit']:<8} {fig['median']['pure']:>12,.{digits}f} "
+              f"{fig['median']['compiled']:>12,.{digits}f} {fig['ratio_compiled_to_pure']:>7.3f} "
               f"{target:>12} {met:>9}")
     print("  ratio = compiled / pure (medians of the same rounds); met: pure/compiled")
 
 
-__all__ = ["BUILDS", "add_build_args", "check_build", "compiled_tree", "side_by_side",
-           "tree_for"]
+__all__ = ["BUILDS", "add_build_args", "check_build", "check_daemon_build", "compiled_tree",
+           "side_by_side", "tree_for"]

@@ -363,6 +363,7 @@ def json_line(bench: str, figures: Sequence[Figure], **extra: Any) -> str:
             "target": fig.target,
             "direction": fig.direction if fig.target is not None else None,
             "met": fig.met,
+            "digits": fig.digits,
             "runs": [round(v, 6) for v in fig.runs],
         }
     out.update(extra)

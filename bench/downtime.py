@@ -20,7 +20,10 @@ the RX FIFO, so the checkpoint carries data. Then:
 The CLI (``uartbridge checkpoint --stop``) adds its own interpreter start-up (measured once,
 reported as ``cli_checkpoint_stop_s``) to figure 1.
 
-Run: ``python bench/downtime.py [--runs 5]``. Prints a table (medians) and one JSON line.
+Run: ``python bench/downtime.py [--runs 5] [--build both|pure|compiled]
+[--event-loop auto|asyncio|uvloop]``: by default the pure and the compiled build side by side
+(``_builds.py``: one run per build and round, each after its own warm-up run), with their
+ratio. Prints a table (medians) and one JSON line.
 """
 
 from __future__ import annotations
@@ -34,8 +37,9 @@ import sys
 import time
 from pathlib import Path
 
+from _builds import add_build_args, check_build, check_daemon_build, side_by_side
 from _common import (
-    REPO,
+    TREE,
     Daemon,
     Figure,
     Socat,
@@ -84,12 +88,14 @@ def prepare(daemon: Daemon, far: int) -> BusClient:
     return client
 
 
-def one_run(root: Path, pair: Socat, far: int, run: int) -> tuple[float, float, float]:
+def one_run(root: Path, pair: Socat, far: int, run: int,
+            build: str) -> tuple[float, float, float, str]:
     daemon = Daemon(root / f"run{run}", [{"name": "uart0", "port": str(pair.a)}])
     daemon.root.mkdir()
     client = None
     try:
         daemon.start()
+        check_daemon_build(daemon.control, build, os.environ.get("UARTBRIDGE_BENCH_EVENT_LOOP"))
         client = prepare(daemon, far)
         proc = daemon.proc
         assert proc is not None
@@ -104,11 +110,13 @@ def one_run(root: Path, pair: Socat, far: int, run: int) -> tuple[float, float, 
         assert isinstance(written, dict)
         path = written["uart0"]
         ready_s = daemon.start("resume", str(path))
+        running = check_daemon_build(daemon.control, build,
+                                     os.environ.get("UARTBRIDGE_BENCH_EVENT_LOOP"))
         with BusClient(daemon.bus()) as again:
             got = again.read_many(0, 16)
         if got != PAYLOAD:
             raise RuntimeError(f"after resume the RX FIFO holds {got!r}, not {PAYLOAD!r}")
-        return request_s, exit_s, ready_s
+        return request_s, exit_s, ready_s, running
     finally:
         if client is not None:
             client.close()
@@ -126,7 +134,7 @@ def cli_stop_once(root: Path, pair: Socat, far: int) -> float:
         subprocess.run(
             [sys.executable, "-m", "uartbridge", "checkpoint", "--stop",
              "--config", str(daemon.config_path)],
-            check=True, capture_output=True, cwd=REPO,
+            check=True, capture_output=True, cwd=TREE,
         )
         return time.perf_counter() - start
     finally:
@@ -138,7 +146,12 @@ def cli_stop_once(root: Path, pair: Socat, far: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_runs_arg(parser)
+    add_build_args(parser)
     args = parser.parse_args()
+    if args.build == "both":
+        side_by_side(__file__, [], args.runs, args.event_loop)
+        return
+    build = check_build(args.build, args.event_loop)
 
     requests: list[float] = []
     exits: list[float] = []
@@ -149,9 +162,9 @@ def main() -> None:
         try:
             pair.start()
             far = open_raw(pair.b)
-            one_run(root, pair, far, 0)  # warm-up (page cache, .pyc)
+            one_run(root, pair, far, 0, args.build)  # warm-up (page cache, .pyc)
             for run in range(1, args.runs + 1):
-                request_s, exit_s, ready_s = one_run(root, pair, far, run)
+                request_s, exit_s, ready_s, running = one_run(root, pair, far, run, args.build)
                 requests.append(request_s * 1000)
                 exits.append(exit_s * 1000)
                 readies.append(ready_s * 1000)
@@ -169,13 +182,15 @@ def main() -> None:
         Figure("resume_ready_ms", "resume: exec -> READY=1", "ms", readies, 500, "<=", 1),
     ]
     print_table(
-        f"downtime bench: {args.runs} runs (socat pty, guest attached, 5 bytes in the RX FIFO)",
+        f"downtime bench ({running}): {args.runs} runs (socat pty, guest attached, 5 bytes "
+        "in the RX FIFO)",
         figures,
         [f"the CLI `uartbridge checkpoint --stop` took {cli_s * 1000:.0f} ms once "
          "(interpreter start-up + the same request)",
          "every resumed daemon gave the 5 bytes back to a reconnecting guest"],
     )
-    print(json_line("downtime", figures, cli_checkpoint_stop_s=round(cli_s, 4)))
+    print(json_line("downtime", figures, cli_checkpoint_stop_s=round(cli_s, 4), build=build,
+                    daemon=running))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ Variants, each its own daemon:
 - ``no periodic checkpoint``: as the first, with ``interval_s = 0``, to show what the
   periodic checkpoint (two of them per 10 s window, each with two fsyncs) costs.
 
-Run: ``python bench/idle_cpu.py [--runs 5] [--seconds 10]``.
+Run: ``python bench/idle_cpu.py [--runs 5] [--seconds 10] [--build both|pure|compiled]
+[--event-loop auto|asyncio|uvloop]``: by default the pure and the compiled build side by side
+(``_builds.py``: one window per variant per build and round), with their ratio.
 Prints a table (medians over runs) and one JSON line.
 """
 
@@ -26,6 +28,7 @@ import os
 import time
 from typing import Any
 
+from _builds import add_build_args, check_build, check_daemon_build, side_by_side
 from _common import (
     Daemon,
     Figure,
@@ -44,7 +47,7 @@ from uartbridge.guest import Guest8250
 
 
 def measure(
-    variant: str, runs: int, seconds: float
+    variant: str, runs: int, seconds: float, build: str
 ) -> tuple[list[float], list[float], dict[str, Any]]:
     checkpoint = {"interval_s": 0} if variant == "no_checkpoint" else {}
     with temp_dir("idle") as root:
@@ -52,6 +55,8 @@ def measure(
         far = -1
         try:
             daemon.start()
+            running = check_daemon_build(daemon.control, build,
+                                         os.environ.get("UARTBRIDGE_BENCH_EVENT_LOOP"))
             if variant != "no_far_end":
                 wait_for(daemon.pty().exists, 5.0, "the pty link")
                 far = open_raw(daemon.pty())
@@ -81,18 +86,23 @@ def measure(
             if far >= 0:
                 os.close(far)
             daemon.stop()
-    return out, fine, {"state_files": checkpoints}
+    return out, fine, {"state_files": checkpoints, "daemon": running}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_runs_arg(parser)
     parser.add_argument("--seconds", type=float, default=10.0, help="window per run")
+    add_build_args(parser)
     args = parser.parse_args()
+    if args.build == "both":
+        side_by_side(__file__, ["--seconds", str(args.seconds)], args.runs, args.event_loop)
+        return
+    build = check_build(args.build, args.event_loop)
 
-    attached, attached_fine, info = measure("far_end", args.runs, args.seconds)
-    no_far, no_far_fine, _ = measure("no_far_end", args.runs, args.seconds)
-    no_ckpt, no_ckpt_fine, _ = measure("no_checkpoint", args.runs, args.seconds)
+    attached, attached_fine, info = measure("far_end", args.runs, args.seconds, args.build)
+    no_far, no_far_fine, _ = measure("no_far_end", args.runs, args.seconds, args.build)
+    no_ckpt, no_ckpt_fine, _ = measure("no_checkpoint", args.runs, args.seconds, args.build)
     figures = [
         Figure("idle_cpu_pct", "idle CPU, default config, far end attached", "% core",
                attached, 0.5, "<=", 2),
@@ -109,13 +119,14 @@ def main() -> None:
         if values:
             figures.append(Figure(key, label, "% core", values, None, "<=", 3))
     print_table(
-        f"idle CPU bench: {args.runs} windows of {args.seconds:g} s per variant, "
-        "guest attached (Guest8250 startup, IER=RDI|RLSI)",
+        f"idle CPU bench ({info['daemon']}): {args.runs} windows of {args.seconds:g} s per "
+        "variant, guest attached (Guest8250 startup, IER=RDI|RLSI)",
         figures,
         ["default [checkpoint] interval_s = 5: two periodic checkpoints per 10 s window",
          f"state dir after the run: {', '.join(info['state_files'])}"],
     )
-    print(json_line("idle_cpu", figures, seconds=args.seconds))
+    print(json_line("idle_cpu", figures, seconds=args.seconds, build=build,
+                    daemon=info["daemon"]))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ sends) and measures from before ``connect()`` to the ``READY=1`` the new run sen
 ``NOTIFY_SOCKET`` (this bench's datagram socket, as systemd would see it). The gaps are taken
 over the run (1 s of steady traffic before, 1 s after). Nothing here asserts on time.
 
-Run: ``python bench/restart.py [--runs 10]``. Prints a table (medians) and one JSON line.
+Run: ``python bench/restart.py [--runs 10] [--build both|pure|compiled]
+[--event-loop auto|asyncio|uvloop]``: by default the pure and the compiled build side by side
+(``_builds.py``: one restart per build and round, each with its own daemon), with their ratio.
+Prints a table (medians) and one JSON line.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from _builds import add_build_args, check_build, check_daemon_build, side_by_side
 from _common import (
-    REPO,
+    TREE,
     Daemon,
     Figure,
     Socat,
@@ -184,7 +188,13 @@ def wait_ready(notify: socket.socket, timeout_s: float = 30.0) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_runs_arg(parser, default=10)
+    add_build_args(parser)
     args = parser.parse_args()
+    if args.build == "both":
+        side_by_side(__file__, [], args.runs, args.event_loop)
+        return 0
+    build = check_build(args.build, args.event_loop)
+    event_loop = os.environ.get("UARTBRIDGE_BENCH_EVENT_LOOP")
     ready: list[float] = []
     guest_gap: list[float] = []
     far_gap: list[float] = []
@@ -204,10 +214,11 @@ def main() -> int:
             with open(d.log_path, "wb") as log:
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "uartbridge", "run", "--config", str(d.config_path)],
-                    stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                    stdout=log, stderr=subprocess.STDOUT, cwd=TREE,
                     env=dict(os.environ, NOTIFY_SOCKET=str(notify_path)),
                 )
             wait_ready(notify)
+            running = check_daemon_build(d.control, args.build, event_loop)
             far = FarLoop(socat.b)
             far.start()
             guest = GuestLoop(d.bus())
@@ -229,6 +240,8 @@ def main() -> int:
             socat_alive = socat.proc.poll() is None
             assert proc.poll() is None, "the daemon exited"
             pid_kept = request(d.control, {"cmd": "status"})["pid"] == proc.pid
+            # The exec'd run is the same build (the same command line, in the same tree).
+            running_after = check_daemon_build(d.control, args.build, event_loop)
             old_s, new_s = phases(d.log())
         finally:
             for loop in (guest, far):
@@ -257,10 +270,11 @@ def main() -> int:
         f"socat alive at the end: {socat_alive}; same PID: {pid_kept}; "
         f"guest reconnects: {guest.reconnects}",
     ]
-    print_table(f"uartbridge restart (exec in place), {args.runs} runs", figures, notes)
+    print_table(f"uartbridge restart (exec in place; {running}, after the restarts "
+                f"{running_after}), {args.runs} runs", figures, notes)
     print(json_line("restart", figures, bytes_sent=guest.sent, bytes_received=far.received,
                     out_of_sequence=far.wrong, socat_alive=socat_alive, pid_kept=pid_kept,
-                    guest_reconnects=guest.reconnects))
+                    guest_reconnects=guest.reconnects, build=build, daemon=running_after))
     return 0
 
 
