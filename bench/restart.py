@@ -273,7 +273,8 @@ def main() -> int:
     print_table(f"uartbridge restart (exec in place; {running}, after the restarts "
                 f"{running_after}), {args.runs} runs", figures, notes)
     print(json_line("restart", figures, bytes_sent=guest.sent, bytes_received=far.received,
-                    out_of_sequence=far.wrong, socat_alive=socat_alive, pid_kept=pid_kept,
+                    out_of_sequence=far.wrong, unconfirmed_posted=guest.lost_posted,
+                    socat_alive=socat_alive, pid_kept=pid_kept,
                     guest_reconnects=guest.reconnects, build=build, daemon=running_after))
     return 0
 
