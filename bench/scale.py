@@ -24,9 +24,12 @@ Each side sends exactly ``round(1152 × seconds)`` bytes per UART, a per-UART pa
 checks that the other side's bytes arrive once and in order. Measured over the load window,
 from ``/proc/PID/stat`` (utime + stime, % of one core): every daemon's CPU and their sum, and
 every load process's; each daemon's RSS (VmHWM, the peak); the time the last byte arrived
-after the load stopped. It **keeps up** when nothing is missing or out of order and every byte
-arrived within ``DRAIN_TARGET_S`` of the end of the load. The target for the daemons' CPU is
-issue 12's per-UART budget: 25 % of a core for 64 UARTs, so 100 % for 256.
+after the load stopped; and the CPU the daemons needed for the whole load (their CPU until the
+last byte arrived, divided by the window), which the target applies to: in the window they
+get only what the machine gives them. It **keeps up** when nothing is missing or out of
+order and every byte arrived within ``DRAIN_TARGET_S`` of the end of the load. The target
+for the daemons' CPU is issue 12's per-UART budget: 25 % of a core for 64 UARTs, so 100 % for
+256.
 
 Run: ``python bench/scale.py [--runs 5] [--seconds 30] [--uarts 64] [--processes 1]
 [--load-procs L] [--build both|pure|compiled] [--event-loop auto|asyncio|uvloop]
@@ -414,14 +417,14 @@ def main() -> None:
     target_pct = round(CPU_PCT_PER_UART * args.uarts, 1)
     figures = [
         Figure("daemon_cpu_pct", f"daemons' CPU, sum of {k}, {args.uarts} UARTs", "% core",
-               [sum(r["daemon_cpu_pct"]) for r in results], target_pct, "<="),
+               [sum(r["daemon_cpu_pct"]) for r in results]),
         *(Figure(f"daemon{j}_cpu_pct", f"  daemon {j} ({len(g)} UARTs)", "% core",
                  [r["daemon_cpu_pct"][j] for r in results])
           for j, g in enumerate(split(args.uarts, k)) if k > 1),
         Figure("daemon_cpu_max_pct", "  the busiest daemon (one core at most)", "% core",
                [max(r["daemon_cpu_pct"]) for r in results], 100, "<="),
-        Figure("daemon_cpu_nominal_pct", "  daemons' CPU s to the last byte / window s",
-               "% core", [r["cpu_nominal_pct"] for r in results]),
+        Figure("daemon_cpu_nominal_pct", "  needed: their CPU s to the last byte / window",
+               "% core", [r["cpu_nominal_pct"] for r in results], target_pct, "<="),
         Figure("daemon_rss_peak_mb", "daemon RSS peak (VmHWM), the largest", "MB",
                [max(r["daemon_hwm_mb"]) for r in results], 150, "<="),
         Figure("daemon_rss_sum_mb", "  sum over the daemons", "MB",
@@ -454,8 +457,9 @@ def main() -> None:
          f"{results[0]['bytes_each_way']:,}",
          f"CPU target: {CPU_PCT_PER_UART * 64:g} % of a core per 64 UARTs (issue 12); the "
          "default [checkpoint] interval_s = 5 is included",
-         "when the machine is saturated the bytes finish late (drain); the nominal CPU line "
-         "divides all the daemons' CPU for all the bytes by the window"],
+         "the first CPU line is what the daemons got in the window; when they (or the "
+         "machine) cannot keep up the bytes finish late (drain), and 'needed' divides all "
+         "their CPU until the last byte by the window: the target applies to that"],
     )
     print(json_line(
         "scale", figures, uarts=args.uarts, processes=k, load_procs=args.load_procs,
