@@ -35,12 +35,12 @@ def _temp_files(state_dir: Path, name: str) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _slow_first_rename(d: Daemon) -> Iterator[int]:
-    """Start ``d`` under strace with each thread's first rename held; yields the daemon's PID
+def _slow_first_rename(d: Daemon, *, nth: int = 1) -> Iterator[int]:
+    """Start ``d`` under strace with each thread's ``nth`` rename held; yields the daemon's PID
     (strace's child), SIGKILLed at the end if it is still there."""
     strace = require_program("strace")
     d.start(prefix=(strace, "-f", "-o", os.devnull, "-e", f"trace={RENAMES}",
-                    "-e", f"inject={RENAMES}:delay_enter={RENAME_DELAY_US}:when=1"))
+                    "-e", f"inject={RENAMES}:delay_enter={RENAME_DELAY_US}:when={nth}"))
     pid: int = d.status()["pid"]
     try:
         yield pid
@@ -69,6 +69,21 @@ def test_another_uart_is_served_while_a_periodic_checkpoint_is_held(tmp_path: Pa
         assert d.wait_exit(60) == 0
         d.proc = None
         assert read_checkpoint(checkpoint_path(d.state_dir, "uart1")).uart.scr == 0x3C
+
+
+def test_status_reports_the_checkpoint_on_disk_while_the_next_is_written(tmp_path: Path) -> None:
+    """While the second periodic checkpoint is held in the middle (snapshot taken, file not yet
+    in place), `status` reports the first one: the generation, path and age of the file that is
+    on disk, not the generation of the snapshot still being written."""
+    with daemon(tmp_path / "d", [{"name": "uart0", "port": "pty:"}], interval_s=0.5) as d, \
+            _slow_first_rename(d, nth=2):
+        path = checkpoint_path(d.state_dir, "uart0")
+        wait_for(lambda: path.exists() and _temp_files(d.state_dir, "uart0"), 30, 0.005)
+        on_disk = read_checkpoint(path).meta.generation
+        reported = d.status()["uarts"][0]["last_checkpoint"]
+        assert _temp_files(d.state_dir, "uart0"), "the second write is still held"
+        assert reported["path"] == str(path)
+        assert reported["generation"] == on_disk == 1, (reported, on_disk)
 
 
 def test_a_stop_during_a_periodic_write_leaves_the_final_state(tmp_path: Path) -> None:

@@ -89,8 +89,12 @@ class UartService:
                 pace=resume_from.uart.pace,
                 configured=config.pace,
             )
+        # The checkpoint on disk, for ``status``: recorded when its file is in place, not when
+        # its snapshot is taken (the writer thread writes it later, the device's generation
+        # counts snapshots).
         self.last_checkpoint_path: Path | None = None
         self.last_checkpoint_unix_ns: int | None = None
+        self.last_checkpoint_generation: int | None = None
 
     @property
     def uart(self) -> Uart16550:
@@ -106,11 +110,6 @@ class UartService:
     def port_open(self) -> bool:
         """Whether the port link is open."""
         return self.device.port_open
-
-    @property
-    def generation(self) -> int:
-        """The generation of the last checkpoint (or of the one resumed from)."""
-        return self.device.generation
 
     def _push_irq(self, levels: list[bool]) -> None:
         """The port link or the timer changed the device: push its IRQ changes to the guest
@@ -232,6 +231,7 @@ class UartService:
         """``ckpt`` is now the state directory's checkpoint at ``path`` (for ``status``)."""
         self.last_checkpoint_path = path
         self.last_checkpoint_unix_ns = ckpt.meta.created_unix_ns
+        self.last_checkpoint_generation = ckpt.meta.generation
 
     async def quiesce(self, *, keep_listening: bool = False) -> None:
         """Stop taking input from the port and let the OS finish what it accepted
@@ -277,7 +277,7 @@ class UartService:
             last_ckpt = {
                 "path": str(self.last_checkpoint_path),
                 "age_s": round((now_ns - self.last_checkpoint_unix_ns) / NS_PER_S, 3),
-                "generation": self.generation,
+                "generation": self.last_checkpoint_generation,
             }
         resumed = None
         if self.resumed_from is not None:
