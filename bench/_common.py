@@ -136,6 +136,8 @@ class Daemon:
     uarts: list[dict[str, Any]]
     daemon: dict[str, Any] = field(default_factory=dict)
     checkpoint: dict[str, Any] = field(default_factory=dict)
+    # Interpreter options before ``-m uartbridge`` (``-m cProfile -o FILE``: bench/scale.py).
+    python_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     runs: int = 0
     ready_s: float = 0.0  # exec → READY=1 of the last start
@@ -201,7 +203,7 @@ class Daemon:
             with open(self.log_path, "wb") as log:
                 start = time.perf_counter()
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "uartbridge", *args,
+                    [sys.executable, *self.python_args, "-m", "uartbridge", *args,
                      "--config", str(self.config_path)],
                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=TREE,
                 )
