@@ -300,6 +300,17 @@ def rss_bytes(pid: int) -> tuple[int, int]:
 # -- figures ----------------------------------------------------------------------------------
 
 
+def read_round_trips(read: Callable[[int], object], n: int, register: int = 7) -> list[int]:
+    """``n`` READ round trips of ``register`` (SCR) through a client's ``read``, each in ns."""
+    clock = time.perf_counter_ns
+    out = []
+    for _ in range(n):
+        start = clock()
+        read(register)
+        out.append(clock() - start)
+    return out
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q`` quantile (0..1) by nearest rank on sorted values."""
     ordered = sorted(values)
