@@ -136,6 +136,8 @@ class Daemon:
     uarts: list[dict[str, Any]]
     daemon: dict[str, Any] = field(default_factory=dict)
     checkpoint: dict[str, Any] = field(default_factory=dict)
+    # Interpreter options before ``-m uartbridge`` (``-m cProfile -o FILE``: bench/scale.py).
+    python_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
     runs: int = 0
     ready_s: float = 0.0  # exec → READY=1 of the last start
@@ -201,7 +203,7 @@ class Daemon:
             with open(self.log_path, "wb") as log:
                 start = time.perf_counter()
                 self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "uartbridge", *args,
+                    [sys.executable, *self.python_args, "-m", "uartbridge", *args,
                      "--config", str(self.config_path)],
                     stdout=log, stderr=subprocess.STDOUT, env=env, cwd=TREE,
                 )
@@ -296,6 +298,17 @@ def rss_bytes(pid: int) -> tuple[int, int]:
 
 
 # -- figures ----------------------------------------------------------------------------------
+
+
+def read_round_trips(read: Callable[[int], object], n: int, register: int = 7) -> list[int]:
+    """``n`` READ round trips of ``register`` (SCR) through a client's ``read``, each in ns."""
+    clock = time.perf_counter_ns
+    out = []
+    for _ in range(n):
+        start = clock()
+        read(register)
+        out.append(clock() - start)
+    return out
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -39,6 +39,7 @@ from _common import (
     need_program,
     percentile,
     print_table,
+    read_round_trips,
     socket_ping_pong_p50_us,
     stop_process,
     temp_dir,
@@ -60,18 +61,6 @@ def posted_writes(client: BusClient, n: int) -> float:
         write(THR, payload[i & 0xFF])
     client.sync()
     return n / (time.perf_counter() - start)
-
-
-def read_round_trips(client: BusClient, n: int) -> list[int]:
-    """``n`` READ round trips, each in ns."""
-    read = client.read
-    clock = time.perf_counter_ns
-    out = []
-    for _ in range(n):
-        start = clock()
-        read(SCR)
-        out.append(clock() - start)
-    return out
 
 
 def tcp_admissions(pid: int, port: int, n: int) -> float:
@@ -151,10 +140,10 @@ def main() -> None:
                     client.write(offset, value)
                 client.sync()
                 posted_writes(client, min(args.writes, 20_000))  # warm-up
-                read_round_trips(client, 1000)
+                read_round_trips(client.read, 1000)
                 for _ in range(args.runs):
                     rates.append(posted_writes(client, args.writes))
-                    rtts = read_round_trips(client, args.reads)
+                    rtts = read_round_trips(client.read, args.reads)
                     p50s.append(percentile(rtts, 0.50) / 1000)
                     p99s.append(percentile(rtts, 0.99) / 1000)
             if args.tcp_conns:

@@ -77,6 +77,7 @@ from _common import (
     need_program,
     percentile,
     print_table,
+    read_round_trips,
     socket_ping_pong_p50_us,
     stop_process,
     temp_dir,
@@ -716,18 +717,6 @@ class RingClient:
 Guest = BusClient | RingClient
 
 
-def read_rtts(client: Guest, n: int) -> list[int]:
-    """``n`` READ(SCR) round trips, each in ns."""
-    read = client.read
-    clock = time.perf_counter_ns
-    out = []
-    for _ in range(n):
-        start = clock()
-        read(SCR)
-        out.append(clock() - start)
-    return out
-
-
 def posted_bursts(client: Guest, frames: int, burst: int) -> float:
     """``frames`` posted WRITE_N(THR, ``burst`` bytes), then SYNC; executed frames/s."""
     payload = bytes(range(burst))
@@ -794,11 +783,11 @@ def run_variant(kind: str, guest_spin_us: float, daemon_spin_us: float, root: Pa
         for offset, value in ((LCR, 0x03), (FCR, 0x07), (IER, 0x00)):
             client.write(offset, value)
         client.sync()
-        read_rtts(client, 500)  # warm-up
+        read_round_trips(client.read, 500)  # warm-up
         posted_bursts(client, 1000, args.burst)
         sent_frames = 1000
         for _ in range(args.runs):
-            rtts = read_rtts(client, args.reads)
+            rtts = read_round_trips(client.read, args.reads)
             out["p50"].append(percentile(rtts, 0.5) / 1000)
             out["p99"].append(percentile(rtts, 0.99) / 1000)
             fps = posted_bursts(client, args.frames, args.burst)
@@ -856,9 +845,9 @@ def real_daemon_read_rtt(runs: int, reads: int) -> tuple[list[float], list[float
                 for offset, value in ((LCR, 0x03), (FCR, 0x07), (IER, 0x00)):
                     client.write(offset, value)
                 client.sync()
-                read_rtts(client, 500)
+                read_round_trips(client.read, 500)
                 for _ in range(runs):
-                    rtts = read_rtts(client, reads)
+                    rtts = read_round_trips(client.read, reads)
                     p50s.append(percentile(rtts, 0.5) / 1000)
                     p99s.append(percentile(rtts, 0.99) / 1000)
         finally:

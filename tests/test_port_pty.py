@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes.util
 import os
 import tty
 from pathlib import Path
+from typing import Any
 
 from _port_support import Guest, read_available, wait_for
 
@@ -141,3 +143,33 @@ def test_restore_replays_tx_backlog_and_feeds_rx_backlog_then_quiesce_keeps_inpu
             os.close(slave)
 
     asyncio.run(run())
+
+
+def test_inotify_looks_libc_up_once_not_per_pty(tmp_path: Path, monkeypatch: Any) -> None:
+    """Watching several pty slaves looks libc up once: ``ctypes.util.find_library`` runs
+    ``ldconfig -p`` (a subprocess) per call, which a 256-UART daemon paid 256 times at start.
+    Each watch still sees an open of its path."""
+    from uartbridge.port import owned_pty
+
+    calls: list[str] = []
+    real = ctypes.util.find_library
+
+    def counting(name: str) -> str | None:
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(ctypes.util, "find_library", counting)
+    cached = getattr(owned_pty, "_libc", None)
+    if cached is not None:
+        cached.cache_clear()
+    for i in range(3):  # one watch at a time: inotify instances are limited per user (128)
+        path = tmp_path / f"f{i}"
+        path.write_bytes(b"")
+        watch = owned_pty.Inotify(str(path))
+        try:
+            assert not watch.read_masks()
+            os.close(os.open(path, os.O_RDONLY))
+            assert watch.read_masks()
+        finally:
+            watch.close()
+    assert calls == ["c"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import re
 import select
@@ -187,13 +188,19 @@ def master_hung_up(master_fd: int) -> bool:
     return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """libc, loaded once: ``find_library`` runs ``ldconfig -p`` (a subprocess) on every call,
+    which cost 1-2 ms per ``pty:`` UART at start (256 of them: 0.3-0.5 s, bench/scale.py)."""
+    return ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
 class Inotify:
     """A minimal non-blocking inotify on one path (ctypes, Linux)."""
 
     def __init__(self, path: str) -> None:
         """Watch ``path`` for open and close; raises OSError if inotify is unavailable."""
-        libc_name = ctypes.util.find_library("c")
-        libc = ctypes.CDLL(libc_name, use_errno=True)
+        libc = _libc()
         fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
             err = ctypes.get_errno()
