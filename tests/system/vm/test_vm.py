@@ -20,6 +20,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -836,12 +837,15 @@ def test_systemctl_restart_keeps_the_tty_open_under_traffic(clean: Vm, tty: str)
 # -- issue 13: an upgrade onto another installed version keeps the tty and the state ---------
 # The previous release is the first whose `systemctl restart` keeps the port (the merge of
 # branch 'restart', checkpoint format 5 with port_handle): older ones cannot hand a tty over.
-# Its wheel is built on the host from `git archive` of that commit, offline (the share's
+# Its wheel is built on the host from that commit's source (OLD_SOURCE), offline (the share's
 # wheelhouse has setuptools and wheel). Both commits say version 0.1.0: the build copy of the
 # old one gets the local label OLD_VERSION so that `uartbridge --version` tells them apart
 # (the code under test is not touched).
 OLD_COMMIT = "93a20ceb4cd85fcc417b423baf4df7bc5d64d5c3"
 OLD_VERSION = "0.1.0+fdstore.93a20ce"
+# Its source as `git archive OLD_COMMIT uartbridge pyproject.toml README.md | xz -9` made it,
+# kept in the tree: a shallow clone (CI's may be one) has no OLD_COMMIT to archive.
+OLD_SOURCE = Path(__file__).parent / "old-release" / "uartbridge-93a20ce.tar.xz"
 VENV_PIP = ("PIP_DISABLE_PIP_VERSION_CHECK=1 /opt/uartbridge/bin/python -m pip install -q "
             "--no-deps --force-reinstall --no-cache-dir")
 
@@ -852,11 +856,8 @@ def old_wheel(vm: Vm) -> str:
     dest = vm.share_dir / "old"
     src = dest / "src"
     src.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(vmrig.REPO), "archive", OLD_COMMIT],
-                             capture_output=True, timeout=120, check=False)
-    if archive.returncode != 0:
-        pytest.fail(f"git archive {OLD_COMMIT} (a shallow clone?): {archive.stderr.decode()}")
-    subprocess.run(["tar", "-x", "-C", str(src)], input=archive.stdout, check=True, timeout=120)
+    with tarfile.open(OLD_SOURCE) as archive:
+        archive.extractall(src, filter="data")
     for name in ("pyproject.toml", "uartbridge/__init__.py"):
         path = src / name
         text = path.read_text(encoding="utf-8")
