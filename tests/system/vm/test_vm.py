@@ -857,7 +857,8 @@ def old_wheel(vm: Vm) -> str:
     src = dest / "src"
     src.mkdir(parents=True)
     with tarfile.open(OLD_SOURCE) as archive:
-        archive.extractall(src, filter="data")
+        # filter= came with Python 3.11.4; Debian 12's 3.11.2 may not have it (our own file)
+        archive.extractall(src, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     for name in ("pyproject.toml", "uartbridge/__init__.py"):
         path = src / name
         text = path.read_text(encoding="utf-8")
