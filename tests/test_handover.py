@@ -6,13 +6,14 @@ from __future__ import annotations
 import array
 import os
 import pty
+import shutil
 import socket
 import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-from procs import REPO, new_user, socat_pair
+from procs import REPO, new_user, shared_dir, socat_pair
 
 from uartbridge.daemon import sdnotify
 from uartbridge.daemon.handover import HandedFds
@@ -245,13 +246,16 @@ def test_listener_in_a_directory_the_daemon_cannot_enter_is_taken(tmp_path: Path
              "listener_mismatch, socket; s = socket.socket(fileno=int(sys.argv[2])); "
              "print(listener_mismatch(s, Path(sys.argv[1])), "
              "listener_mismatch(s, Path(sys.argv[1] + '.other')) is not None)")
-    with new_user() as user:
+    with new_user() as user, shared_dir() as lib:
+        # The system's python3 and a copy of the package: the venv and the checkout may live
+        # where the user cannot read (a fresh root's clone is under /root, 0700).
+        shutil.copytree(REPO / "uartbridge", lib / "uartbridge",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         fd = os.dup(sock.fileno())
         try:
             proc = subprocess.run(
-                # The system's python3: the venv's may live where the user cannot read.
                 ["/usr/bin/python3", "-c", check, str(path), str(fd)], capture_output=True,
-                text=True, timeout=60, cwd="/", env={"PYTHONPATH": str(REPO)},
+                text=True, timeout=60, cwd="/", env={"PYTHONPATH": str(lib)},
                 user=user.pw_uid, group=user.pw_gid, extra_groups=[],
                 pass_fds=(fd,),
             )
