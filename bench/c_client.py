@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import time
 
 from _common import (
     REPO,
@@ -28,6 +27,7 @@ from _common import (
     need_program,
     percentile,
     print_table,
+    read_round_trips,
     socket_ping_pong_p50_us,
     stop_process,
     temp_dir,
@@ -42,15 +42,8 @@ SCR = 7
 def python_run(bus: str, reads: int, spin_us: float) -> tuple[float, float]:
     """(p50, p99) in µs of ``reads`` BusClient.read(SCR) round trips, after a warm-up."""
     with BusClient(bus, spin_us=spin_us) as client:
-        read = client.read
-        for _ in range(1000):
-            read(SCR)
-        clock = time.perf_counter_ns
-        times = []
-        for _ in range(reads):
-            start = clock()
-            read(SCR)
-            times.append(clock() - start)
+        read_round_trips(client.read, 1000, SCR)  # warm-up
+        times = read_round_trips(client.read, reads, SCR)
     return percentile(times, 0.50) / 1000, percentile(times, 0.99) / 1000
 
 
