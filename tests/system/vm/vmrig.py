@@ -422,6 +422,23 @@ class Vm:
     def console_log(self) -> Path:
         return self.path(f"console-{self.accel}.log")
 
+    @property
+    def trace_log(self) -> Path:
+        return self.path(f"trace-{self.accel}.log")
+
+    def trace_mark(self) -> int:
+        """Where QEMU's trace log ends now (for ``trace_since``)."""
+        try:
+            return self.trace_log.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def trace_since(self, mark: int) -> list[str]:
+        """The trace lines QEMU wrote after ``mark`` (``trace_mark``)."""
+        with self.trace_log.open("rb") as log:
+            log.seek(mark)
+            return log.read().decode("ascii", "replace").splitlines()
+
     def console_tail(self, lines: int = 40) -> str:
         return rootfs.tail(self.console_log, lines)
 
@@ -448,6 +465,11 @@ class Vm:
             "-device", "qemu-xhci,id=xhci",
             "-chardev", f"socket,id=usbser,path={w('usb.sock')},server=on,wait=off",
             "-qmp", f"unix:{w('qmp.sock')},server=on,wait=off",
+            # The modem-control lines as the guest's drivers set them, for the tests that
+            # check a tty is never closed (``trace_since``): QEMU's 16550 register writes and
+            # its usb-serial's control requests (hw/char, hw/usb trace-events).
+            "-trace", "serial_write", "-trace", "usb_serial_handle_control",
+            "-D", str(self.trace_log),
         ]
 
     def _launch(self, accel: str) -> float:
