@@ -102,6 +102,42 @@ def test_bursts_and_sync() -> None:
         assert client.read_many(RBR, 100) == b""
 
 
+def test_confirmed_write_many_returns_once_executed() -> None:
+    """write_many(confirm=True) returns when the device has executed the writes (no sync)."""
+    with ServerThread() as srv, BusClient(srv.path) as client:
+        client.write(FCR, 0x07)
+        client.write_many(THR, b"0123456789abcdef", confirm=True)
+        assert srv.sent() == b"0123456789abcdef"
+        client.write_many(THR, b"", confirm=True)  # a bare barrier
+        assert srv.sent() == b"0123456789abcdef"
+
+
+class _SendLog:
+    """A socket stand-in that records every send() (the client's own socket underneath)."""
+
+    def __init__(self, sock: object) -> None:
+        self._sock = sock
+        self.sends: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.sends.append(bytes(data))
+        return self._sock.send(data)  # type: ignore[attr-defined, no-any-return]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)
+
+
+def test_confirmed_write_many_sends_writes_and_sync_at_once() -> None:
+    """The writes and their SYNC leave in one send(): a stop finds both or neither in the
+    socket (docs/bus-protocol.md §1), so no reply means none was executed."""
+    with ServerThread() as srv, BusClient(srv.path) as client:
+        log = _SendLog(client._sock)
+        client._sock = log  # type: ignore[assignment]
+        client.write_many(THR, b"xyz", confirm=True)
+        assert len(log.sends) == 1
+        assert log.sends[0].count(b"xyz") == 1 and len(log.sends[0]) > len(b"xyz") + 8
+
+
 def test_irq_property_and_wait_irq() -> None:
     """irq follows the events seen with replies; wait_irq returns True high, False on timeout."""
     with ServerThread() as srv, BusClient(srv.path) as client:

@@ -338,11 +338,20 @@ class BusClient:
         """Write ``value`` to the register at ``offset`` (posted: returns without a reply)."""
         self._send(encode(Write(offset, value)))
 
-    def write_many(self, offset: int, data: bytes) -> None:
-        """``len(data)`` writes to ``offset`` in order, in as few frames as fit (posted)."""
-        if not data:
-            return
-        self._send(b"".join(encode(WriteN(offset, chunk)) for chunk in _chunks(bytes(data))))
+    def write_many(self, offset: int, data: bytes, *, confirm: bool = False) -> None:
+        """``len(data)`` writes to ``offset`` in order, in as few frames as fit (posted).
+
+        ``confirm``: a SYNC goes in the same send and this returns once it is answered, so
+        the writes were executed; a ``BusError`` instead (the daemon stopped) means they were
+        not — the server executes whole what it finds in its socket at a stop, and a send
+        the socket buffer takes at once (a 16-byte FIFO's worth does) reaches it whole
+        (``docs/bus-protocol.md`` §1): resend them after reconnecting.
+        """
+        frames = b"".join(encode(WriteN(offset, chunk)) for chunk in _chunks(bytes(data)))
+        if confirm:
+            self._sync_after(frames)
+        elif frames:
+            self._send(frames)
 
     def read_many(self, offset: int, n: int) -> bytes:
         """Up to ``n`` reads of ``offset``; from RBR it stops when LSR.DR=0 or an error is due."""
@@ -360,8 +369,12 @@ class BusClient:
 
     def sync(self) -> None:
         """A barrier: returns when the server has executed everything sent before."""
+        self._sync_after(b"")
+
+    def _sync_after(self, frames: bytes) -> None:
+        """Send ``frames`` and a SYNC in one send; return when the SYNC is answered."""
         token = next(self._tokens) & 0xFFFFFFFF
-        self._send(encode(Sync(token)))
+        self._send(frames + encode(Sync(token)))
         reply = self._expect(SyncReply)
         assert isinstance(reply, SyncReply)
         if reply.token != token:

@@ -116,7 +116,8 @@ def cmd_loop(args: argparse.Namespace) -> dict[str, Any]:
     written and as many read as the file ``read_count_file`` says once it exists (the host
     writes it when it has sent its last byte), or ``timeout_s``. A failed connect is retried after
     10 ms and counted by errno (``refused``; a HELLO answered with an error: ``turned_away``);
-    a session the daemon ends (its stop) is a reconnect. Reports
+    a session the daemon ends (its stop) is a reconnect; a write counts as done only once
+    confirmed (``write_many(confirm=True)``), so what a stop cut off is sent again. Reports
     every gap longer than 50 ms between two operations that succeeded."""
     import errno
 
@@ -170,8 +171,11 @@ def cmd_loop(args: argparse.Namespace) -> dict[str, Any]:
                         ok()
                     if lsr & LSR_THRE and done < len(data):
                         chunk = data[done:done + FIFO_SIZE]
-                        bus.write_many(0, chunk)
-                        done += len(chunk)  # sent whole: the daemon executes it (its drain)
+                        # Executed once this returns; if the daemon stops first it was not,
+                        # and the next session sends it again (docs/bus-protocol.md §1).
+                        bus.write_many(0, chunk, confirm=True)
+                        done += len(chunk)
+                        ok()
                     elif not lsr & LSR_DR:
                         time.sleep(0.002)
                 bus.sync()

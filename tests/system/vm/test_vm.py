@@ -927,6 +927,118 @@ def test_upgrade_to_another_version_keeps_the_tty_and_the_state(clean: Vm, old_w
             machine.ok("cd /root/uartbridge && scripts/install-service", timeout_s=900)
 
 
+# -- issue 13 item 2: the bus survives `systemctl restart` (the optional socket unit) ---------
+# uartbridge@ttyS1.socket holds the control and bus sockets in /run/uartbridge-ttyS1.sockets
+# (the config names them there); the daemon takes them from LISTEN_FDS at every start. The
+# same reconnecting emulator runs first without the socket unit (the sockets are the
+# daemon's, in the runtime directory systemd removes at each stop), then with it.
+
+SOCKET_UNIT = "uartbridge@ttyS1.socket"
+SOCKET_DIR = "/run/uartbridge-ttyS1.sockets"
+SOCKETS_CONF = (f'[daemon]\ncontrol_socket = "{SOCKET_DIR}/control.sock"\n'
+                f'{TTYS1_CONF}bus_socket = "{SOCKET_DIR}/uart0.bus"\n')
+SOCKET_RESTARTS = 3
+LOOP_OUT = 2000  # guest -> far end, written as the THRE allows while reconnecting
+
+
+def _reconnecting_guest(machine: Vm, bus_path: str, seed: str) -> dict[str, object]:
+    """SOCKET_RESTARTS × `systemctl restart` of the template instance while the guest_uart
+    `loop` emulator reconnects over and over and the far end sends 64 bytes every 0.2 s;
+    checks every byte once, in order, both ways; the loop's report."""
+    count_file = f"/tmp/{seed}.count"
+    machine.sh(f"rm -f {count_file}")
+    inbound = pattern(f"{seed}-h2g", 64 * 400)
+    sent = 0
+    stop = threading.Event()
+    result: dict[str, object] = {}
+
+    def send() -> None:
+        nonlocal sent
+        while not stop.is_set() and sent < len(inbound):
+            far(machine).send(inbound[sent:sent + 64])
+            sent += 64
+            time.sleep(0.2)
+
+    def loop() -> None:
+        result.update(gu(machine, f"loop {bus_path} --seed {seed}-g2h --count {LOOP_OUT} "
+                         f"--read-count-file {count_file} --timeout-s 300", timeout_s=400))
+
+    sender = threading.Thread(target=send, daemon=True)
+    guest = threading.Thread(target=loop, daemon=True)
+    sender.start()
+    guest.start()
+    pid = show(machine, TEMPLATE, "MainPID")["MainPID"]
+    try:
+        for _ in range(SOCKET_RESTARTS):
+            time.sleep(1.0)
+            restarted = machine.sh(f"timeout 120 systemctl restart {TEMPLATE}", timeout_s=180)
+            assert restarted.rc == 0, f"{restarted}\n{explain(machine, TEMPLATE)}"
+            pid = wait_active(machine, TEMPLATE, not_pid=pid)["MainPID"]
+        time.sleep(1.0)  # traffic after the last restart too
+    finally:
+        stop.set()
+        sender.join(60)
+        write_file(machine, count_file, str(sent))
+        guest.join(420)
+    assert result, "the guest loop did not report"
+    problem = same_bytes("far end -> reconnecting guest", inbound[:sent],
+                         bytes.fromhex(str(result["hex"])))
+    problem2 = same_bytes("reconnecting guest -> far end", pattern(f"{seed}-g2h", LOOP_OUT),
+                          far(machine).wait_for(LOOP_OUT, timeout_s=120))
+    assert result["written"] == LOOP_OUT and not problem and not problem2, (
+        f"{problem}\n{problem2}\n{ {k: v for k, v in result.items() if k != 'hex'} }\n"
+        f"{explain(machine, TEMPLATE)}")
+    return result
+
+
+def _longest_gaps(result: dict[str, object]) -> list[float]:
+    """The SOCKET_RESTARTS longest gaps the guest saw (one per restart)."""
+    found = result["gaps"]
+    assert isinstance(found, list)
+    return sorted((float(g) for g in found), reverse=True)[:SOCKET_RESTARTS]
+
+
+def test_socket_unit_keeps_the_bus_across_systemctl_restart(clean: Vm) -> None:
+    """With uartbridge@ttyS1.socket enabled, an emulator reconnecting in a loop under traffic
+    both ways across 3 × `systemctl restart uartbridge@ttyS1` is never refused (no
+    ECONNREFUSED, no ENOENT: it waits in the listen queue), the socket files keep their inode
+    (0660 in a 0750 directory), and every byte arrives once, in order. The same loop without
+    the socket unit is refused meanwhile; both runs print the guest's longest gaps."""
+    machine = clean
+    start(machine, TEMPLATE)
+    init_uart(machine, TEMPLATE)
+    without = _reconnecting_guest(machine, bus(machine, TEMPLATE), "nosock")
+    stop_all(machine)
+    write_file(machine, "/etc/uartbridge/ttyS1.toml", SOCKETS_CONF)
+    machine.ok(f"systemctl enable --now {SOCKET_UNIT}")
+    try:
+        start(machine, TEMPLATE)
+        socket_bus = f"{SOCKET_DIR}/uart0.bus"
+        modes = machine.ok(f"stat -c '%a %U %G %i' {SOCKET_DIR} {socket_bus} "
+                           f"{SOCKET_DIR}/control.sock").strip().splitlines()
+        assert [m.rsplit(" ", 1)[0] for m in modes] == [
+            "750 root root", "660 root root", "660 root root"], modes
+        status = json.loads(machine.ok("uartbridge status --json --instance ttyS1"))
+        assert status["uarts"][0]["bus_socket"] == socket_bus, status
+        with_unit = _reconnecting_guest(machine, socket_bus, "sock")
+        assert with_unit["refused"] == {}, (
+            f"refused with the socket unit: {with_unit['refused']}\n"
+            f"{explain(machine, TEMPLATE)}")
+        inode = machine.ok(f"stat -c %i {socket_bus}").strip()
+        assert inode == modes[1].rsplit(" ", 1)[1], "the bus socket was bound anew"
+        assert _journal_count(machine, TEMPLATE, "listener.handover_refused") == 0
+    finally:
+        machine.sh(f"systemctl disable --now {SOCKET_UNIT}")
+    assert without["refused"], "without the socket unit the loop was never refused: no gap?"
+    for label, result in (("without the socket unit", without), ("with it", with_unit)):
+        gaps = _longest_gaps(result)
+        print(f"guest's longest reconnect gaps {label} ({machine.accel}): median "
+              f"{statistics.median(gaps):.3f} s, each {', '.join(f'{g:.3f}' for g in gaps)}; "
+              f"refused {result['refused']}, turned away {result['turned_away']}, "
+              f"sessions {result['sessions']}, "
+              f"ended by a stop {result['dropped']}")
+
+
 # -- uninstall (last: it removes what the tests above use) ---------------------------------
 
 
