@@ -118,7 +118,7 @@ def cmd_loop(args: argparse.Namespace) -> dict[str, Any]:
     10 ms and counted by errno (``refused``; a HELLO answered with an error: ``turned_away``);
     a session the daemon ends (its stop) is a reconnect; a write counts as done only once
     confirmed (``write_many(confirm=True)``), so what a stop cut off is sent again. Reports
-    every gap longer than 50 ms between two operations that succeeded."""
+    every gap longer than 50 ms between two operations that succeeded, and the longest."""
     import errno
 
     from uartbridge.errors import BusError
@@ -130,11 +130,13 @@ def cmd_loop(args: argparse.Namespace) -> dict[str, Any]:
     turned_away: dict[str, int] = {}
     sessions = dropped = 0
     gaps: list[float] = []
+    longest = 0.0
     start = last_ok = time.monotonic()
 
     def ok() -> None:
-        nonlocal last_ok
+        nonlocal last_ok, longest
         now = time.monotonic()
+        longest = max(longest, now - last_ok)
         if now - last_ok > 0.05:
             gaps.append(round(now - last_ok, 4))
         last_ok = now
@@ -184,7 +186,8 @@ def cmd_loop(args: argparse.Namespace) -> dict[str, Any]:
             dropped += 1  # the daemon stopped under this session: reconnect
     return {"written": done, "n": len(got), "hex": got.hex(), "refused": refused,
             "turned_away": turned_away,
-            "sessions": sessions, "dropped": dropped, "gaps": gaps}
+            "sessions": sessions, "dropped": dropped, "gaps": gaps,
+            "longest_gap_s": round(longest, 4)}
 
 
 def cmd_regs(args: argparse.Namespace) -> dict[str, Any]:

@@ -989,10 +989,24 @@ SOCKET_RESTARTS = 3
 LOOP_OUT = 2000  # guest -> far end, written as the THRE allows while reconnecting
 
 
-def _reconnecting_guest(machine: Vm, bus_path: str, seed: str) -> dict[str, object]:
-    """SOCKET_RESTARTS × `systemctl restart` of the template instance while the guest_uart
-    `loop` emulator reconnects over and over and the far end sends 64 bytes every 0.2 s;
-    checks every byte once, in order, both ways; the loop's report."""
+def _systemctl_restart(machine: Vm) -> Callable[[], None]:
+    """One `systemctl restart` of the template instance, waiting for its new MainPID."""
+    pid = show(machine, TEMPLATE, "MainPID")["MainPID"]
+
+    def restart() -> None:
+        nonlocal pid
+        restarted = machine.sh(f"timeout 120 systemctl restart {TEMPLATE}", timeout_s=180)
+        assert restarted.rc == 0, f"{restarted}\n{explain(machine, TEMPLATE)}"
+        pid = wait_active(machine, TEMPLATE, not_pid=pid)["MainPID"]
+
+    return restart
+
+
+def _reconnecting_guest(machine: Vm, bus_path: str, seed: str,
+                        restart: Callable[[], None]) -> dict[str, object]:
+    """SOCKET_RESTARTS × ``restart`` of the template instance while the guest_uart `loop`
+    emulator reconnects over and over and the far end sends 64 bytes every 0.2 s; checks
+    every byte once, in order, both ways; the loop's report."""
     count_file = f"/tmp/{seed}.count"
     machine.sh(f"rm -f {count_file}")
     inbound = pattern(f"{seed}-h2g", 64 * 400)
@@ -1015,13 +1029,10 @@ def _reconnecting_guest(machine: Vm, bus_path: str, seed: str) -> dict[str, obje
     guest = threading.Thread(target=loop, daemon=True)
     sender.start()
     guest.start()
-    pid = show(machine, TEMPLATE, "MainPID")["MainPID"]
     try:
         for _ in range(SOCKET_RESTARTS):
             time.sleep(1.0)
-            restarted = machine.sh(f"timeout 120 systemctl restart {TEMPLATE}", timeout_s=180)
-            assert restarted.rc == 0, f"{restarted}\n{explain(machine, TEMPLATE)}"
-            pid = wait_active(machine, TEMPLATE, not_pid=pid)["MainPID"]
+            restart()
         time.sleep(1.0)  # traffic after the last restart too
     finally:
         stop.set()
@@ -1055,7 +1066,8 @@ def test_socket_unit_keeps_the_bus_across_systemctl_restart(clean: Vm) -> None:
     machine = clean
     start(machine, TEMPLATE)
     init_uart(machine, TEMPLATE)
-    without = _reconnecting_guest(machine, bus(machine, TEMPLATE), "nosock")
+    without = _reconnecting_guest(machine, bus(machine, TEMPLATE), "nosock",
+                                  _systemctl_restart(machine))
     stop_all(machine)
     write_file(machine, "/etc/uartbridge/ttyS1.toml", SOCKETS_CONF)
     machine.ok(f"systemctl enable --now {SOCKET_UNIT}")
@@ -1068,7 +1080,8 @@ def test_socket_unit_keeps_the_bus_across_systemctl_restart(clean: Vm) -> None:
             "750 root root", "660 root root", "660 root root"], modes
         status = json.loads(machine.ok("uartbridge status --json --instance ttyS1"))
         assert status["uarts"][0]["bus_socket"] == socket_bus, status
-        with_unit = _reconnecting_guest(machine, socket_bus, "sock")
+        with_unit = _reconnecting_guest(machine, socket_bus, "sock",
+                                        _systemctl_restart(machine))
         assert with_unit["refused"] == {}, (
             f"refused with the socket unit: {with_unit['refused']}\n"
             f"{explain(machine, TEMPLATE)}")
@@ -1085,6 +1098,41 @@ def test_socket_unit_keeps_the_bus_across_systemctl_restart(clean: Vm) -> None:
               f"refused {result['refused']}, turned away {result['turned_away']}, "
               f"sessions {result['sessions']}, "
               f"ended by a stop {result['dropped']}")
+
+
+# -- issue 13 items 3 and 4: `uartbridge restart` under systemd (in place, the same MainPID) --
+
+
+def test_restart_in_place_under_systemd_keeps_the_main_pid_and_the_bus(clean: Vm) -> None:
+    """`uartbridge restart --instance ttyS1` 3 times under the reconnecting emulator and the
+    far end's traffic: systemd's MainPID stays, the unit is not restarted nor warned about
+    notifications from another PID, no connect is refused, every byte once, in order, both
+    ways; prints the guest's longest gaps (the handover's downtime as a guest sees it)."""
+    machine = clean
+    start(machine, TEMPLATE)
+    init_uart(machine, TEMPLATE)
+    before = show(machine, TEMPLATE, "MainPID", "NRestarts", "InvocationID")
+    took: list[str] = []
+
+    def restart() -> None:
+        done = machine.sh("timeout 120 uartbridge restart --instance ttyS1", timeout_s=180)
+        assert done.rc == 0, f"{done}\n{explain(machine, TEMPLATE)}"
+        took.append(done.stdout.strip().rsplit(" ", 2)[-2])
+
+    result = _reconnecting_guest(machine, bus(machine, TEMPLATE), "inplace", restart)
+    after = show(machine, TEMPLATE, "MainPID", "NRestarts", "InvocationID", "ActiveState")
+    assert after["ActiveState"] == "active" and all(
+        after[key] == before[key] for key in before), f"{before} -> {after}"
+    assert result["refused"] == {}, result["refused"]
+    assert _journal_count(machine, TEMPLATE, "port.taken_over") >= SOCKET_RESTARTS
+    complaints = machine.sh("journalctl -b --no-pager -o cat _PID=1 | grep -c -F "
+                            "'reception only permitted for main PID'").stdout.strip()
+    assert complaints in ("", "0"), f"systemd refused {complaints} notifications"
+    gaps = _longest_gaps(result)
+    print(f"uartbridge restart in place ({machine.accel}): request -> answer {', '.join(took)} s; "
+          f"guest's longest gaps {', '.join(f'{g:.3f}' for g in gaps) or 'none over 50 ms'}, "
+          f"the longest between two operations {result.get('longest_gap_s')} s; "
+          f"sessions {result['sessions']}, ended by a restart {result['dropped']}")
 
 
 # -- uninstall (last: it removes what the tests above use) ---------------------------------
