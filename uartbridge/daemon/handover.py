@@ -84,6 +84,10 @@ class HandedFds:
         """What ``$LISTEN_FDS`` hands to this process (systemd's fd store, or our exec)."""
         return cls(sdnotify.listen_fds())
 
+    def add(self, fds: list[tuple[str, int]]) -> None:
+        """More descriptors handed to this run (an understudy's, after ``$LISTEN_FDS``)."""
+        self._fds += fds
+
     def _pop(self, index: int) -> int:
         name, fd = self._fds.pop(index)
         self.taken.append(name)
