@@ -584,6 +584,12 @@ class Daemon:
             return
         if pair is not None:
             proc, sock = pair
+            # From here until the new run has taken the state back, a stop signal waits
+            # (exec keeps it pending; the new run handles it once it serves). One that came
+            # during the quiesce is raised again for it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, HANDOVER_SIGNALS)
+            if self._signals:
+                os.kill(os.getpid(), signal.SIGTERM)
             try:
                 understudy.send(sock, "handover", kept, restarts=self.restarts + 1,
                                 main_pid=os.getpid())
@@ -600,8 +606,6 @@ class Daemon:
             else:
                 self.log.info("exec", understudy=proc.pid, handed=sorted(n for n, _ in kept))
                 os.environ[understudy.UNDERSTUDY_PID_ENV] = str(proc.pid)
-                # Until the new run has taken the state back, a stop signal waits.
-                signal.pthread_sigmask(signal.SIG_BLOCK, HANDOVER_SIGNALS)
                 self._exec(handover.keep([(understudy.SOCKET_NAME, sock.fileno())]))
         self._finish_files(EX_OK)
         self.log.info("exec", fds=sorted(name for name, _fd in kept))
@@ -659,6 +663,7 @@ class Daemon:
         """In S: the second handover, to the new main run; then exit 0 (nothing else:
         sockets, links and the marker are the main process's)."""
         assert self._pair is not None
+        self.log.info("understudy handing back")
         self._detach_listeners()
         kept = await self._quiesce_and_collect(with_state=True)
         code = EX_OK
