@@ -691,6 +691,7 @@ class Daemon:
         sock = socket.socket(fileno=fd)
         fds: list[tuple[str, int]] = []
         try:
+            self.log.info("taking the state back from the understudy", pid=pid_text)
             understudy.send(sock, "give")
             sock.settimeout(understudy.GIVE_TIMEOUT_S)
             header, fds = await loop.run_in_executor(None, understudy.receive, sock)
