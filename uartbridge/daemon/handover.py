@@ -9,6 +9,9 @@ One way back in serves both: the next run finds them as ``$LISTEN_FDS``/``$LISTE
   ``$LISTEN_PID``/``$LISTEN_FDS``/``$LISTEN_FDNAMES`` set as systemd would, plus
   ``$UARTBRIDGE_HANDOVER`` (how many in-place restarts so far): the next run resumes from
   the state directory's newest checkpoint whatever ``[checkpoint] resume`` says.
+  That exec alone is the fallback: ``uartbridge restart`` normally goes through an
+  understudy (``understudy``), which takes these same descriptors, by these names, over a
+  socketpair while the exec runs, and hands them back.
 - Under systemd each open port's descriptor goes to the fd store (``FDSTORE=1``, see
   ``sdnotify``), which hands it back at the next start of the unit.
 
