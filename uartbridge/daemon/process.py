@@ -604,7 +604,7 @@ class Daemon:
                 kept = [(n, fd) for n, fd in kept
                         if n != understudy.LOCK_NAME and not n.startswith("checkpoint.")]
             else:
-                self.log.info("exec", understudy=proc.pid, handed=sorted(n for n, _ in kept))
+                self.log.info("exec", understudy=proc.pid, fds=sorted(n for n, _ in kept))
                 os.environ[understudy.UNDERSTUDY_PID_ENV] = str(proc.pid)
                 self._exec(handover.keep([(understudy.SOCKET_NAME, sock.fileno())]))
         self._finish_files(EX_OK)
