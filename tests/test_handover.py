@@ -4,6 +4,7 @@ listening socket, and the sd_notify fd store messages (real ptys, sockets and da
 from __future__ import annotations
 
 import array
+import dataclasses
 import os
 import pty
 import shutil
@@ -11,18 +12,31 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 from procs import REPO, new_user, shared_dir, socat_pair
 
-from uartbridge.daemon import sdnotify
+from uartbridge.checkpoint import (
+    FORMAT_VERSION,
+    Checkpoint,
+    checkpoint_path,
+    encode,
+    read_checkpoint,
+    write_checkpoint,
+)
+from uartbridge.daemon import sdnotify, understudy
 from uartbridge.daemon.handover import HandedFds
+from uartbridge.daemon.understudy import checkpoint_name, memfd_with
 from uartbridge.errors import PortError
 from uartbridge.port.claim import adopt_tty
 from uartbridge.port.handle import fd_identity
 from uartbridge.port.owned_pty import adopt_pty, create_pty
 from uartbridge.port.termios_ops import RealTermiosOps
 from uartbridge.sockets import adopt_listener, bind_unix
+
+DATA = Path(__file__).parent / "data"
 
 
 def _receive(sock: socket.socket) -> tuple[str, list[int]]:
@@ -264,3 +278,91 @@ def test_listener_in_a_directory_the_daemon_cannot_enter_is_taken(tmp_path: Path
     sock.close()
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["None", "True"], proc.stdout
+
+
+# -- the understudy's handover: memfd checkpoints and the message protocol ------------------
+
+
+def _paced(generation: int = 2) -> Checkpoint:
+    """The ``paced`` test checkpoint as this version writes it, at ``generation``."""
+    ckpt = read_checkpoint(DATA / "checkpoint-v4-paced-mid-character.json")
+    return dataclasses.replace(ckpt, meta=dataclasses.replace(
+        ckpt.meta, format_version=FORMAT_VERSION, generation=generation))
+
+
+def _daemon_with_memfd(tmp_path: Path, memfd_bytes: bytes) -> tuple[Any, Checkpoint]:
+    """A Daemon (not run) for UART ``paced`` whose state directory holds a valid checkpoint
+    (generation 2) and whose handover carries ``memfd_bytes`` in a memfd."""
+    from procs import Daemon as DaemonFiles
+
+    from uartbridge.config import load_config
+    from uartbridge.daemon.process import Daemon
+
+    files = DaemonFiles(root=tmp_path, uarts=[{"name": "paced", "port": "pty:"}],
+                        checkpoint={"resume": "never"})
+    files.write_config()
+    on_disk = _paced()
+    files.state_dir.mkdir(mode=0o700)
+    write_checkpoint(checkpoint_path(files.state_dir, "paced"), on_disk)
+    d = Daemon(load_config(files.config_path))
+    d.restarts = 1
+    d._handed = HandedFds([(checkpoint_name("paced"), memfd_with(memfd_bytes))])
+    return d, on_disk
+
+
+def test_handover_memfd_checkpoint_is_resumed_before_the_state_directory_s(
+    tmp_path: Path,
+) -> None:
+    """A valid checkpoint in the handover's memfd is the one resumed (newer than the file)."""
+    d, _on_disk = _daemon_with_memfd(tmp_path, encode(_paced(7)))
+    ckpt, path = d._resume_source("paced")
+    assert ckpt is not None and ckpt.meta.generation == 7
+    assert path == checkpoint_path(d.config.daemon.state_dir, "paced")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "empty"])
+def test_bad_handover_memfd_checkpoint_is_refused_and_the_file_resumed(
+    tmp_path: Path, damage: str
+) -> None:
+    """A truncated, corrupt or empty memfd checkpoint is refused by the file reader's rules
+    (logged as a warning naming the problem, no exception) and the state directory's
+    checkpoint, written by the same handover, is resumed instead."""
+    good = encode(_paced())
+    data = {"truncated": good[: len(good) // 2],
+            "corrupt": good.replace(b'"generation": 2', b'"generation": "2"'),
+            "empty": b""}[damage]
+    assert data != good
+    d, on_disk = _daemon_with_memfd(tmp_path, data)
+    with structlog.testing.capture_logs() as logs:
+        ckpt, _path = d._resume_source("paced")
+    assert ckpt == on_disk
+    refused = [e for e in logs if e["event"].startswith("handover checkpoint refused")]
+    assert len(refused) == 1 and refused[0]["uart"] == "paced", logs
+    assert d._handed is not None and d._handed.take(checkpoint_name("paced")) is None
+
+
+def test_handover_message_carries_named_fds_and_refuses_a_malformed_one() -> None:
+    """``send``/``receive`` carry a header and named descriptors (the same files arrive);
+    a header whose names do not match the descriptors is refused and its fds closed."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    memfd = memfd_with(b"state")
+    try:
+        understudy.send(ours, "handover", [("checkpoint.u", memfd)], restarts=3)
+        header, fds = understudy.receive(theirs)
+        assert header["msg"] == "handover" and header["restarts"] == 3
+        assert [name for name, _fd in fds] == ["checkpoint.u"]
+        with open(understudy.fd_path(fds[0][1]), "rb") as f:
+            assert f.read() == b"state"
+        os.close(fds[0][1])
+        with pytest.raises(OSError):  # sealed: nobody changes it once sent
+            os.write(memfd, b"x")
+        socket.send_fds(ours, [b'{"msg": "handover", "names": []}'], [memfd])
+        with pytest.raises(understudy.HandoverError, match="malformed"):
+            understudy.receive(theirs)
+        ours.close()
+        with pytest.raises(understudy.HandoverError, match="gone"):
+            understudy.receive(theirs)
+    finally:
+        os.close(memfd)
+        ours.close()
+        theirs.close()

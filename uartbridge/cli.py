@@ -74,13 +74,18 @@ COMMANDS: list[tuple[str, str, str, str]] = [
     (
         "restart",
         "restart the daemon in place, keeping its ports and sockets open",
-        "The daemon writes its final checkpoint and re-executes itself (same PID, same command "
-        "line, the config re-read, newly installed code loaded) with its port descriptors and "
-        "its bus and control sockets inherited: the port is never closed (DTR/RTS stay as the "
-        "guest set them, the far end sees no hang-up, what it sends meanwhile waits in the "
-        "kernel) and a client connecting meanwhile waits instead of being refused. Waits until "
-        "the new run answers and prints how long it took. Under systemd, `systemctl restart` "
-        "keeps the ports through the fd store instead.",
+        "The daemon first starts an understudy: the same command line in a new process (the "
+        "config re-read, newly installed code loaded). If that fails (a bad config, an import "
+        "error) the restart is abandoned, the daemon serves on and this says why (non-zero "
+        "exit). Otherwise the daemon writes its final checkpoint and hands the state (in "
+        "memory) and its port descriptors and bus and control sockets to the understudy, "
+        "which serves while the daemon re-executes itself (same PID); the new run then takes "
+        "everything back. The port is never closed (DTR/RTS stay as the guest set them, the "
+        "far end sees no hang-up) and a client connecting meanwhile waits instead of being "
+        "refused; a connected guest is disconnected twice, each time for one quiesce and "
+        "resume, not for the start-up. Waits until the new run answers and prints how long "
+        "it took. Under systemd, `systemctl restart` keeps the ports through the fd store "
+        "instead.",
         "examples:\n"
         "  uartbridge restart --config /tmp/walk/walk.toml\n"
         "  uartbridge restart --instance ttyUSB0",

@@ -353,7 +353,14 @@ def restart_command(args: argparse.Namespace) -> int:
     deadline = started + RESTART_TIMEOUT_S
     while True:
         # The control socket is handed over too: this waits in its backlog, not refused.
-        status = target.ask({"cmd": "status"})
+        # The understudy answers meanwhile (the same count), and a request it accepted just
+        # before it hands back is closed unanswered: asked again.
+        try:
+            status: dict[str, Any] = target.ask({"cmd": "status"})
+        except ControlError as exc:
+            if "without a reply" not in str(exc) or time.monotonic() > deadline:
+                raise
+            continue
         if int(status.get("restarts", 0)) > before:
             break
         if time.monotonic() > deadline:

@@ -71,6 +71,8 @@ class ControlTarget(Protocol):
 
     def request_stop(self) -> None: ...
 
+    async def begin_restart(self) -> None: ...
+
     def prepare_restart(self) -> None: ...
 
     def request_restart(self) -> None: ...
@@ -274,6 +276,9 @@ class ControlServer:
         if cmd == "status":
             return {"ok": True, **self.daemon.status()}, None
         if cmd == "restart":
+            # The new code and config first, in an understudy (``understudy``): if it does
+            # not come up, HandoverError says why and this run serves on.
+            await self.daemon.begin_restart()
             # Before the reply: the client's next connection (to the bus or here) must wait
             # for the next run, not reach this one as it stops.
             self.daemon.prepare_restart()

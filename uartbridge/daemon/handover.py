@@ -9,6 +9,9 @@ One way back in serves both: the next run finds them as ``$LISTEN_FDS``/``$LISTE
   ``$LISTEN_PID``/``$LISTEN_FDS``/``$LISTEN_FDNAMES`` set as systemd would, plus
   ``$UARTBRIDGE_HANDOVER`` (how many in-place restarts so far): the next run resumes from
   the state directory's newest checkpoint whatever ``[checkpoint] resume`` says.
+  That exec alone is the fallback: ``uartbridge restart`` normally goes through an
+  understudy (``understudy``), which takes these same descriptors, by these names, over a
+  socketpair while the exec runs, and hands them back.
 - Under systemd each open port's descriptor goes to the fd store (``FDSTORE=1``, see
   ``sdnotify``), which hands it back at the next start of the unit.
 
@@ -83,6 +86,10 @@ class HandedFds:
     def from_environment(cls) -> HandedFds:
         """What ``$LISTEN_FDS`` hands to this process (systemd's fd store, or our exec)."""
         return cls(sdnotify.listen_fds())
+
+    def add(self, fds: list[tuple[str, int]]) -> None:
+        """More descriptors handed to this run (an understudy's, after ``$LISTEN_FDS``)."""
+        self._fds += fds
 
     def _pop(self, index: int) -> int:
         name, fd = self._fds.pop(index)

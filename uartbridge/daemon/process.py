@@ -42,14 +42,23 @@ import errno
 import fcntl
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .. import __version__, buildinfo, eventloop, logs
-from ..checkpoint import Checkpoint, encode, latest_checkpoint
+from ..checkpoint import (
+    Checkpoint,
+    checkpoint_path,
+    encode,
+    latest_checkpoint,
+    read_checkpoint,
+)
 from ..config import Config
 from ..errors import (
     EX_OK,
@@ -67,7 +76,7 @@ from ..logs import get_logger
 from ..paths import emergency_dir
 from ..record import RecordWriter
 from ..sockets import default_peer_allowed, ensure_private_dir
-from . import handover
+from . import handover, understudy
 from . import sdnotify as _sdnotify
 from .control_server import ControlServer
 from .service import NS_PER_S, UartService
@@ -78,6 +87,9 @@ LOCK_FILE = "daemon.lock"
 # the previous file) and that are kept free for it.
 FD_RESERVE = 4
 STOP_RETRY_INTERVAL_S = 1.0
+# Held pending across the exec of an understudy restart, so that a stop signal waits for
+# the new run to take the state back from the understudy (then it stops normally).
+HANDOVER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 # A repeated event-loop error (EMFILE on accept…) is logged at most this often.
 LOOP_ERROR_INTERVAL_S = 10.0
 
@@ -234,10 +246,41 @@ class Daemon:
         self._restart_prepared = False
         self._restart_requested = False
         self._handing_over = False
+        # The understudy (``understudy``): in S, its pair to the main process; in the main
+        # process, the S spawned for a restart under way.
+        self._pair = understudy.my_pair()
+        self.is_understudy = self._pair is not None
+        self._main_pid = os.getpid()
+        self._spawning = False
+        self._understudy: tuple[subprocess.Popen[bytes], socket.socket] | None = None
+        self._give_requested = False
+        self._orphaned = False
+        self._handed: handover.HandedFds | None = None
+        self._pair_task: asyncio.Task[None] | None = None
 
     # -- start ----------------------------------------------------------------------------
 
+    def _handed_checkpoint(self, name: str) -> tuple[Checkpoint, Path] | None:
+        """The checkpoint an understudy handover carried in a memfd, read by the file
+        reader (``read_checkpoint``: the same validation); a bad one is refused, logged,
+        and the state directory's (written by the same handover) is used instead."""
+        fd = None if self._handed is None else self._handed.take(understudy.checkpoint_name(name))
+        if fd is None:
+            return None
+        try:
+            ckpt = read_checkpoint(understudy.fd_path(fd))
+            return ckpt, checkpoint_path(self.config.daemon.state_dir, name)
+        except CheckpointError as exc:
+            self.log.warning("handover checkpoint refused; resuming from the state directory",
+                             uart=name, problem=str(exc))
+            return None
+        finally:
+            os.close(fd)
+
     def _resume_source(self, name: str) -> tuple[Checkpoint | None, Path | None]:
+        in_memory = self._handed_checkpoint(name)
+        if in_memory is not None:
+            return in_memory
         if self.restarts and name in self.explicit_resume:
             # An in-place restart resumes from the checkpoint it just wrote, not from the
             # file `uartbridge resume FILE` named at the first start.
@@ -282,17 +325,27 @@ class Daemon:
             self._emergency.add(name)
         return found
 
-    async def start(self) -> None:
-        """Lock the state directory, resume or create every UART, open ports, listen."""
+    async def start(self, handed: handover.HandedFds | None = None) -> None:
+        """Lock the state directory, resume or create every UART, open ports, listen.
+
+        ``handed``: what the previous run (or an understudy) handed over; by default what
+        ``$LISTEN_FDS`` holds. With the state directory's lock among it (``lock``: the
+        understudy's handovers) the lock is kept, not taken anew, and the marker is not
+        a crash's: the previous holder handed over."""
         daemon_cfg = self.config.daemon
         state_dir = daemon_cfg.state_dir
-        handed = handover.HandedFds.from_environment()
+        if handed is None:
+            handed = handover.HandedFds.from_environment()
+        self._handed = handed
         ensure_private_dir(state_dir, mode=0o700, error=StateDirError, what="state directory")
-        self._lock_fd = lock_state_dir(state_dir)
         marker = state_dir / RUNNING_MARKER
-        self.crashed_before = marker.exists()
-        _write_marker(marker)
-        self._marker_written = True
+        self._lock_fd = handed.take(understudy.LOCK_NAME)
+        if self._lock_fd is None:
+            self._lock_fd = lock_state_dir(state_dir)
+            self.crashed_before = marker.exists()
+        if not self.is_understudy:  # S never writes nor removes the marker
+            _write_marker(marker)
+            self._marker_written = True
         self._fd_reserve = FdReserve()
         ensure_private_dir(daemon_cfg.runtime_dir, group=daemon_cfg.socket_gid)
         peer_allowed = default_peer_allowed(daemon_cfg.socket_gid)
@@ -367,9 +420,20 @@ class Daemon:
         started = False
         watchdog: asyncio.Task[None] | None = None
         try:
-            await self.start()
+            if self.is_understudy:
+                handed = await self._await_handover()
+                if handed is None:
+                    return EX_OK
+            else:
+                handed = await self._take_back()
+            await self.start(handed)
             started = True
-            self._announce()
+            # Stop signals held across an understudy's exec are delivered now (handled).
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)
+            if self.is_understudy:
+                self._pair_task = asyncio.create_task(self._serve_pair())
+            else:
+                self._announce()
             self._periodic = asyncio.create_task(self._periodic_checkpoints())
             interval = _sdnotify.watchdog_interval_s() if self.config.daemon.watchdog else None
             if interval:
@@ -378,6 +442,8 @@ class Daemon:
             for task in (self._periodic, watchdog):
                 if task is not None:
                     task.cancel()
+            if self._give_requested:
+                await self._hand_back()
             if self._restart_requested:
                 await self._restart_in_place()  # returns only if the restart cannot be done
             _sdnotify.stopping()
@@ -398,16 +464,60 @@ class Daemon:
         self.log.info("stopped", exit_code=code, log_lines_dropped=logs.dropped_lines())
         return code
 
-    def prepare_restart(self) -> None:
-        """Before ``request_restart``: stop accepting on the control and bus sockets (kept
-        open: who connects from now on waits in their backlogs for the next run)."""
-        if self.stop_event.is_set():
-            return
-        self._restart_prepared = True
+    async def begin_restart(self) -> None:
+        """Before ``prepare_restart``: start the understudy S and wait until it is ready
+        (``understudy``). ``HandoverError`` saying why not: the restart is abandoned and
+        this run serves on. If S cannot even be spawned the restart is an exec alone."""
+        if self.is_understudy:
+            raise understudy.HandoverError("a restart is under way (this is its understudy)")
+        if self._spawning or self._understudy is not None or self._restart_prepared:
+            raise understudy.HandoverError("a restart is already under way")
+        self._spawning = True
+        try:
+            try:
+                proc, sock = understudy.spawn()
+            except OSError as exc:
+                self.log.warning("restart: cannot start an understudy; exec alone",
+                                 error=str(exc))
+                return
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    None, understudy.wait_ready, sock, proc)
+                if self.stop_event.is_set():
+                    raise understudy.HandoverError("the daemon is stopping")
+            except understudy.HandoverError as exc:
+                await self._dismiss((proc, sock))
+                self.log.error("restart abandoned; this run serves on", reason=str(exc))
+                raise understudy.HandoverError(f"restart abandoned: {exc}") from None
+            self._understudy = (proc, sock)
+            self.log.info("understudy ready", pid=proc.pid)
+        finally:
+            self._spawning = False
+
+    async def _dismiss(self, pair: tuple[subprocess.Popen[bytes], socket.socket]) -> None:
+        """Send an understudy away unused: it sees EOF and exits; killed if it lingers."""
+        proc, sock = pair
+        sock.close()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, proc.wait, 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            await asyncio.get_running_loop().run_in_executor(None, proc.wait)
+
+    def _detach_listeners(self) -> None:
+        """Stop accepting on the control and bus sockets (kept open: who connects from now
+        on waits in their backlogs for the next holder)."""
         if self.control is not None:
             self.control.detach_listener()
         for service in self.services.values():
             service.bus.detach_listeners()
+
+    def prepare_restart(self) -> None:
+        """Before ``request_restart``: ``_detach_listeners``."""
+        if self.stop_event.is_set():
+            return
+        self._restart_prepared = True
+        self._detach_listeners()
 
     def request_restart(self) -> None:
         """Restart in place (``uartbridge restart``) after the request has been answered."""
@@ -415,19 +525,20 @@ class Daemon:
             self._restart_requested = True
             self.stop_event.set()
 
-    async def _restart_in_place(self) -> None:
-        """Final checkpoint, then ``exec`` this same command line keeping the ports and the
-        listening sockets open (``handover``). Returns only if that cannot be done (the
-        state directory refused the checkpoint): the daemon then stops as on SIGTERM."""
-        self.log.info("restarting in place", restarts=self.restarts + 1)
-        _sdnotify.reloading()
+    async def _quiesce_and_collect(self, *, with_state: bool) -> list[tuple[str, int]] | None:
+        """What every handover does first: quiesce, write the final checkpoint to disk (as
+        for a stop), collect the descriptors the next holder keeps (``handover.keep``) and
+        close the rest. ``with_state`` (an understudy's handover): the state directory's
+        lock and each checkpoint in a memfd go too. None if the state directory refused a
+        checkpoint and the state is not carried in memory (nothing is closed then)."""
         self._handing_over = True
         self.stopped_by_request = True  # the checkpoint is needed whatever on_stop says
-        await self._final()
+        result = await self._final()
         if self._unsaved:
-            self.log.error("restart abandoned: the final checkpoint was not written; stopping",
-                           unsaved=sorted(self._unsaved))
-            return
+            if not with_state:
+                return None
+            self.log.error("final checkpoint not in the state directory; its state is "
+                           "handed over in memory", unsaved=sorted(self._unsaved))
         fds: list[tuple[str, int]] = []
         for service in self.services.values():
             fds += service.handover_fds()
@@ -436,19 +547,174 @@ class Daemon:
             if self.control.kept is not None:
                 name = handover.CONTROL_NAME if self.control.owned else handover.LISTENER_NAME
                 fds.append((name, self.control.kept.fileno()))
+        if with_state and self._lock_fd is not None:
+            fds.append((understudy.LOCK_NAME, self._lock_fd))
         kept = handover.keep(fds)
+        if with_state:
+            kept += [(understudy.checkpoint_name(name), understudy.memfd_with(encode(ckpt)))
+                     for name, ckpt in result["snapshots"].items()]
         for service in self.services.values():
             with contextlib.suppress(Exception):
                 await service.stop(keep=True)
         if self._recorder is not None:
             self._recorder.close()
+        return kept
+
+    async def _restart_in_place(self) -> None:
+        """Hand everything to the understudy (``begin_restart``) and ``exec`` this same
+        command line keeping only the pair to it; without an understudy, ``exec`` keeping
+        the ports and the listening sockets (``handover``). Returns only if that cannot be
+        done (the state directory refused the checkpoint): the daemon then stops as on
+        SIGTERM."""
+        pair = self._understudy
+        self.log.info("restarting in place", restarts=self.restarts + 1,
+                      understudy=None if pair is None else pair[0].pid)
+        _sdnotify.reloading()
+        kept = await self._quiesce_and_collect(with_state=pair is not None)
+        if self._unsaved and pair is not None:
+            # Today's rule: a restart never resumes older state than the stop would keep.
+            for _name, fd in kept or []:
+                os.close(fd)
+            kept = None
+        if kept is None:
+            self.log.error("restart abandoned: the final checkpoint was not written; stopping",
+                           unsaved=sorted(self._unsaved))
+            if pair is not None:
+                await self._dismiss(pair)
+            return
+        if pair is not None:
+            proc, sock = pair
+            # From here until the new run has taken the state back, a stop signal waits
+            # (exec keeps it pending; the new run handles it once it serves). One that came
+            # during the quiesce is raised again for it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, HANDOVER_SIGNALS)
+            if self._signals:
+                os.kill(os.getpid(), signal.SIGTERM)
+            try:
+                understudy.send(sock, "handover", kept, restarts=self.restarts + 1,
+                                main_pid=os.getpid())
+            except understudy.HandoverError as exc:
+                # S died since it was ready: nothing went; the exec alone, as without one.
+                self.log.warning("understudy gone; exec alone", error=str(exc))
+                with contextlib.suppress(OSError):
+                    proc.wait(1)
+                for name, fd in kept:
+                    if name == understudy.LOCK_NAME or name.startswith("checkpoint."):
+                        os.close(fd)
+                kept = [(n, fd) for n, fd in kept
+                        if n != understudy.LOCK_NAME and not n.startswith("checkpoint.")]
+            else:
+                self.log.info("exec", understudy=proc.pid, fds=sorted(n for n, _ in kept))
+                os.environ[understudy.UNDERSTUDY_PID_ENV] = str(proc.pid)
+                self._exec(handover.keep([(understudy.SOCKET_NAME, sock.fileno())]))
         self._finish_files(EX_OK)
         self.log.info("exec", fds=sorted(name for name, _fd in kept))
+        self._exec(kept)
+
+    def _exec(self, kept: list[tuple[str, int]]) -> NoReturn:
         try:
             handover.exec_in_place(kept, self.restarts + 1)
         except OSError as exc:  # the interpreter is gone (an upgrade removed it…)
             self.log.error("restart failed: cannot exec", error=str(exc))
             os._exit(EX_SOFTWARE)
+
+    # -- the understudy's side, and taking back from it ---------------------------------------
+
+    async def _await_handover(self) -> handover.HandedFds | None:
+        """In S: say ``ready`` (everything imported, the config valid) and wait for the
+        handover; None if the main process gave the restart up (S then exits quietly)."""
+        assert self._pair is not None
+        try:
+            understudy.send(self._pair, "ready", pid=os.getpid())
+            header, fds = await asyncio.get_running_loop().run_in_executor(
+                None, understudy.receive, self._pair)
+        except understudy.HandoverError as exc:
+            self.log.info("understudy not needed; exiting", reason=str(exc))
+            return None
+        if header["msg"] != "handover":
+            for _name, fd in fds:
+                os.close(fd)
+            self.log.error("understudy: unexpected message; exiting", msg=header["msg"])
+            return None
+        self.restarts = max(0, int(header.get("restarts", 1)))
+        self._main_pid = int(header.get("main_pid", os.getppid()))
+        self.log.info("understudy serving", handed=sorted(name for name, _fd in fds))
+        return handover.HandedFds(fds)
+
+    async def _serve_pair(self) -> None:
+        """In S: wait for the main process to ask for the state back (``give``); if it is
+        gone instead, nobody will: stop as on SIGTERM (final checkpoint on disk)."""
+        assert self._pair is not None
+        try:
+            header, fds = await asyncio.get_running_loop().run_in_executor(
+                None, understudy.receive, self._pair)
+        except understudy.HandoverError as exc:
+            self.log.error("understudy: the main process has gone; stopping", reason=str(exc))
+            self._orphaned = True
+            self.stop_event.set()
+            return
+        for _name, fd in fds:
+            os.close(fd)
+        self._give_requested = header["msg"] == "give"
+        self._orphaned = not self._give_requested
+        self.stop_event.set()
+
+    async def _hand_back(self) -> NoReturn:
+        """In S: the second handover, to the new main run; then exit 0 (nothing else:
+        sockets, links and the marker are the main process's)."""
+        assert self._pair is not None
+        self.log.info("understudy handing back")
+        self._detach_listeners()
+        kept = await self._quiesce_and_collect(with_state=True)
+        code = EX_OK
+        try:
+            understudy.send(self._pair, "handover", kept or [], restarts=self.restarts,
+                            main_pid=self._main_pid)
+        except understudy.HandoverError as exc:
+            self.log.error("understudy: cannot hand back", error=str(exc))
+            code = EX_SOFTWARE
+        self.log.info("understudy handed back; exiting", exit_code=code)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    async def _take_back(self) -> handover.HandedFds:
+        """What this run was handed (``$LISTEN_FDS``); after an understudy restart, first
+        what the understudy hands back. If it has gone, nothing: the state directory's
+        checkpoint (O's or S's, both written before any handover) and the ports' paths."""
+        handed = handover.HandedFds.from_environment()
+        fd = handed.take(understudy.SOCKET_NAME)
+        pid_text = os.environ.pop(understudy.UNDERSTUDY_PID_ENV, None)
+        if fd is None:
+            return handed
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(fileno=fd)
+        fds: list[tuple[str, int]] = []
+        try:
+            self.log.info("taking the state back from the understudy", pid=pid_text)
+            understudy.send(sock, "give")
+            sock.settimeout(understudy.GIVE_TIMEOUT_S)
+            header, fds = await loop.run_in_executor(None, understudy.receive, sock)
+            if header["msg"] != "handover":
+                raise understudy.HandoverError(f"understudy said {header['msg']!r}")
+        except understudy.HandoverError as exc:
+            for _name, got in fds:
+                os.close(got)
+            fds = []
+            self.log.error("understudy gone before handing back; resuming from the state "
+                           "directory, opening the ports anew", reason=str(exc))
+            if pid_text is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(pid_text), signal.SIGKILL)  # hung: it must not hold the lock
+        finally:
+            sock.close()
+        if pid_text is not None:
+            with contextlib.suppress(ValueError):
+                code = await loop.run_in_executor(None, understudy.reap, int(pid_text))
+                if code not in (0, None) and fds:
+                    self.log.warning("understudy exit status", exit_code=code)
+        handed.add(fds)
+        return handed
 
     async def _stop_sequence(self) -> int:
         """Quiesce and save (unless ``on_stop`` is off); the exit code."""
@@ -471,6 +737,10 @@ class Daemon:
             self._lock_fd = None
 
     def _on_signal(self) -> None:
+        if self.is_understudy and not self._orphaned:
+            # The main process takes the state back before it stops (HANDOVER_SIGNALS).
+            self.log.info("understudy: signal left to the main process")
+            return
         self._signals += 1
         if self._signals == 1:
             self.log.info("stopping on signal")
@@ -837,7 +1107,6 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         """What ``uartbridge status`` shows."""
         return {
-            "pid": os.getpid(),
             "version": __version__,
             "build": buildinfo.build_name(),
             "event_loop": eventloop.running_loop_name(),
@@ -847,7 +1116,11 @@ class Daemon:
             "runtime_dir": str(self.config.daemon.runtime_dir),
             "state_dir": str(self.config.daemon.state_dir),
             "resumed_after_crash": self.crashed_before,
-            "restarts": self.restarts,
+            # An understudy shows the main process's PID and count: a restart is complete
+            # when the main process answers with one more.
+            "pid": self._main_pid,
+            "understudy_pid": os.getpid() if self.is_understudy else None,
+            "restarts": self.restarts - 1 if self.is_understudy else self.restarts,
             "checkpoint_errors": dict(self._periodic_errors),
             "log_lines_dropped": logs.dropped_lines(),
             "uarts": [s.status() for s in self.services.values()],
@@ -882,9 +1155,9 @@ def serve(
     try:
         return eventloop.run(main(), config.daemon.event_loop)
     except UartBridgeError as exc:
-        logs.fatal(str(exc), exit_code=exc.exit_code)
-        return exc.exit_code
+        return _fail(exc)
     except Exception as exc:
+        understudy.report_failure(f"internal error: {exc!r}")
         get_logger().exception("internal error", error=str(exc))
         logs.fatal(f"internal error: {exc!r}", exit_code=EX_SOFTWARE)
         return EX_SOFTWARE
@@ -925,6 +1198,7 @@ def _load(path: str | None) -> Config:
 
 
 def _fail(exc: UartBridgeError) -> int:
+    understudy.report_failure(str(exc))  # an understudy's main process says why, too
     logs.fatal(str(exc), exit_code=exc.exit_code)
     return exc.exit_code
 
