@@ -366,3 +366,24 @@ def test_handover_message_carries_named_fds_and_refuses_a_malformed_one() -> Non
         os.close(memfd)
         ours.close()
         theirs.close()
+
+
+def test_handover_of_more_fds_than_one_message_carries_arrives_whole() -> None:
+    """More descriptors than SCM_RIGHTS carries in one message (a group of many UARTs: a
+    port, a bus socket and a checkpoint each) arrive all, in order, under their names."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    memfd = memfd_with(b"state")
+    sent = [(f"port.u{i}", os.dup(memfd)) for i in range(understudy.MAX_FDS + 50)]
+    received: list[tuple[str, int]] = []
+    try:
+        understudy.send(ours, "handover", sent, restarts=1)
+        header, received = understudy.receive(theirs)
+        assert header["msg"] == "handover" and header["restarts"] == 1
+        assert [name for name, _fd in received] == [name for name, _fd in sent]
+        assert all(os.fstat(fd).st_ino == os.fstat(memfd).st_ino for _name, fd in received)
+    finally:
+        for _name, fd in sent + received:
+            os.close(fd)
+        os.close(memfd)
+        ours.close()
+        theirs.close()

@@ -80,22 +80,45 @@ def fd_path(fd: int) -> str:
 
 def send(sock: socket.socket, msg: str, fds: list[tuple[str, int]] | None = None,
          **fields: Any) -> None:
-    """One message: a JSON header (``msg``, ``names`` of the fds, ``fields``) and the fds."""
+    """One message: a JSON header (``msg``, ``names`` of the fds, ``fields``) and the fds.
+    More fds than one message carries (a group of many UARTs) go first in ``part`` records,
+    which ``receive`` joins."""
     named = fds or []
-    header = json.dumps({"msg": msg, "names": [name for name, _fd in named], **fields})
+    parts = [named[i:i + MAX_FDS] for i in range(0, len(named), MAX_FDS)] or [[]]
     try:
-        if named:
-            socket.send_fds(sock, [header.encode()], [fd for _name, fd in named])
-        else:
-            sock.sendall(header.encode())
+        for index, part in enumerate(parts):
+            last = index == len(parts) - 1
+            header = json.dumps({"msg": msg if last else "part",
+                                 "names": [name for name, _fd in part],
+                                 **(fields if last else {})})
+            if part:
+                socket.send_fds(sock, [header.encode()], [fd for _name, fd in part])
+            else:
+                sock.sendall(header.encode())
     except OSError as exc:
         raise HandoverError(f"understudy pair: cannot send {msg!r}: {exc.strerror or exc}") \
             from exc
 
 
 def receive(sock: socket.socket) -> tuple[dict[str, Any], list[tuple[str, int]]]:
-    """The next message: its header and its fds by name. ``HandoverError`` when the other
-    side has gone (EOF) or sent something this side does not understand (fds closed)."""
+    """The next message: its header and its fds by name (``part`` records joined).
+    ``HandoverError`` when the other side has gone (EOF) or sent something this side does
+    not understand (every fd received closed)."""
+    got: list[tuple[str, int]] = []
+    try:
+        while True:
+            header, fds = _receive_one(sock)
+            got += fds
+            if header["msg"] != "part":
+                return header, got
+    except BaseException:
+        for _name, fd in got:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+
+
+def _receive_one(sock: socket.socket) -> tuple[dict[str, Any], list[tuple[str, int]]]:
     try:
         data, fds, flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
     except OSError as exc:
@@ -195,6 +218,6 @@ def report_failure(message: str) -> None:
         send(sock, "failed", error=message)
 
 
-__all__ = ["GIVE_TIMEOUT_S", "LOCK_NAME", "SOCKET_NAME", "UNDERSTUDY_ENV", "UNDERSTUDY_PID_ENV",
-           "HandoverError", "checkpoint_name", "fd_path", "memfd_with", "my_pair", "reap",
-           "receive", "report_failure", "send", "spawn", "wait_ready"]
+__all__ = ["GIVE_TIMEOUT_S", "LOCK_NAME", "MAX_FDS", "SOCKET_NAME", "UNDERSTUDY_ENV",
+           "UNDERSTUDY_PID_ENV", "HandoverError", "checkpoint_name", "fd_path", "memfd_with",
+           "my_pair", "reap", "receive", "report_failure", "send", "spawn", "wait_ready"]
