@@ -202,7 +202,8 @@ def fill_filesystem(directory: Path) -> Path:
     return filler
 
 
-def _gone(pid: int) -> bool:
+def pid_gone(pid: int) -> bool:
+    """No process has this PID any more (reaped, or never was)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -225,11 +226,11 @@ def stop_tmux(tmux: str, env: dict[str, str]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 3
-    while not all(_gone(pid) for pid in pids) and time.monotonic() < deadline:
+    while not all(pid_gone(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.02)  # the tmux server reaps its panes
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            if not _gone(pid):
+            if not pid_gone(pid):
                 os.kill(pid, signal.SIGKILL)
     subprocess.run([tmux, "kill-server"], env=env, capture_output=True, timeout=5)
 

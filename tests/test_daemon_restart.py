@@ -22,7 +22,16 @@ from typing import Any
 
 import pytest
 from fake_manager import FakeManager
-from procs import REPO, Daemon, daemon, fill_filesystem, small_tmpfs, socat_pair, wait_for
+from procs import (
+    REPO,
+    Daemon,
+    daemon,
+    fill_filesystem,
+    pid_gone,
+    small_tmpfs,
+    socat_pair,
+    wait_for,
+)
 from streams import FarEnd, GuestRunner, assert_exact, sequence_stream, wait_streams
 
 from uartbridge.checkpoint import checkpoint_path, read_checkpoint
@@ -394,14 +403,6 @@ def _understudy_pid(d: Daemon) -> int:
     return int(_events(d, "understudy ready")[-1]["pid"])
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 def test_restart_with_a_bad_config_is_refused_and_the_daemon_serves_on(tmp_path: Path) -> None:
     """A config that no longer loads: the restart is abandoned before anything is touched,
     the reply says why (non-zero exit code), and the same process serves on with its
@@ -461,7 +462,7 @@ def test_understudy_killed_midway_loses_nothing_that_was_saved(tmp_path: Path) -
         assert wait_for(lambda: len(_events(d, "ready")) == 2, 30), d.log()
         assert _events(d, "understudy gone before handing back; resuming from the state "
                           "directory, opening the ports anew"), d.log()
-        assert wait_for(lambda: _gone(pid), 10)  # reaped by the new run
+        assert wait_for(lambda: pid_gone(pid), 10)  # reaped by the new run
         status = d.status()
         assert status["pid"] == d.proc.pid and status["resumed_after_crash"] is True
         with BusClient(d.bus()) as client:
@@ -490,7 +491,30 @@ def test_sigterm_during_the_handover_takes_the_state_back_then_stops(tmp_path: P
         assert d.wait_exit(30) == 0, d.log()
         d.proc = None
         assert _events(d, "understudy handed back; exiting"), d.log()
-        assert _gone(pid)
+        assert pid_gone(pid)
         assert read_checkpoint(checkpoint_path(d.state_dir, "uart0")).uart.scr == 0x55
         assert not (d.state_dir / "daemon.running").exists()
         assert not d.bus().exists() and not d.control.exists()
+
+
+def test_control_client_connected_before_a_restart_gets_its_reply(tmp_path: Path) -> None:
+    """A control connection the daemon accepted before a restart and whose request comes
+    just after it began is answered by this run (``ControlServer.finish``), not closed
+    without a reply; the next request goes to the new run's backlog as before."""
+    with daemon(tmp_path / "d", [{"name": "uart0", "port": "pty:"}], interval_s=0) as d:
+        d.start()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as early:
+            early.settimeout(30)
+            early.connect(str(d.control))
+            lines = early.makefile("rwb")
+            lines.write(b'{"cmd": "status"}\n')
+            lines.flush()
+            assert json.loads(lines.readline())["ok"]  # accepted and served: it stays open
+            assert request(d.control, {"cmd": "restart"})["ok"]
+            time.sleep(0.05)  # the handover has begun
+            lines.write(b'{"cmd": "status"}\n')
+            lines.flush()
+            reply = lines.readline()
+            assert reply, "closed without a reply"
+            assert json.loads(reply)["ok"]
+        assert wait_for(lambda: request(d.control, {"cmd": "status"}).get("restarts") == 1, 30)

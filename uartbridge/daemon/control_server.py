@@ -43,6 +43,9 @@ from ..sockets import PeerCredentials, bind_unix, peer_credentials
 
 MAX_CONNECTIONS = 16
 IDLE_TIMEOUT_S = 10.0
+# At a handover, how long connections already accepted have to send their request (a client
+# sends it right after connecting) before they are dropped (``ControlServer.finish``).
+HANDOVER_GRACE_S = 0.5
 ACCEPT_BATCH = 16
 ACCEPT_BACKOFF_S = 0.1
 ACCEPT_LOG_INTERVAL_S = 10.0
@@ -128,6 +131,7 @@ class ControlServer:
         self._listener: Listener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conns: list[_Conn] = []
+        self._finishing = False  # ``finish``: each connection ends after its next reply
         self.log = daemon.log.bind(component="control")
         self.evicted = 0
         self.kept: socket.socket | None = None  # by close(keep_listening=True)
@@ -168,6 +172,17 @@ class ControlServer:
         if self._listener is not None:
             self.kept = self._listener.detach()
             self._listener = None
+
+    async def finish(self, grace_s: float = HANDOVER_GRACE_S) -> None:
+        """At a handover, after ``detach_listener``: answer the request each connection
+        already accepted has sent (or sends within ``grace_s``) and end it; ``close`` drops
+        what is left. A client that got in just before the handover gets its reply from
+        this run instead of a closed connection (the next run has the backlog)."""
+        self._finishing = True
+        current = asyncio.current_task()
+        tasks = [c.task for c in self._conns if c.task is not None and c.task is not current]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
 
     async def close(self) -> None:
         """Stop listening and remove the socket file (unless ``detach_listener`` kept it)."""
@@ -257,6 +272,8 @@ class ControlServer:
                 conn.since = time.monotonic()
                 if then is not None:
                     then()
+                    return
+                if self._finishing:  # a handover: one request each, then the next run's
                     return
         except (ConnectionError, OSError, UartBridgeError):
             return

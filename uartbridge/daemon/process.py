@@ -533,6 +533,8 @@ class Daemon:
         checkpoint and the state is not carried in memory (nothing is closed then)."""
         self._handing_over = True
         self.stopped_by_request = True  # the checkpoint is needed whatever on_stop says
+        if self.control is not None:
+            await self.control.finish()  # before the quiesce: requests see a live device
         result = await self._final()
         if self._unsaved:
             if not with_state:
