@@ -497,6 +497,54 @@ def test_sigterm_during_the_handover_takes_the_state_back_then_stops(tmp_path: P
         assert not d.bus().exists() and not d.control.exists()
 
 
+def _blocked_signals(pid: int, tid: int) -> int:
+    """The signal mask (``SigBlk``) of thread ``tid`` of process ``pid``."""
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines()
+                    if line.startswith("SigBlk:")), 16)
+
+
+def test_the_daemons_helper_threads_never_take_a_stop_signal(tmp_path: Path) -> None:
+    """Every thread but the main one blocks SIGTERM, SIGINT and SIGHUP: the kernel gives a
+    stop signal to a thread that does not block it, and one taken by a helper thread while
+    the main thread holds them across a restart's exec was lost (the daemon never stopped)."""
+    stop_bits = sum(1 << (int(s) - 1) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+    with daemon(tmp_path / "d", [{"name": "uart0", "port": "pty:"}], interval_s=0.1) as d:
+        d.start()
+        assert d.proc is not None
+        pid = d.proc.pid
+        assert request(d.control, {"cmd": "restart"})["ok"]  # the default executor works
+        assert wait_for(lambda: request(d.control, {"cmd": "status"}).get("restarts") == 1, 30)
+        assert request(d.control, {"cmd": "restart"})["ok"]
+        assert wait_for(lambda: request(d.control, {"cmd": "status"}).get("restarts") == 2, 30)
+        time.sleep(0.2)  # periodic checkpoints: the writer thread of this run exists
+        helpers = [int(tid) for tid in os.listdir(f"/proc/{pid}/task") if int(tid) != pid]
+        assert helpers, "no helper thread to check"
+        unblocking = {tid: hex(_blocked_signals(pid, tid)) for tid in helpers
+                      if _blocked_signals(pid, tid) & stop_bits != stop_bits}
+        assert not unblocking, unblocking
+        assert _blocked_signals(pid, pid) & stop_bits == 0  # the main thread takes them
+
+
+@pytest.mark.parametrize("delay_ms", [0, 2, 5, 10, 20, 50, 100, 200])
+def test_a_stop_signal_at_any_moment_of_a_restart_stops_the_daemon(
+        tmp_path: Path, delay_ms: int) -> None:
+    """SIGTERM ``delay_ms`` after a restart was answered (quiescing, handing over, exec,
+    taking back, serving): the daemon stops with exit 0 and the state on disk, always."""
+    with daemon(tmp_path / "d", [{"name": "uart0", "port": "pty:"}], interval_s=0.1) as d:
+        d.start()
+        assert d.proc is not None
+        with BusClient(d.bus()) as client:
+            client.write(SCR, delay_ms)
+        assert request(d.control, {"cmd": "restart"})["ok"]
+        time.sleep(delay_ms / 1000)
+        os.kill(d.proc.pid, signal.SIGTERM)
+        assert d.wait_exit(30) == 0, d.log()
+        d.proc = None
+        assert read_checkpoint(checkpoint_path(d.state_dir, "uart0")).uart.scr == delay_ms
+        assert not (d.state_dir / "daemon.running").exists()
+
+
 def test_control_client_connected_before_a_restart_gets_its_reply(tmp_path: Path) -> None:
     """A control connection the daemon accepted before a restart and whose request comes
     just after it began is answered by this run (``ControlServer.finish``), not closed

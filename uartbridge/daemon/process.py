@@ -87,11 +87,23 @@ LOCK_FILE = "daemon.lock"
 # the previous file) and that are kept free for it.
 FD_RESERVE = 4
 STOP_RETRY_INTERVAL_S = 1.0
-# Held pending across the exec of an understudy restart, so that a stop signal waits for
-# the new run to take the state back from the understudy (then it stops normally).
+# Held pending across the exec of a restart, so that a stop signal waits for the new run
+# (after an understudy's handover, until it has taken the state back; then it stops normally).
 HANDOVER_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 # A repeated event-loop error (EMFILE on accept…) is logged at most this often.
 LOOP_ERROR_INTERVAL_S = 10.0
+
+
+def _block_handover_signals() -> None:
+    """Every helper thread's first act: the kernel gives a process-directed signal to any
+    thread that does not block it, and one a helper took while the main thread held them
+    across an exec was gone with the old image (signal(7)). Only the main thread takes them."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDOVER_SIGNALS)
+
+
+def _helper_threads(prefix: str, max_workers: int | None = None) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=prefix,
+                              initializer=_block_handover_signals)
 
 
 class FdReserve:
@@ -236,7 +248,7 @@ class Daemon:
         self._periodic: asyncio.Task[None] | None = None
         self._periodic_errors: dict[str, str] = {}
         # Checkpoint writes: one thread, and the one write in flight (see ``_write``).
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._writer = _helper_threads("checkpoint", max_workers=1)
         self._in_flight: asyncio.Task[Path] | None = None
         self._emergency: set[str] = set()  # UARTs with an emergency copy on disk
         self._unsaved: dict[str, tuple[Checkpoint, CheckpointWriteError]] = {}
@@ -413,6 +425,7 @@ class Daemon:
         """Start, serve until asked to stop, stop. Returns the exit code."""
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._on_loop_error)
+        loop.set_default_executor(_helper_threads("daemon"))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
@@ -572,6 +585,9 @@ class Daemon:
         self.log.info("restarting in place", restarts=self.restarts + 1,
                       understudy=None if pair is None else pair[0].pid)
         _sdnotify.reloading()
+        # From here a stop signal waits for the new run (exec keeps it pending; the new run
+        # handles it once it serves). One this run took already is raised again for it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDOVER_SIGNALS)
         kept = await self._quiesce_and_collect(with_state=pair is not None)
         if self._unsaved and pair is not None:
             # Today's rule: a restart never resumes older state than the stop would keep.
@@ -583,15 +599,12 @@ class Daemon:
                            unsaved=sorted(self._unsaved))
             if pair is not None:
                 await self._dismiss(pair)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOVER_SIGNALS)
             return
+        if self._signals:
+            os.kill(os.getpid(), signal.SIGTERM)
         if pair is not None:
             proc, sock = pair
-            # From here until the new run has taken the state back, a stop signal waits
-            # (exec keeps it pending; the new run handles it once it serves). One that came
-            # during the quiesce is raised again for it.
-            signal.pthread_sigmask(signal.SIG_BLOCK, HANDOVER_SIGNALS)
-            if self._signals:
-                os.kill(os.getpid(), signal.SIGTERM)
             try:
                 understudy.send(sock, "handover", kept, restarts=self.restarts + 1,
                                 main_pid=os.getpid())
