@@ -41,6 +41,17 @@ def sequence_numbers(data: bytes) -> list[int]:
     return numbers
 
 
+def guest_receive(guest: Guest8250, count: int, timeout_s: float = 10.0) -> bytes:
+    """What ``guest`` receives, serving its interrupts, until ``count`` bytes or
+    ``timeout_s`` (the caller asserts on the bytes, never on the time)."""
+    received = b""
+    deadline = time.monotonic() + timeout_s
+    while len(received) < count and time.monotonic() < deadline:
+        guest.service(0.05)
+        received += guest.read()
+    return received
+
+
 class GuestRunner:
     """The reference 8250 guest on its own thread: sends ``tx_data``, keeps what it receives.
 

@@ -26,7 +26,14 @@ from procs import (
     stop_tmux,
     wait_for,
 )
-from streams import FarEnd, GuestRunner, assert_exact, sequence_stream, wait_streams
+from streams import (
+    FarEnd,
+    GuestRunner,
+    assert_exact,
+    guest_receive,
+    sequence_stream,
+    wait_streams,
+)
 
 from uartbridge.bus import (
     FrameDecoder,
@@ -94,11 +101,7 @@ def test_run_without_config_serves_a_pty_and_a_bus(tmp_path: Path) -> None:
                     got += os.read(far, 100)
                 assert got == b"hello from the guest"
                 os.write(far, b"hello from the far end")
-                received = b""
-                deadline = time.monotonic() + 10
-                while len(received) < 22 and time.monotonic() < deadline:
-                    guest.service(0.05)
-                    received += guest.read()
+                received = guest_receive(guest, 22)
                 assert received == b"hello from the far end"
         finally:
             os.close(far)
@@ -321,11 +324,7 @@ def test_trace_file_records_both_directions_in_hex(tmp_path: Path) -> None:
                 guest.write(b"abc")
                 assert guest.drain(10)
                 os.write(far, b"xyz")
-                received = b""
-                deadline = time.monotonic() + 10
-                while len(received) < 3 and time.monotonic() < deadline:
-                    guest.service(0.05)
-                    received += guest.read()
+                received = guest_receive(guest, 3)
                 assert received == b"xyz"
         finally:
             os.close(far)

@@ -32,7 +32,14 @@ from procs import (
     socat_pair,
     wait_for,
 )
-from streams import FarEnd, GuestRunner, assert_exact, sequence_stream, wait_streams
+from streams import (
+    FarEnd,
+    GuestRunner,
+    assert_exact,
+    guest_receive,
+    sequence_stream,
+    wait_streams,
+)
 
 from uartbridge.checkpoint import checkpoint_path, read_checkpoint
 from uartbridge.client import BusClient
@@ -163,13 +170,8 @@ def test_restart_in_place_pty_port_far_end_sees_no_hangup(tmp_path: Path) -> Non
                 assert os.path.realpath(link) == slave
             watch.stop()
             assert watch.events == [], f"far end saw poll events {watch.events}"
-            received = b""
             with BusClient(d.bus()) as client:
-                guest = Guest8250(client)
-                deadline = time.monotonic() + 20
-                while len(received) < len(sent) and time.monotonic() < deadline:
-                    guest.service(0.05)
-                    received += guest.read()
+                received = guest_receive(Guest8250(client), len(sent), 20)
             assert received == sent
         finally:
             watch.stop()
@@ -224,11 +226,7 @@ def test_bus_client_connecting_during_restart_waits_and_finds_the_device(tmp_pat
                 divisor = client.read(0) | client.read(1) << 8
                 client.write(3, 0x03)
                 assert divisor == 115200 // 9600
-                received = b""
-                deadline = time.monotonic() + 10
-                while len(received) < 11 and time.monotonic() < deadline:
-                    guest.service(0.05)
-                    received += guest.read()
+                received = guest_receive(guest, 11)
                 assert received == b"in the FIFO"
         finally:
             os.close(far)
@@ -271,13 +269,8 @@ def test_fd_store_keeps_the_port_open_across_a_stop_and_start(tmp_path: Path) ->
                 manager.start(d, dict(manager.store))
                 assert len(_events(d, "port.taken_over")) == 1, d.log()
                 os.write(far, b"after")
-                received = b""
                 with BusClient(d.bus()) as client:
-                    guest = Guest8250(client)
-                    deadline = time.monotonic() + 10
-                    while len(received) < 26 and time.monotonic() < deadline:
-                        guest.service(0.05)
-                        received += guest.read()
+                    received = guest_receive(Guest8250(client), 26)
                 assert received == b"before;while stopped;after"
             finally:
                 os.close(far)
@@ -468,11 +461,7 @@ def test_understudy_killed_midway_loses_nothing_that_was_saved(tmp_path: Path) -
         with BusClient(d.bus()) as client:
             guest = Guest8250(client)
             assert client.read(SCR) == 0x44
-            received = b""
-            deadline = time.monotonic() + 10
-            while len(received) < 18 and time.monotonic() < deadline:
-                guest.service(0.05)
-                received += guest.read()
+            received = guest_receive(guest, 18)
         assert received == b"before the restart"
 
 
