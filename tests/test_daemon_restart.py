@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -424,6 +425,38 @@ def test_restart_with_a_bad_config_is_refused_and_the_daemon_serves_on(tmp_path:
         with BusClient(d.bus()) as client:
             assert client.read(SCR) == 0x33
         assert d.status()["pid"] == d.proc.pid
+
+
+def test_restart_onto_code_that_no_longer_imports_is_refused_and_the_daemon_serves_on(
+        tmp_path: Path) -> None:
+    """An upgrade left a module that does not import (a syntax error): the understudy dies
+    before it is ready, the restart is abandoned and this run serves on with its state;
+    once the code is mended, a restart goes through."""
+    code_dir = tmp_path / "code"
+    shutil.copytree(REPO / "uartbridge", code_dir / "uartbridge",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    broken = code_dir / "uartbridge" / "config.py"
+    good = broken.read_text()
+    with daemon(tmp_path / "d", [{"name": "uart0", "port": "pty:"}], interval_s=0) as d:
+        # ``python -m`` puts the working directory first on sys.path: this copy is the code.
+        d.start(prefix=("env", f"--chdir={code_dir}"))
+        assert d.proc is not None
+        assert d.status()["pid"] == d.proc.pid
+        with BusClient(d.bus()) as client:
+            client.write(SCR, 0x66)
+        broken.write_text(good + "\ndef half_written(:\n")
+        reply = request(d.control, {"cmd": "restart"})
+        assert reply["ok"] is False and "restart abandoned" in reply["error"], reply
+        assert "exited" in reply["error"], reply
+        status = request(d.control, {"cmd": "status"})
+        assert status["pid"] == d.proc.pid and status["restarts"] == 0, status
+        with BusClient(d.bus()) as client:
+            assert client.read(SCR) == 0x66
+        broken.write_text(good)
+        assert request(d.control, {"cmd": "restart"})["ok"]
+        assert wait_for(lambda: request(d.control, {"cmd": "status"}).get("restarts") == 1, 30)
+        with BusClient(d.bus()) as client:
+            assert client.read(SCR) == 0x66
 
 
 def test_understudy_killed_midway_loses_nothing_that_was_saved(tmp_path: Path) -> None:
