@@ -459,43 +459,64 @@ def test_restart_onto_code_that_no_longer_imports_is_refused_and_the_daemon_serv
             assert client.read(SCR) == 0x66
 
 
-def test_understudy_killed_midway_loses_nothing_that_was_saved(tmp_path: Path) -> None:
+def test_understudy_killed_midway_closes_nothing_and_loses_nothing_saved(
+        tmp_path: Path) -> None:
     """The understudy dies while it serves (after the handover, before it hands back): the
-    new run finds it gone, resumes from the state directory's checkpoint the handover wrote
-    and opens the port anew; same PID; the scratch register and the bytes the device held
-    reach the guest; the death is reported as a crash."""
+    new run finds it gone and resumes from the state directory's checkpoint the handover
+    wrote with the port and listeners it kept across the exec: the pty's far end sees no
+    hang-up, a client connecting meanwhile waits in the backlog (not refused), the port is
+    taken over (not opened anew); same PID; the scratch register and every byte the far end
+    sent reach the guest; the death is reported as a crash."""
     with daemon(tmp_path / "d", [{"name": "uart0", "port": "pty:"}], interval_s=0) as d:
         d.start()
         assert d.proc is not None
         far = os.open(d.runtime_dir / "uart0.pty", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+        watch = HangupWatch(far)
         try:
             with BusClient(d.bus()) as client:
                 Guest8250(client).startup(115200)
                 client.write(SCR, 0x44)
-            os.write(far, b"before the restart")
-            assert wait_for(lambda: _held(d) == 18, 10)
+            os.write(far, b"before the restart;")
+            assert wait_for(lambda: _held(d) == 19, 10)
+            assert request(d.control, {"cmd": "restart"})["ok"]
+            pid = _understudy_pid(d)
+            try:
+                os.kill(pid, signal.SIGSTOP)  # holds it until the new run asks for the state
+                assert wait_for(
+                    lambda: _events(d, "taking the state back from the understudy"), 30), d.log()
+                # The new run held too, S dies: only what the new run kept is still open.
+                os.kill(d.proc.pid, signal.SIGSTOP)
+                os.kill(pid, signal.SIGKILL)
+                assert wait_for(lambda: _zombie(pid), 10)
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as waiting:
+                    waiting.connect(str(d.bus()))  # ECONNREFUSED had the listener gone with S
+                os.write(far, b"while it died")  # EIO had the pty's master gone with S
+            finally:
+                os.kill(pid, signal.SIGKILL)
+                os.kill(d.proc.pid, signal.SIGCONT)
+            assert wait_for(lambda: len(_events(d, "ready")) == 2, 30), d.log()
+            assert _events(d, "understudy gone before handing back; resuming from the state "
+                              "directory with the ports and listeners kept across the exec"
+                           ), d.log()
+            events = [e.get("event") for e in d.events()]
+            since_gone = events[events.index("understudy gone before handing back; resuming "
+                                             "from the state directory with the ports and "
+                                             "listeners kept across the exec"):]
+            assert "port.taken_over" in since_gone, d.log()
+            assert not {"port.opened", "port.pty_created"} & set(since_gone), d.log()
+            assert wait_for(lambda: pid_gone(pid), 10)  # reaped by the new run
+            status = d.status()
+            assert status["pid"] == d.proc.pid and status["resumed_after_crash"] is True
+            with BusClient(d.bus()) as client:
+                guest = Guest8250(client)
+                assert client.read(SCR) == 0x44
+                received = guest_receive(guest, 32)
+            watch.stop()
+            assert watch.events == [], f"the far end saw poll events {watch.events}"
         finally:
+            watch.stop()
             os.close(far)
-        assert request(d.control, {"cmd": "restart"})["ok"]
-        pid = _understudy_pid(d)
-        try:
-            os.kill(pid, signal.SIGSTOP)  # holds it until the new run asks for the state
-            assert wait_for(lambda: _events(d, "taking the state back from the understudy"),
-                            30), d.log()
-        finally:
-            os.kill(pid, signal.SIGKILL)
-        # The listeners died with the understudy: refused until the new run binds anew.
-        assert wait_for(lambda: len(_events(d, "ready")) == 2, 30), d.log()
-        assert _events(d, "understudy gone before handing back; resuming from the state "
-                          "directory, opening the ports anew"), d.log()
-        assert wait_for(lambda: pid_gone(pid), 10)  # reaped by the new run
-        status = d.status()
-        assert status["pid"] == d.proc.pid and status["resumed_after_crash"] is True
-        with BusClient(d.bus()) as client:
-            guest = Guest8250(client)
-            assert client.read(SCR) == 0x44
-            received = guest_receive(guest, 18)
-        assert received == b"before the restart"
+        assert received == b"before the restart;while it died"
 
 
 def test_sigterm_during_the_handover_takes_the_state_back_then_stops(tmp_path: Path) -> None:
@@ -517,6 +538,12 @@ def test_sigterm_during_the_handover_takes_the_state_back_then_stops(tmp_path: P
         assert read_checkpoint(checkpoint_path(d.state_dir, "uart0")).uart.scr == 0x55
         assert not (d.state_dir / "daemon.running").exists()
         assert not d.bus().exists() and not d.control.exists()
+
+
+def _zombie(pid: int) -> bool:
+    """``pid`` has exited (its descriptors are closed) and waits to be reaped."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "Z"
 
 
 def _blocked_signals(pid: int, tid: int) -> int:

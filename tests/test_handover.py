@@ -208,6 +208,26 @@ def test_listen_fds_only_for_our_pid(monkeypatch: pytest.MonkeyPatch) -> None:
                 os.close(copy)
 
 
+def test_close_rest_closes_copies_of_what_was_taken_quietly_and_warns_of_the_rest() -> None:
+    """After an understudy's hand-back the new run holds two copies of each port and
+    listener (its own, kept across the exec, and the understudy's): the one not taken is
+    closed without a warning; a descriptor of another file still gets the warning."""
+    left, right = socket.socketpair()
+    copy, other = os.dup(left.fileno()), os.dup(right.fileno())
+    try:
+        handed = HandedFds([("port.a", copy), ("stray", other)])
+        handed.add([("port.a", left.detach())])
+        taken = handed.take("port.a")
+        with structlog.testing.capture_logs() as logs:
+            handed.close_rest(structlog.get_logger())
+        assert [(e["event"], e["name"]) for e in logs] == [
+            ("handed-over descriptor not used; closed", "stray")]
+        assert not _open(copy) and not _open(other) and taken is not None and _open(taken)
+        os.close(taken)
+    finally:
+        right.close()
+
+
 def _open(fd: int) -> bool:
     try:
         os.fstat(fd)

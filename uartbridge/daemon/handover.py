@@ -81,6 +81,7 @@ class HandedFds:
         self._stale: list[tuple[str, int]] = []  # older ones of a name taken (for close_rest)
         self.taken: list[str] = []  # the names taken so far
         self.stored: set[str] = set()  # names this run put in the fd store anew
+        self._taken_files: set[tuple[int, int]] = set()  # (st_dev, st_ino) of those taken
 
     @classmethod
     def from_environment(cls) -> HandedFds:
@@ -94,6 +95,8 @@ class HandedFds:
     def _pop(self, index: int) -> int:
         name, fd = self._fds.pop(index)
         self.taken.append(name)
+        with contextlib.suppress(OSError):
+            self._taken_files.add(_file_of(fd))
         return fd
 
     def take(self, name: str) -> int | None:
@@ -134,6 +137,14 @@ class HandedFds:
         """Close what nobody took (a UART no longer configured, a socket unit's socket the
         config does not name…), naming each in the log; drop it from the fd store."""
         for name, fd in [*self._stale, *self._fds]:
+            try:
+                copy = _file_of(fd) in self._taken_files
+            except OSError:
+                copy = False
+            if copy:  # the same file as one taken (after an understudy's hand-back)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                continue
             log.warning("handed-over descriptor not used; closed", name=name)
             # FDSTOREREMOVE drops every fd of the name: not one this run stored again.
             mine = name in self.taken or name in self.stored
@@ -143,6 +154,12 @@ class HandedFds:
                 os.close(fd)
         self._fds.clear()
         self._stale.clear()
+
+
+def _file_of(fd: int) -> tuple[int, int]:
+    """What ``fd`` refers to: two descriptors of one socket, tty or pty master agree."""
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
 
 
 def keep(fds: list[tuple[str, int]]) -> list[tuple[str, int]]:

@@ -613,15 +613,14 @@ class Daemon:
                 self.log.warning("understudy gone; exec alone", error=str(exc))
                 with contextlib.suppress(OSError):
                     proc.wait(1)
-                for name, fd in kept:
-                    if name == understudy.LOCK_NAME or name.startswith("checkpoint."):
-                        os.close(fd)
-                kept = [(n, fd) for n, fd in kept
-                        if n != understudy.LOCK_NAME and not n.startswith("checkpoint.")]
+                kept = understudy.without_state(kept)
             else:
+                # The new run keeps the ports and listeners too (S has the same open files):
+                # if S dies before handing back, it serves them on, closing nothing.
                 self.log.info("exec", understudy=proc.pid, fds=sorted(n for n, _ in kept))
                 os.environ[understudy.UNDERSTUDY_PID_ENV] = str(proc.pid)
-                self._exec(handover.keep([(understudy.SOCKET_NAME, sock.fileno())]))
+                self._exec(handover.keep([(understudy.SOCKET_NAME, sock.fileno()),
+                                          *understudy.without_state(kept, close=False)]))
         self._finish_files(EX_OK)
         self.log.info("exec", fds=sorted(name for name, _fd in kept))
         self._exec(kept)
@@ -717,7 +716,8 @@ class Daemon:
                 os.close(got)
             fds = []
             self.log.error("understudy gone before handing back; resuming from the state "
-                           "directory, opening the ports anew", reason=str(exc))
+                           "directory with the ports and listeners kept across the exec",
+                           reason=str(exc))
             if pid_text is not None:
                 with contextlib.suppress(OSError, ValueError):
                     os.kill(int(pid_text), signal.SIGKILL)  # hung: it must not hold the lock

@@ -14,9 +14,12 @@ per record, descriptors with ``SCM_RIGHTS``):
    descriptors an ``exec`` would keep (``port.<uart>``, ``bus.<uart>``, ``control``…, and
    ``lock``, the state directory's flock), by the names ``handover`` gives them. S resumes
    from the memfds (read by the same validating reader as a file) and serves.
-3. O ``exec``\\ s itself keeping only its end of the pair (``understudy`` in ``$LISTEN_FDS``,
-   S's PID in ``$UARTBRIDGE_UNDERSTUDY_PID``). The new run asks ``give``; S quiesces, writes
-   its checkpoint to disk, sends a ``handover`` back the same way and exits 0.
+3. O ``exec``\\ s itself keeping its end of the pair (``understudy`` in ``$LISTEN_FDS``, S's
+   PID in ``$UARTBRIDGE_UNDERSTUDY_PID``) and, untouched until S is gone, its own copies of
+   the ports and listeners (``without_state``). The new run asks ``give``; S quiesces, writes
+   its checkpoint to disk, sends a ``handover`` back the same way and exits 0 (the copies of
+   what S handed back are closed: ``HandedFds.close_rest``). If S dies first, the new run
+   resumes from the disk with its copies: nothing is closed.
 
 S is never the main PID: it has no ``$NOTIFY_SOCKET`` (no READY, no fd store), writes no
 ``daemon.running``, unlinks no socket or pty link, and leaves SIGTERM/SIGINT to the main
@@ -56,6 +59,17 @@ class HandoverError(UartBridgeError):
 def checkpoint_name(uart: str) -> str:
     """The name of a UART's checkpoint memfd in a handover."""
     return f"checkpoint.{uart}"
+
+
+def without_state(kept: list[tuple[str, int]], *, close: bool = True) -> list[tuple[str, int]]:
+    """``kept`` without what only an understudy takes (the lock, the checkpoint memfds):
+    what an exec hands the next run. ``close``: those are closed here."""
+    state = [(name, fd) for name, fd in kept
+             if name == LOCK_NAME or name.startswith(checkpoint_name(""))]
+    if close:
+        for _name, fd in state:
+            os.close(fd)
+    return [entry for entry in kept if entry not in state]
 
 
 def memfd_with(data: bytes) -> int:
@@ -220,4 +234,5 @@ def report_failure(message: str) -> None:
 
 __all__ = ["GIVE_TIMEOUT_S", "LOCK_NAME", "MAX_FDS", "SOCKET_NAME", "UNDERSTUDY_ENV",
            "UNDERSTUDY_PID_ENV", "HandoverError", "checkpoint_name", "fd_path", "memfd_with",
-           "my_pair", "reap", "receive", "report_failure", "send", "spawn", "wait_ready"]
+           "my_pair", "reap", "receive", "report_failure", "send", "spawn", "wait_ready",
+           "without_state"]
