@@ -78,8 +78,7 @@ class GuestLoop(threading.Thread):
         self.last_op = time.time()
         self.gaps: list[tuple[float, float]] = []  # (when: wall clock, gap seconds) over 2 ms
         self.reconnects = 0
-        self.unconfirmed = False
-        self.lost_posted = 0
+        self.resent = 0  # THR writes a dropped connection did not confirm, sent again
         self.stop_event = threading.Event()
         self.error: BaseException | None = None
 
@@ -97,11 +96,7 @@ class GuestLoop(threading.Thread):
                             self.reconnects += 1
                         self._serve(client)
                 except BusError:
-                    # A posted THR write the dropped connection never confirmed may not
-                    # have been executed: the far end may miss that one byte.
-                    self.lost_posted += int(self.unconfirmed)
-                    self.unconfirmed = False
-                    continue
+                    continue  # an unconfirmed THR write is sent again (``_serve``)
         except BaseException as exc:
             self.error = exc
 
@@ -117,12 +112,16 @@ class GuestLoop(threading.Thread):
             lsr = client.read(5)
             self._op()
             if lsr & 0x20:
-                client.write(0, self.next_byte)  # posted: confirmed by the next reply
+                # Confirmed (a SYNC in the same send): a BusError means it was not executed
+                # and the next connection sends it again (docs/bus-protocol.md §1).
+                try:
+                    client.write_many(0, bytes([self.next_byte]), confirm=True)
+                except BusError:
+                    self.resent += 1
+                    raise
                 self.next_byte = (self.next_byte + 1) & 0xFF
                 self.sent += 1
-                self.unconfirmed = True
             client.read(SCR)
-            self.unconfirmed = False
             self._op()
             time.sleep(0.0005)
 
@@ -300,14 +299,14 @@ def main() -> int:
     ]
     notes = [
         f"far end: {far.received} bytes of {guest.sent} sent, {far.wrong} out of sequence, "
-        f"{guest.lost_posted} posted THR writes unconfirmed when the bus dropped; "
+        f"{guest.resent} THR writes sent again after the bus dropped; "
         f"socat alive at the end: {socat_alive}; same PID: {pid_kept}; "
         f"guest reconnects: {guest.reconnects}",
     ]
     print_table(f"uartbridge restart (understudy, PID kept; {running}, after the restarts "
                 f"{running_after}), {args.runs} runs", figures, notes)
     print(json_line("restart", figures, bytes_sent=guest.sent, bytes_received=far.received,
-                    out_of_sequence=far.wrong, unconfirmed_posted=guest.lost_posted,
+                    out_of_sequence=far.wrong, resent=guest.resent,
                     socat_alive=socat_alive, pid_kept=pid_kept,
                     guest_reconnects=guest.reconnects, build=build, daemon=running_after))
     return 0
