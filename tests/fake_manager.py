@@ -67,10 +67,10 @@ class FakeManager:
             raise AssertionError(f"no {until} from the daemon: {self.messages}")
 
     def start(self, d: Daemon, fds: dict[str, int] | list[tuple[str, int]],
-              *, wait: bool = True) -> None:
+              *, wait: bool = True, env: dict[str, str] | None = None) -> None:
         """Start ``uartbridge run`` for ``d`` with ``fds`` as LISTEN_FDS (from fd 3 on), in
-        order (a list may repeat a name, as a socket unit's FileDescriptorName= does);
-        ``wait``: until READY=1."""
+        order (a list may repeat a name, as a socket unit's FileDescriptorName= does) and
+        ``env`` added to its environment; ``wait``: until READY=1."""
         d.write_config()
         d.runs += 1
         pairs = list(fds.items()) if isinstance(fds, dict) else list(fds)
@@ -83,7 +83,7 @@ class FakeManager:
                 os.dup2(fd, 3 + index)
 
         env = dict(os.environ, NOTIFY_SOCKET=str(self.path), LISTEN_FDS=str(len(names)),
-                   LISTEN_FDNAMES=":".join(names))
+                   LISTEN_FDNAMES=":".join(names), **(env or {}))
         env.pop("LISTEN_PID", None)
         with open(d.log_path, "wb") as log:
             # LISTEN_PID is the child's own PID: known only after the fork, so the wrapper

@@ -325,6 +325,30 @@ def test_handed_fd_of_another_port_falls_back_to_opening_the_path(tmp_path: Path
         manager.close()
 
 
+@pytest.mark.parametrize(("limit", "warned"), [(1, True), (2, False), (512, False)])
+def test_an_fd_store_too_small_for_the_ports_is_named_at_start(
+    tmp_path: Path, limit: int, warned: bool
+) -> None:
+    """A manager whose fd store holds fewer descriptors than the daemon's ports ($FDSTORE,
+    systemd >= 254's FileDescriptorStoreMax=) gets a warning at start naming the limit and
+    what it needs, since its next restart closes the rest; one with room gets none."""
+    manager = FakeManager(tmp_path)
+    uarts = [{"name": "uart0", "port": "pty:"}, {"name": "uart1", "port": "pty:"}]
+    try:
+        with daemon(tmp_path / "d", uarts, interval_s=0) as d:
+            manager.start(d, {}, env={"FDSTORE": str(limit)})
+            small = _events(d, "fd store too small")
+            if warned:
+                assert len(small) == 1, d.log()
+                assert (small[0]["limit"], small[0]["needed"]) == (limit, 2)
+                assert "FileDescriptorStoreMax=" in small[0]["hint"]
+            else:
+                assert small == [], d.log()
+            assert d.stop(signal.SIGTERM) == 0, d.log()
+    finally:
+        manager.close()
+
+
 def test_restart_resumes_the_state_it_handed_over_not_the_first_start_s(tmp_path: Path) -> None:
     """After `resume FILE` (and with `resume = "never"`), an in-place restart resumes from the
     checkpoint it just wrote: the scratch register keeps its latest value, not FILE's."""

@@ -418,6 +418,22 @@ class Daemon:
         if self.restarts:
             self.log.info("restarted in place", restarts=self.restarts,
                           handed_over=sorted(handed.taken))
+        self._warn_of_a_small_fd_store()
+
+    def _warn_of_a_small_fd_store(self) -> None:
+        """Say at start when systemd's fd store cannot keep every port and TCP bus listener:
+        the next ``systemctl restart`` closes what did not fit. systemd >= 254 sets
+        ``$FDSTORE`` to a non-zero ``FileDescriptorStoreMax=`` (systemd.exec(5)); 252 never
+        does, and an unset or zero limit leaves it unset, so only a small store is seen."""
+        limit = _sdnotify.fd_store_limit()
+        needed = sum(1 + len(s.bus.tcp_sockets) for s in self.services.values())
+        if _sdnotify.available() and limit is not None and limit < needed:
+            self.log.warning(
+                "fd store too small", limit=limit, needed=needed,
+                hint="a systemctl restart closes and reopens the ports it cannot keep: DTR "
+                "stays (HUPCL is off) but bytes the far end sends meanwhile can be lost; "
+                "raise FileDescriptorStoreMax= (the shipped units say 512)",
+            )
 
     # -- run ------------------------------------------------------------------------------
 
