@@ -325,22 +325,32 @@ def test_handed_fd_of_another_port_falls_back_to_opening_the_path(tmp_path: Path
         manager.close()
 
 
-@pytest.mark.parametrize(("limit", "warned"), [(1, True), (2, False), (512, False)])
+PTY = {"name": "uart0", "port": "pty:"}
+# Port 1 on loopback refuses: the UART starts with its port closed and keeps trying.
+REMOTE = {"name": "uart1", "port": "rfc2217://127.0.0.1:1"}
+
+
+@pytest.mark.parametrize(
+    ("uarts", "limit", "needed"),
+    [([PTY, {**PTY, "name": "uart1"}], 1, 2), ([PTY, {**PTY, "name": "uart1"}], 2, None),
+     ([PTY, {**PTY, "name": "uart1"}], 512, None), ([PTY, REMOTE], 1, None)],
+    ids=["two-ptys-1", "two-ptys-2", "two-ptys-512", "pty-and-rfc2217-1"],
+)
 def test_an_fd_store_too_small_for_the_ports_is_named_at_start(
-    tmp_path: Path, limit: int, warned: bool
+    tmp_path: Path, uarts: list[dict[str, Any]], limit: int, needed: int | None
 ) -> None:
-    """A manager whose fd store holds fewer descriptors than the daemon's ports ($FDSTORE,
+    """A manager whose fd store holds fewer descriptors than the daemon keeps there ($FDSTORE,
     systemd >= 254's FileDescriptorStoreMax=) gets a warning at start naming the limit and
-    what it needs, since its next restart closes the rest; one with room gets none."""
+    what it needs, since its next restart closes the rest; one with room gets none, and an
+    rfc2217:// port, which no restart keeps, needs no room."""
     manager = FakeManager(tmp_path)
-    uarts = [{"name": "uart0", "port": "pty:"}, {"name": "uart1", "port": "pty:"}]
     try:
         with daemon(tmp_path / "d", uarts, interval_s=0) as d:
             manager.start(d, {}, env={"FDSTORE": str(limit)})
             small = _events(d, "fd store too small")
-            if warned:
+            if needed is not None:
                 assert len(small) == 1, d.log()
-                assert (small[0]["limit"], small[0]["needed"]) == (limit, 2)
+                assert (small[0]["limit"], small[0]["needed"]) == (limit, needed)
                 assert "FileDescriptorStoreMax=" in small[0]["hint"]
             else:
                 assert small == [], d.log()

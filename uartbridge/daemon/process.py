@@ -426,7 +426,7 @@ class Daemon:
         ``$FDSTORE`` to a non-zero ``FileDescriptorStoreMax=`` (systemd.exec(5)); 252 never
         does, and an unset or zero limit leaves it unset, so only a small store is seen."""
         limit = _sdnotify.fd_store_limit()
-        needed = sum(1 + len(s.bus.tcp_sockets) for s in self.services.values())
+        needed = sum(s.fd_store_slots for s in self.services.values())
         if _sdnotify.available() and limit is not None and limit < needed:
             self.log.warning(
                 "fd store too small", limit=limit, needed=needed,

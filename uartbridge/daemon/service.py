@@ -269,6 +269,13 @@ class UartService:
         await self.bus.close(keep_listening=keep_listening)
         await self.device.quiesce()
 
+    @property
+    def fd_store_slots(self) -> int:
+        """How many descriptors this UART keeps in systemd's fd store: its port if a restart
+        can keep it, and its TCP bus listeners but those a socket unit holds."""
+        own_tcp = [s for s in self.bus.tcp_sockets if s.fileno() not in self._tcp_from_unit]
+        return int(self.link.can_be_kept) + len(own_tcp)
+
     def handover_fds(self) -> list[tuple[str, int]]:
         """The descriptors the next run takes over, named: the open port, the bus
         listeners (a socket unit's under ``LISTENER_NAME``: the next run leaves its file)."""

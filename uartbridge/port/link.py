@@ -610,6 +610,12 @@ class PortLink:
             return None
         return self._io.fd
 
+    @property
+    def can_be_kept(self) -> bool:
+        """Whether a restart can keep this port open (its ``port_fd`` handed on): every kind
+        but ``rfc2217://``, whose telnet state lives in pyserial, in this process."""
+        return self._kind != "rfc2217"
+
     def handle_identity(self) -> str | None:
         """Which port is open (``handle.fd_identity``: a checkpoint's ``port_handle``)."""
         fd = self.port_fd
